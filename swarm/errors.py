@@ -1,0 +1,89 @@
+"""Exceptions raised by the swarm client and shared code.
+
+    SwarmError
+    ├── ModelError                  a model cannot be found, fetched, converted or loaded
+    │   ├── UnknownModelError       the name matches no alias, directory or cached repository
+    │   └── UnsupportedModelError   found, but not a Llama-family checkpoint
+    ├── ConfigError                 a bad command-line value (block range, multiaddr, dtype ...)
+    ├── ConnectionError_            the DHT or a peer cannot be reached
+    ├── MissingBlocksError          no peer serves some blocks (after waiting)
+    └── RemoteError                 a peer answered a request with an error
+        └── (carries the peer's error kind, e.g. "bad_request", "unknown_session")
+
+Every message is one line meant for a user: it says what went wrong and, where it can, what to do.
+"""
+
+from __future__ import annotations
+
+
+class SwarmError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ModelError(SwarmError):
+    """A model cannot be found, fetched, converted or loaded."""
+
+
+class UnknownModelError(ModelError):
+    """The model name matches no alias, local directory or cached Hugging Face repository."""
+
+
+class UnsupportedModelError(ModelError):
+    """The checkpoint exists but is not of a supported (Llama-family) architecture."""
+
+
+class ConfigError(SwarmError):
+    """A user-supplied setting is invalid (block range, multiaddr, dtype, ...)."""
+
+
+class SwarmConnectionError(SwarmError):
+    """The DHT or a peer cannot be reached."""
+
+
+class MissingBlocksError(SwarmError):
+    """Some blocks of the model are served by no reachable peer."""
+
+    def __init__(self, model: str, missing: list[int]):
+        self.model = model
+        self.missing = list(missing)
+        spans = format_block_spans(self.missing)
+        super().__init__(
+            f"no peer serves block(s) {spans} of {model}; start one with "
+            f"`swarm-peer join --model {model} --blocks {_first_span(self.missing)}`"
+        )
+
+
+class RemoteError(SwarmError):
+    """A peer answered a request with an error."""
+
+    def __init__(self, peer: str, kind: str, message: str):
+        self.peer = peer
+        self.kind = kind
+        self.remote_message = message
+        super().__init__(f"peer {peer} refused the request ({kind}): {message}")
+
+
+def format_block_spans(blocks: list[int]) -> str:
+    """[0, 1, 2, 7] -> '0-2, 7'."""
+    spans: list[str] = []
+    for start, end in _runs(sorted(set(blocks))):
+        spans.append(str(start) if start == end - 1 else f"{start}-{end - 1}")
+    return ", ".join(spans)
+
+
+def _first_span(blocks: list[int]) -> str:
+    start, end = next(_runs(sorted(set(blocks))))
+    return f"{start}:{end}"
+
+
+def _runs(sorted_blocks: list[int]):
+    """Yield half-open [start, end) runs of consecutive integers."""
+    if not sorted_blocks:
+        return
+    start = prev = sorted_blocks[0]
+    for block in sorted_blocks[1:]:
+        if block != prev + 1:
+            yield start, prev + 1
+            start = block
+        prev = block
+    yield start, prev + 1
