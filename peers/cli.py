@@ -1,0 +1,147 @@
+"""The `swarm-peer` command: bootstrap a swarm, join it with a span of blocks, show its coverage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from peers.config import DTYPES, PeerConfig, parse_block_range
+from swarm.errors import SwarmError
+from swarm.models import DEFAULT_MODEL
+from swarm.network import initial_peers_from
+
+logger = logging.getLogger(__name__)
+
+INITIAL_PEERS_HELP = "Multiaddrs of peers in the swarm (repeat, or comma/space-separated). Default: $SWARM_INITIAL_PEERS."
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("hivemind", "transformers", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+class SwarmCommand(click.Command):
+    """Turns this project's errors into one line on stderr and exit code 2 (never a traceback)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SwarmError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(verbose: bool) -> None:
+    """Serve blocks of a large language model to the swarm."""
+    setup_logging(verbose)
+
+
+@main.command(cls=SwarmCommand)
+@click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), help="TCP port (default: any free port).")
+@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="Identity file; keeps the peer id across restarts.")
+@click.option("--initial-peers", multiple=True, help="Join an existing DHT instead of starting a new one.")
+def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[str, ...]) -> None:
+    """Start a DHT node that others join; print SWARM_INITIAL_PEERS=<multiaddr> on stdout."""
+    from swarm.network import create_dht, load_identity, signer_for
+
+    ident = load_identity(identity)
+    # Model-independent validation only: records under an owner's key must carry that owner's signature.
+    dht = create_dht(
+        initial_peers=initial_peers_from(initial_peers, {}),
+        host=host,
+        port=port,
+        identity=ident,
+        validators=[signer_for(ident)],
+    )
+    addresses = ",".join(str(a) for a in dht.get_visible_maddrs())
+    click.echo(f"SWARM_INITIAL_PEERS={addresses}")
+    sys.stdout.flush()
+    logger.info(f"Bootstrap node {dht.peer_id} is up; stop it with Ctrl+C")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    dht.shutdown()
+    if ident.temporary:
+        ident.path.unlink(missing_ok=True)
+
+
+@main.command(cls=SwarmCommand)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, Hugging Face repo id or local path.")
+@click.option("--blocks", help="Serve exactly these blocks, START:END (END exclusive).")
+@click.option("--num-blocks", type=click.IntRange(min=1), help="Serve this many blocks, where the swarm needs them most.")
+@click.option("--initial-peers", multiple=True, help=INITIAL_PEERS_HELP)
+@click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), help="TCP port (default: any free port).")
+@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="Identity file; keeps the peer id across restarts.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
+@click.option("--max-length", default=4096, show_default=True, type=click.IntRange(min=1), help="Longest session accepted, in tokens.")
+@click.option("--public-name", default="", help="A name shown in `swarm-peer status`.")
+def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, public_name) -> None:
+    """Load a span of blocks and serve it until Ctrl+C or SIGTERM."""
+    from peers.server import run_peer
+
+    if blocks and num_blocks:
+        raise click.UsageError("give --blocks or --num-blocks, not both")
+    cfg = PeerConfig(
+        model=model,
+        initial_peers=tuple(initial_peers_from(initial_peers)),
+        blocks=parse_block_range(blocks) if blocks else None,
+        num_blocks=num_blocks,
+        host=host,
+        port=port,
+        identity=identity,
+        device=device,
+        dtype=dtype,
+        max_length=max_length,
+        public_name=public_name,
+    )
+    run_peer(cfg)
+
+
+@main.command(cls=SwarmCommand)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, Hugging Face repo id or local path.")
+def fetch(model: str) -> None:
+    """Download (if needed) and convert a model into the per-block cache, then exit."""
+    from swarm.models import open_model
+
+    checkpoint = open_model(model)
+    click.echo(f"{checkpoint.manifest.name}: {checkpoint.num_blocks} blocks in {checkpoint.path}")
+
+
+@main.command(cls=SwarmCommand)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, Hugging Face repo id or local path.")
+@click.option("--initial-peers", multiple=True, help=INITIAL_PEERS_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(model: str, initial_peers: tuple[str, ...], as_json: bool) -> None:
+    """Show which peers serve which blocks, their state, throughput and round-trip time."""
+    from peers.status import collect_status, render_table
+
+    report = collect_status(model, initial_peers_from(initial_peers))
+    click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_table(report))
+
+
+if __name__ == "__main__":
+    main()

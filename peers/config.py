@@ -1,0 +1,54 @@
+"""The peer's configuration: built once from the command line, frozen, passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from swarm.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    model: str  # alias, Hugging Face repo id or local path
+    initial_peers: tuple[str, ...]  # multiaddrs of peers already in the swarm (empty: start a new swarm)
+    blocks: tuple[int, int] | None = None  # serve exactly blocks [start, end); None: choose
+    num_blocks: int | None = None  # how many blocks to serve when choosing; None: as many as fit
+    host: str = "0.0.0.0"  # interface the peer listens on
+    port: int = 0  # TCP port (0: any free one)
+    identity: Path | None = None  # RSA identity file; keeps the peer id across restarts
+    device: str = "cpu"
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)
+    max_length: int = 4096  # longest session accepted, in tokens
+    cache_tokens: int | None = None  # KV-cache room announced, in tokens (None: derived from memory)
+    public_name: str = ""  # shown by `swarm-peer status`
+    cache_dir: Path | None = None  # per-block model cache (None: $EFEDLLM_CACHE or ~/.cache/efedllm)
+    refresh_period: float = 20.0  # seconds between DHT re-announcements
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        return DTYPES[self.dtype]
+
+    def torch_device(self) -> torch.device:
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda was given but no CUDA device is available to torch")
+        return torch.device(self.device)
+
+
+def parse_block_range(text: str, num_blocks: int | None = None) -> tuple[int, int]:
+    """'10:20' -> (10, 20); checked against the model's block count when known."""
+    try:
+        start_text, end_text = text.split(":")
+        start, end = int(start_text), int(end_text)
+    except ValueError:
+        raise ConfigError(f"invalid block range {text!r}: expected START:END, e.g. 0:10") from None
+    if not 0 <= start < end:
+        raise ConfigError(f"invalid block range {text!r}: need 0 <= START < END")
+    if num_blocks is not None and end > num_blocks:
+        raise ConfigError(f"invalid block range {text!r}: the model has only {num_blocks} blocks (0:{num_blocks})")
+    return start, end

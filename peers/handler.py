@@ -1,0 +1,250 @@
+"""The peer's RPC servicer: info/ping, stateless forward, and streaming inference with a KV cache.
+
+Every request is validated before it touches a session, so a malformed one is answered with a typed
+error (`swarm.protocol.ErrorInfo`) and changes nothing; the stream and the peer's other clients go on.
+Torch work runs on one worker thread so the event loop keeps answering pings meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+from hivemind.p2p import P2PContext
+from hivemind.proto import runtime_pb2
+
+from swarm import protocol
+from swarm.blocks import BlockSpan, SpanCache, SpanInput
+from swarm.protocol import PeerInfo, ProtocolError, SpanRequest, StepReply, StepRequest
+from swarm.remote import BlockService
+
+logger = logging.getLogger(__name__)
+
+
+class RequestRejected(Exception):
+    """A request the peer refuses; becomes an error reply of this kind."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    dht_prefix: str  # which model this peer serves (model name @ weights digest)
+    dtype: torch.dtype  # compute dtype of the blocks
+    device: torch.device
+    hidden_size: int
+    max_length: int  # longest session accepted, in tokens
+    max_batch: int = 64  # most sequences in one request
+    max_tokens_per_request: int = 8192  # batch x new tokens in one request
+
+
+@dataclass
+class Session:
+    """One client's inference session on this peer: its KV cache and padding mask."""
+
+    session_id: str
+    start: int
+    end: int
+    max_length: int
+    cache: SpanCache
+    batch: int | None = None
+    padding: torch.Tensor | None = None  # (batch, length) 0/1, only when some row is padded
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+
+@dataclass
+class PeerStats:
+    sessions: int = 0
+    tokens_served: int = 0
+    cache_tokens: int = 0
+
+
+class BlockHandler(BlockService):
+    def __init__(self, span: BlockSpan, config: HandlerConfig, throughput: float, cache_tokens: int):
+        self.span = span
+        self.config = config
+        self.throughput = throughput
+        self.cache_tokens = cache_tokens  # the announced budget; enforcement comes with peer limits
+        self.stats = PeerStats()
+        self._live: dict[int, dict[str, Session]] = {}  # stream id -> its sessions
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def info(self) -> PeerInfo:
+        used = sum(s.length * (s.batch or 1) for sessions in self._live.values() for s in sessions.values())
+        return PeerInfo(
+            model=self.config.dht_prefix,
+            start=self.span.start,
+            end=self.span.end,
+            dtype=str(self.config.dtype).removeprefix("torch."),
+            throughput=self.throughput,
+            max_length=self.config.max_length,
+            cache_tokens_left=max(self.cache_tokens - used, 0),
+            sessions=sum(len(s) for s in self._live.values()),
+        )
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        return runtime_pb2.ExpertInfo(serialized_info=protocol.pack(self.info()))
+
+    async def rpc_forward(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        try:
+            meta = protocol.unpack(request.metadata, SpanRequest)
+            self._check_span(meta.start, meta.end)
+            hidden, padding = self._read_tensors(request, expected_length=None)
+            span_input = SpanInput(attention_mask=padding, start_position=0)
+            output = await self._compute(hidden, None, span_input, meta.start, meta.end)
+            self.stats.tokens_served += hidden.shape[0] * hidden.shape[1]
+            return protocol.make_reply(StepReply(length=hidden.shape[1]), output)
+        except ProtocolError as e:
+            return protocol.error_reply("bad_request", str(e))
+        except RequestRejected as e:
+            return protocol.error_reply(e.kind, str(e))
+        except Exception as e:  # loop boundary: one bad request must not take the peer down
+            logger.warning(f"forward from {context.remote_id} failed", exc_info=True)
+            return protocol.error_reply("internal", f"{type(e).__name__}: {e}")
+
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        stream_id = id(requests)
+        sessions = self._live.setdefault(stream_id, {})
+        try:
+            async for request in requests:
+                yield await self._step(request, sessions, context)
+        finally:
+            # The stream is the session's lifetime: closing or losing it frees every cache it opened.
+            del self._live[stream_id]
+            if sessions:
+                logger.debug(f"Freed {len(sessions)} session(s) of {context.remote_id}")
+
+    async def _step(
+        self, request: runtime_pb2.ExpertRequest, sessions: dict[str, Session], context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        try:
+            meta = protocol.unpack(request.metadata, StepRequest)
+            if meta.close:
+                sessions.pop(meta.session_id, None)
+                return protocol.make_reply(StepReply())
+            session = self._session_for(meta, sessions)
+            hidden, padding = self._read_tensors(request, expected_length=meta.position)
+            self._check_step(session, meta, hidden)
+            if meta.position < session.length:
+                session.cache.crop(meta.position)  # the client rolled back
+            padding = self._session_padding(session, meta.position, hidden, padding)
+            span_input = SpanInput(attention_mask=padding, start_position=meta.position)
+            output = await self._compute(hidden, session.cache, span_input, session.start, session.end)
+            session.batch, session.padding = hidden.shape[0], padding
+            self.stats.tokens_served += hidden.shape[0] * hidden.shape[1]
+            return protocol.make_reply(StepReply(length=session.length), output)
+        except ProtocolError as e:
+            return protocol.error_reply("bad_request", str(e))
+        except RequestRejected as e:
+            return protocol.error_reply(e.kind, str(e))
+        except Exception as e:  # loop boundary: one bad step must not end the peer or the stream
+            logger.warning(f"inference step from {context.remote_id} failed", exc_info=True)
+            return protocol.error_reply("internal", f"{type(e).__name__}: {e}")
+
+    def _session_for(self, meta: StepRequest, sessions: dict[str, Session]) -> Session:
+        session = sessions.get(meta.session_id)
+        if session is None:
+            if meta.position != 0:
+                raise RequestRejected(
+                    "unknown_session",
+                    f"no session {meta.session_id!r} on this stream: open it with a step at position 0 (prefill)",
+                )
+            self._check_span(meta.start, meta.end)
+            if meta.max_length > self.config.max_length:
+                raise RequestRejected(
+                    "too_long", f"max_length {meta.max_length} exceeds this peer's limit of {self.config.max_length}"
+                )
+            session = Session(
+                meta.session_id, meta.start, meta.end, meta.max_length, self.span.new_cache(meta.start, meta.end)
+            )
+            sessions[meta.session_id] = session
+        elif (meta.start, meta.end) != (session.start, session.end):
+            raise RequestRejected("bad_span", f"session covers blocks {session.start}:{session.end}, not {meta.start}:{meta.end}")
+        return session
+
+    def _check_span(self, start: int, end: int) -> None:
+        if not self.span.start <= start < end <= self.span.end:
+            raise RequestRejected(
+                "bad_span", f"blocks {start}:{end} are not within this peer's {self.span.start}:{self.span.end}"
+            )
+
+    def _check_step(self, session: Session, meta: StepRequest, hidden: torch.Tensor) -> None:
+        if meta.position > session.length:
+            raise RequestRejected(
+                "bad_position", f"step at position {meta.position} but the session holds {session.length} tokens"
+            )
+        if meta.position + hidden.shape[1] > session.max_length:
+            raise RequestRejected(
+                "too_long",
+                f"{meta.position + hidden.shape[1]} tokens exceed the session's max_length {session.max_length}",
+            )
+        if session.batch is not None and meta.position > 0 and hidden.shape[0] != session.batch:
+            raise RequestRejected("bad_request", f"batch size {hidden.shape[0]} differs from the session's {session.batch}")
+
+    def _read_tensors(
+        self, request: runtime_pb2.ExpertRequest, expected_length: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Hidden states (batch, new, hidden) and an optional 0/1 mask (batch, past + new), checked."""
+        if not 1 <= len(request.tensors) <= 2:
+            raise ProtocolError(f"expected 1 or 2 tensors, got {len(request.tensors)}")
+        tensors = protocol.deserialize_tensors(request.tensors)
+        hidden = tensors[0]
+        if hidden.ndim != 3 or hidden.shape[2] != self.config.hidden_size:
+            raise ProtocolError(f"hidden states must be (batch, tokens, {self.config.hidden_size}), got {tuple(hidden.shape)}")
+        if not hidden.is_floating_point():
+            raise ProtocolError(f"hidden states must be floating point, got {hidden.dtype}")
+        batch, new = hidden.shape[:2]
+        if not (1 <= batch <= self.config.max_batch and new >= 1):
+            raise ProtocolError(f"batch must be 1..{self.config.max_batch} and tokens >= 1, got {batch}x{new}")
+        if batch * new > self.config.max_tokens_per_request:
+            raise RequestRejected("too_long", f"{batch * new} tokens in one request exceed {self.config.max_tokens_per_request}")
+        if new > self.config.max_length:
+            raise RequestRejected("too_long", f"{new} tokens exceed this peer's limit of {self.config.max_length}")
+        if not torch.isfinite(hidden).all():
+            raise ProtocolError("hidden states contain NaN or infinity")
+        padding = tensors[1] if len(tensors) == 2 else None
+        if padding is not None:
+            past = 0 if expected_length is None else expected_length
+            if tuple(padding.shape) != (batch, past + new) or not ((padding == 0) | (padding == 1)).all():
+                raise ProtocolError(f"attention mask must be 0/1 of shape ({batch}, {past + new}), got {tuple(padding.shape)}")
+        return hidden, padding
+
+    @staticmethod
+    def _session_padding(
+        session: Session, position: int, hidden: torch.Tensor, padding: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """The session's full 0/1 mask after this step, or None while nothing is padded."""
+        if padding is not None:
+            return padding if (padding == 0).any() or session.padding is not None else None
+        if session.padding is None or position == 0:
+            return None
+        ones = torch.ones(hidden.shape[0], hidden.shape[1], dtype=session.padding.dtype)
+        return torch.cat([session.padding[:, :position], ones], dim=1)
+
+    async def _compute(
+        self, hidden: torch.Tensor, cache: SpanCache | None, span_input: SpanInput, start: int, end: int
+    ) -> torch.Tensor:
+        wire_dtype = hidden.dtype
+
+        def run() -> torch.Tensor:
+            inputs = hidden.to(self.config.device, self.config.dtype)
+            output = self.span(inputs, cache, span_input, start, end)
+            return output.to("cpu", wire_dtype)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)

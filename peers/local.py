@@ -1,0 +1,132 @@
+"""A swarm of real peer processes on 127.0.0.1, for the demo, tests, benchmarks and examples.
+
+Every process runs in its own session (process group), so stopping the swarm also stops each peer's
+DHT process and p2pd daemon, even after a SIGKILL of the peer itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+logger = logging.getLogger(__name__)
+
+ONLINE_LINE = re.compile(r"ONLINE: serving blocks (\d+):(\d+) of \S+ as (\S+)")
+
+
+@dataclass
+class PeerProcess:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    peer_id: str | None = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        """Signal the peer's main process only (as a terminal's Ctrl+C or `docker stop` would)."""
+        if self.alive():
+            self.process.send_signal(sig)
+
+    def kill_group(self) -> None:
+        """SIGKILL the peer and every process it started (DHT process, p2pd)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+
+
+@dataclass
+class LocalSwarm:
+    """Start with `with LocalSwarm(...) as swarm:`; add peers with `swarm.add_peer("0:10")`."""
+
+    model: str = "smollm2-135m"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    log_dir: Path | None = None
+    startup_timeout: float = 120.0
+    initial_peers: str = ""
+    processes: list[PeerProcess] = field(default_factory=list)
+
+    def __enter__(self) -> "LocalSwarm":
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="efedllm-swarm-"))
+        self.start_bootstrap()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        if self.initial_peers:
+            env["SWARM_INITIAL_PEERS"] = self.initial_peers
+        return env
+
+    def _spawn(self, name: str, args: Sequence[str], stdout=subprocess.DEVNULL) -> PeerProcess:
+        log_path = self.log_dir / f"{name}.log"
+        command = [sys.executable, "-m", "peers.cli", *args]
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                command, stdout=stdout, stderr=log, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
+            )
+        peer = PeerProcess(name, process, log_path)
+        self.processes.append(peer)
+        return peer
+
+    def start_bootstrap(self) -> None:
+        boot = self._spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1"], stdout=subprocess.PIPE)
+        line = boot.process.stdout.readline().decode().strip()
+        if not line.startswith("SWARM_INITIAL_PEERS="):
+            self.stop()
+            raise RuntimeError(f"bootstrap node failed to start: {boot.log()[-2000:]}")
+        self.initial_peers = line.split("=", 1)[1]
+        logger.info(f"Bootstrap node at {self.initial_peers}")
+
+    def add_peer(self, blocks: str | None = None, *extra_args: str, wait: bool = True, name: str | None = None) -> PeerProcess:
+        args = ["join", "--model", self.model, "--host", "127.0.0.1", *extra_args]
+        if blocks is not None:
+            args += ["--blocks", blocks]
+        peer = self._spawn(name or f"peer{len(self.processes)}", args)
+        if wait:
+            self.wait_online(peer)
+        return peer
+
+    def wait_online(self, peer: PeerProcess, timeout: float | None = None) -> str:
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        while time.monotonic() < deadline:
+            match = ONLINE_LINE.search(peer.log())
+            if match:
+                peer.peer_id = match.group(3)
+                return peer.peer_id
+            if not peer.alive():
+                raise RuntimeError(f"{peer.name} exited with {peer.process.returncode}: {peer.log()[-3000:]}")
+            time.sleep(0.2)
+        raise TimeoutError(f"{peer.name} did not come online in time: {peer.log()[-3000:]}")
+
+    def stop(self) -> None:
+        """Ask every peer to leave (SIGINT), then make sure nothing is left behind."""
+        for peer in reversed(self.processes):
+            peer.signal(signal.SIGINT)
+        deadline = time.monotonic() + 15
+        for peer in self.processes:
+            try:
+                peer.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                logger.warning(f"{peer.name} did not stop in time; killing it")
+            peer.kill_group()
+        self.processes.clear()

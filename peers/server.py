@@ -1,0 +1,193 @@
+"""A volunteer peer: load a span of blocks, serve RPCs, announce on the DHT until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+import psutil
+import torch
+from hivemind import DHT
+from hivemind.p2p import P2P
+from tqdm.auto import tqdm
+
+import swarm
+from peers.config import PeerConfig, parse_block_range
+from peers.handler import BlockHandler, HandlerConfig
+from peers.selection import choose_num_blocks, choose_span_start
+from swarm import records
+from swarm.blocks import BlockSpan, SpanInput
+from swarm.models import BlockCheckpoint, open_model
+from swarm.network import Identity, create_dht, load_identity, signer_for
+from swarm.records import ServerInfo, ServerState
+
+logger = logging.getLogger(__name__)
+
+MEMORY_FRACTION = 0.8  # share of free memory a peer may fill with weights and cache when choosing its size
+
+
+@dataclass(frozen=True)
+class Plan:
+    start: int
+    end: int
+    cache_tokens: int
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token takes in one block."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_key_value_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free
+    return psutil.virtual_memory().available
+
+
+def plan_blocks(cfg: PeerConfig, checkpoint: BlockCheckpoint, model_config, dht: DHT) -> Plan:
+    """Pick the span (given, or the least covered one of a size that fits) and the KV-cache room."""
+    dtype, n = cfg.torch_dtype(), checkpoint.num_blocks
+    stored_size = torch.empty(0, dtype=getattr(torch, checkpoint.manifest.torch_dtype)).element_size()
+    block_bytes = checkpoint.block_nbytes(0) * torch.empty(0, dtype=dtype).element_size() // stored_size
+    per_token = kv_bytes_per_token(model_config, dtype)
+    free = int(available_memory(cfg.torch_device()) * MEMORY_FRACTION)
+    if cfg.blocks is not None:
+        start, end = parse_block_range(f"{cfg.blocks[0]}:{cfg.blocks[1]}", n)
+    else:
+        count = cfg.num_blocks or choose_num_blocks(block_bytes, per_token * cfg.max_length, free, n)
+        count = min(count, n)
+        spans = records.read_spans(dht, checkpoint.dht_prefix, n)
+        start = choose_span_start(spans, n, count)
+        end = start + count
+    if cfg.cache_tokens is not None:
+        cache_tokens = cfg.cache_tokens
+    else:
+        room = max(free - block_bytes * (end - start), 0) // 4  # a quarter of what is left after weights
+        cache_tokens = max(cfg.max_length, room // max(per_token * (end - start), 1))
+    return Plan(start, end, cache_tokens)
+
+
+def load_span(checkpoint: BlockCheckpoint, model_config, start: int, end: int, cfg: PeerConfig) -> BlockSpan:
+    span = BlockSpan(model_config, start, end)
+    bar = tqdm(total=end - start, desc=f"Loading blocks {start}:{end}", unit="block", leave=False)
+
+    def load_state(index: int) -> dict[str, torch.Tensor]:
+        state = checkpoint.load_block_state(index)
+        bar.update(1)
+        return {k: v.to(cfg.torch_device(), cfg.torch_dtype()) for k, v in state.items()}
+
+    span.load_blocks(load_state)
+    bar.close()
+    return span.to(cfg.torch_device()).eval()
+
+
+def measure_throughput(span: BlockSpan, hidden_size: int, cfg: PeerConfig, steps: int = 8) -> float:
+    """Block-steps per second for single-token decoding after a short prompt."""
+    device, dtype = cfg.torch_device(), cfg.torch_dtype()
+    cache = span.new_cache()
+    span(torch.randn(1, 16, hidden_size, device=device, dtype=dtype), cache, SpanInput(None, 0))
+    began = time.perf_counter()
+    for position in range(16, 16 + steps):
+        span(torch.randn(1, 1, hidden_size, device=device, dtype=dtype), cache, SpanInput(None, position))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return span.num_blocks * steps / (time.perf_counter() - began)
+
+
+class Peer:
+    def __init__(self, cfg: PeerConfig):
+        self.cfg = cfg
+        self.checkpoint = open_model(cfg.model, cache_dir=cfg.cache_dir)
+        self.model_config = self.checkpoint.load_config()
+        self.identity: Identity = load_identity(cfg.identity)
+        self.signer = signer_for(self.identity)
+        validators = records.make_validators(self.checkpoint.dht_prefix, self.checkpoint.num_blocks, self.signer)
+        self.dht = create_dht(
+            initial_peers=cfg.initial_peers, host=cfg.host, port=cfg.port, identity=self.identity, validators=validators
+        )
+        self.subkey = records.owner_subkey(self.dht.peer_id, self.signer)
+        self.handler: BlockHandler | None = None
+        self.plan: Plan | None = None
+
+    @property
+    def name(self) -> str:
+        return self.checkpoint.manifest.name
+
+    def announce(self, state: ServerState, ttl: float = records.RECORD_TTL) -> None:
+        assert self.plan is not None
+        info = ServerInfo(
+            state=state,
+            start=self.plan.start,
+            end=self.plan.end,
+            throughput=float(self.handler.throughput if self.handler else 0.0),
+            dtype=str(self.cfg.torch_dtype()).removeprefix("torch."),
+            cache_tokens_left=self.handler.info().cache_tokens_left if self.handler else self.plan.cache_tokens,
+            version=swarm.__version__,
+            public_name=self.cfg.public_name,
+        )
+        if not records.announce(self.dht, self.checkpoint.dht_prefix, range(self.plan.start, self.plan.end), info, self.subkey, ttl):
+            logger.warning(f"Announcing {state.value} was not stored by any DHT node; will retry")
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        self.plan = await loop.run_in_executor(None, plan_blocks, self.cfg, self.checkpoint, self.model_config, self.dht)
+        await loop.run_in_executor(None, self.announce, ServerState.JOINING)
+        logger.info(f"Joining as {self.dht.peer_id} with blocks {self.plan.start}:{self.plan.end} of {self.name}")
+        span = await loop.run_in_executor(
+            None, load_span, self.checkpoint, self.model_config, self.plan.start, self.plan.end, self.cfg
+        )
+        throughput = measure_throughput(span, self.model_config.hidden_size, self.cfg)
+        handler_cfg = HandlerConfig(
+            dht_prefix=self.checkpoint.dht_prefix,
+            dtype=self.cfg.torch_dtype(),
+            device=self.cfg.torch_device(),
+            hidden_size=self.model_config.hidden_size,
+            max_length=self.cfg.max_length,
+        )
+        self.handler = BlockHandler(span, handler_cfg, throughput, self.plan.cache_tokens)
+        p2p: P2P = await self.dht.replicate_p2p()
+        await self.handler.add_p2p_handlers(p2p)
+        try:
+            await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
+            logger.info(
+                f"ONLINE: serving blocks {self.plan.start}:{self.plan.end} of {self.name} as {self.dht.peer_id} "
+                f"({throughput:.1f} block-steps/s, {self.cfg.torch_dtype()}) at "
+                f"{' '.join(str(a) for a in self.dht.get_visible_maddrs())}"
+            )
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=self.cfg.refresh_period)
+                except asyncio.TimeoutError:
+                    await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
+        finally:
+            logger.info("Shutting down: announcing OFFLINE")
+            await loop.run_in_executor(None, self.announce, ServerState.OFFLINE, 2 * self.cfg.refresh_period)
+            await self.handler.remove_p2p_handlers(p2p)
+            self.handler.shutdown()
+
+    def shutdown(self) -> None:
+        self.dht.shutdown()
+        if self.identity.temporary:
+            self.identity.path.unlink(missing_ok=True)
+
+
+def run_peer(cfg: PeerConfig) -> None:
+    """Run until SIGINT or SIGTERM, then leave the swarm cleanly."""
+    peer = Peer(cfg)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await peer.serve(stop)
+
+    try:
+        asyncio.run(main())
+    finally:
+        peer.shutdown()

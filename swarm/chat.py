@@ -1,0 +1,212 @@
+"""`swarm-chat`: talk to a model served by the swarm, token by token.
+
+The conversation lives in one inference session: each turn sends only the tokens the peers have
+not seen yet (the new user message and the template around it), never the whole history.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+
+import click
+import torch
+
+from swarm.errors import SwarmError
+from swarm.models import DEFAULT_MODEL
+from swarm.network import initial_peers_from
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    started: float = 0.0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Decode speed: tokens after the first, over the time they took."""
+        if self.first_token_at is None or self.new_tokens < 2:
+            return None
+        return (self.new_tokens - 1) / max(self.last_token_at - self.first_token_at, 1e-9)
+
+    def summary(self) -> str:
+        ttft = self.time_to_first_token
+        speed = self.tokens_per_second
+        return (
+            f"{self.new_tokens} tokens, time to first token "
+            f"{'-' if ttft is None else f'{ttft * 1000:.0f} ms'}, "
+            f"{'-' if speed is None else f'{speed:.1f}'} tokens/s"
+        )
+
+
+class TerminalStreamer:
+    """Prints tokens as they arrive (transformers' streamer interface), and times them."""
+
+    def __init__(self, tokenizer, stats: TurnStats, out=sys.stdout):
+        self.tokenizer, self.stats, self.out = tokenizer, stats, out
+        self.tokens: list[int] = []
+        self._printed = ""
+        self._seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._seen_prompt:  # the first call carries the prompt
+            self._seen_prompt = True
+            return
+        now = time.perf_counter()
+        if self.stats.first_token_at is None:
+            self.stats.first_token_at = now
+        self.stats.last_token_at = now
+        self.stats.new_tokens += 1
+        self.tokens.extend(value.view(-1).tolist())
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return
+        self.out.write(text[len(self._printed) :])
+        self.out.flush()
+        self._printed = text
+
+    def end(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+
+
+@dataclass
+class Conversation:
+    """Messages so far and the token ids the session's peers already hold."""
+
+    messages: list[dict] = field(default_factory=list)
+    fed_ids: list[int] = field(default_factory=list)
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class ChatSession:
+    def __init__(self, model, max_length: int, max_new_tokens: int, temperature: float, top_p: float):
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.max_length, self.max_new_tokens = max_length, max_new_tokens
+        self.temperature, self.top_p = temperature, top_p
+        self.session = model.inference_session(max_length)
+        self.conversation = Conversation()
+        self.last_stats: TurnStats | None = None
+
+    def reset(self) -> None:
+        self.session.close()
+        self.session = self.model.inference_session(self.max_length)
+        self.conversation = Conversation()
+
+    def ask(self, text: str, out=sys.stdout) -> str:
+        conv = self.conversation
+        messages = conv.messages + [{"role": "user", "content": text}]
+        full_ids = list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        keep = common_prefix_length(conv.fed_ids, full_ids)
+        new_ids = full_ids[keep:] or full_ids[-1:]
+        keep = len(full_ids) - len(new_ids)
+        if len(full_ids) + self.max_new_tokens > self.max_length:
+            raise SwarmError(f"the conversation would exceed {self.max_length} tokens; /reset to start over")
+        self.session.rollback(keep)
+        stats = TurnStats(prompt_tokens=len(new_ids), started=time.perf_counter())
+        streamer = TerminalStreamer(self.tokenizer, stats, out)
+        output = self.model.generate(
+            torch.tensor([new_ids]),
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.temperature > 0,
+            temperature=self.temperature if self.temperature > 0 else 1.0,
+            top_p=self.top_p,
+            streamer=streamer,
+            session=self.session,
+        )
+        generated = output[0, len(new_ids) :].tolist()
+        conv.fed_ids = full_ids + generated[:-1]  # the last token was sampled but not yet sent
+        answer = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        conv.messages = messages + [{"role": "assistant", "content": answer}]
+        self.last_stats = stats
+        return answer
+
+    def describe_route(self) -> str:
+        rows = []
+        for hop in self.session.route:
+            latency = self.model.sequence.latencies.get(hop.peer_id)
+            rtt = "?" if latency is None or latency.rtt is None else f"{latency.rtt * 1000:.1f} ms"
+            rows.append(f"  blocks {hop.start}:{hop.end}  peer {hop.peer_id}  rtt {rtt}")
+        return "\n".join(rows) if rows else "  (no route yet: ask something first)"
+
+
+def run_repl(chat: ChatSession) -> None:
+    click.echo("Type a message; /route, /stats, /reset, /exit.", err=True)
+    while True:
+        try:
+            text = input("\n>>> ").strip()
+        except EOFError:
+            break
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/route":
+            click.echo(chat.describe_route())
+        elif text == "/stats":
+            click.echo(chat.last_stats.summary() if chat.last_stats else "no turn yet")
+        elif text == "/reset":
+            chat.reset()
+            click.echo("(conversation cleared)")
+        elif text.startswith("/"):
+            click.echo(f"unknown command {text}; try /route, /stats, /reset, /exit")
+        else:
+            try:
+                chat.ask(text)
+            except SwarmError as e:
+                click.echo(f"error: {e}", err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, Hugging Face repo id or local path.")
+@click.option("--initial-peers", multiple=True, help="Multiaddrs of peers in the swarm. Default: $SWARM_INITIAL_PEERS.")
+@click.option("--prompt", help="Answer this one message and exit.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0: greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=2), help="Session length in tokens.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def main(model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_length, verbose) -> None:
+    """Chat with a model whose blocks are served by the swarm."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from swarm.client import DistributedModelForCausalLM
+
+    model_handle = None
+    try:
+        model_handle = DistributedModelForCausalLM.from_pretrained(model, initial_peers_from(initial_peers))
+        chat = ChatSession(model_handle, max_length, max_new_tokens, temperature, top_p)
+        if prompt is not None:
+            chat.ask(prompt)
+            route = " -> ".join(f"{h.peer_id}[{h.start}:{h.end}]" for h in chat.session.route)
+            click.echo(f"route: {route}\n{chat.last_stats.summary()}", err=True)
+        else:
+            run_repl(chat)
+        chat.session.close()
+    except SwarmError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        if model_handle is not None:
+            model_handle.shutdown()

@@ -1,0 +1,223 @@
+"""DistributedModelForCausalLM: embeddings, final norm and LM head here; the blocks in the swarm."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from swarm import records
+from swarm.config import ClientConfig
+from swarm.generation import SamplingConfig, Streamer, decode
+from swarm.loop import BackgroundLoop
+from swarm.models import BlockCheckpoint, open_model
+from swarm.network import create_dht, load_identity, signer_for, split_multiaddrs
+from swarm.remote import call_forward
+from swarm.sequence import RemoteSequence
+from swarm.session import InferenceSession
+
+logger = logging.getLogger(__name__)
+
+
+def _rms_norm_class(model_type: str) -> type[nn.Module]:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    return LlamaRMSNorm  # Mistral and Qwen2 use the same RMSNorm
+
+
+class ClientHead(nn.Module):
+    """The model's local parts: token embeddings, final norm, LM head."""
+
+    def __init__(self, checkpoint: BlockCheckpoint, config, dtype: torch.dtype):
+        super().__init__()
+        state = checkpoint.load_client_state()
+        self.embed_tokens = nn.Embedding.from_pretrained(state["embed_tokens.weight"].to(dtype), freeze=True)
+        self.norm = _rms_norm_class(config.model_type)(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm.load_state_dict({"weight": state["norm.weight"].to(dtype)})
+        head = state.get("lm_head.weight", state["embed_tokens.weight"]).to(dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.lm_head.weight = nn.Parameter(head, requires_grad=False)
+        self.eval()
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)  # (batch, tokens, hidden)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))  # (batch, tokens, vocab)
+
+
+class SyncSession:
+    """A blocking handle on an `InferenceSession`, for use from ordinary (non-async) code."""
+
+    def __init__(self, model: "DistributedModelForCausalLM", max_length: int):
+        self.model = model
+        self.inner = InferenceSession(model.sequence, max_length)
+
+    @property
+    def position(self) -> int:
+        return self.inner.position
+
+    @property
+    def route(self):
+        return self.inner.route
+
+    def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, position: int | None = None):
+        return self.model.loop.run(self.inner.step(hidden, attention_mask, position))
+
+    def rollback(self, position: int) -> None:
+        self.inner.rollback(position)
+
+    def close(self) -> None:
+        self.model.loop.run(self.inner.close())
+
+    def __enter__(self) -> "SyncSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class DistributedModelForCausalLM:
+    """A causal LM whose transformer blocks run on swarm peers.
+
+    >>> model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=[maddr])
+    >>> model.generate(input_ids, max_new_tokens=32)
+    """
+
+    def __init__(self, checkpoint: BlockCheckpoint, cfg: ClientConfig, dtype: torch.dtype = torch.float32):
+        self.checkpoint = checkpoint
+        self.config = checkpoint.load_config()
+        self.tokenizer = checkpoint.load_tokenizer()
+        self.dtype = dtype
+        self.head = ClientHead(checkpoint, self.config, dtype)
+        self.eos_token_ids = self._default_eos_ids()
+        self.loop = BackgroundLoop()
+        identity = load_identity(None)
+        validators = records.make_validators(checkpoint.dht_prefix, checkpoint.num_blocks, signer_for(identity))
+        try:
+            self.dht = create_dht(initial_peers=cfg.initial_peers, validators=validators, client_mode=True)
+        finally:
+            identity.path.unlink(missing_ok=True)
+        p2p = self.loop.run(self.dht.replicate_p2p())
+        self.sequence = RemoteSequence(
+            self.dht, p2p, checkpoint.dht_prefix, checkpoint.manifest.name, checkpoint.num_blocks, cfg
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        initial_peers: Sequence[str] = (),
+        *,
+        dtype: torch.dtype = torch.float32,
+        cache_dir: Path | None = None,
+        **client_options,
+    ) -> "DistributedModelForCausalLM":
+        """Open `model` (alias, repo id or path) and join the swarm through `initial_peers`.
+
+        `client_options` are fields of `swarm.config.ClientConfig` (e.g. `missing_blocks_timeout=60`).
+        """
+        checkpoint = open_model(model, cache_dir=cache_dir)
+        cfg = ClientConfig(initial_peers=tuple(split_multiaddrs(initial_peers)), **client_options)
+        return cls(checkpoint, cfg, dtype)
+
+    def _default_eos_ids(self) -> tuple[int, ...]:
+        """End-of-sequence ids from the model's generation config, else the tokenizer's."""
+        try:
+            eos = GenerationConfig.from_pretrained(self.checkpoint.path).eos_token_id
+        except OSError:  # no generation_config.json in the cache
+            eos = None
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+
+    def inference_session(self, max_length: int) -> SyncSession:
+        """An inference session whose KV caches live on the peers; close it (or use `with`) when done."""
+        return SyncSession(self, max_length)
+
+    def next_logits(self, session: SyncSession, new_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        hidden = session.step(self.head.embed(new_ids), attention_mask)
+        return self.head.logits(hidden[:, -1:])[:, 0]  # (batch, vocab)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 20,
+        min_new_tokens: int = 0,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer: Streamer | None = None,
+        session: SyncSession | None = None,
+    ) -> torch.LongTensor:
+        """Like `transformers.GenerationMixin.generate`: returns (batch, prompt + new) token ids.
+
+        With `session`, `input_ids` continue that session (only the new tokens are sent), so a chat
+        keeps its history on the peers.
+        """
+        if isinstance(input_ids, dict) or hasattr(input_ids, "input_ids"):  # a BatchEncoding
+            attention_mask = input_ids.get("attention_mask", attention_mask)
+            input_ids = input_ids["input_ids"]
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        eos = self.eos_token_ids if eos_token_id is None else (
+            tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,)
+        )
+        pad = pad_token_id if pad_token_id is not None else (self.tokenizer.pad_token_id or (eos[0] if eos else 0))
+        cfg = SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            eos_token_ids=eos,
+            pad_token_id=pad,
+        )
+        own_session = session is None
+        if own_session:
+            session = self.inference_session(max_length=input_ids.shape[1] + max_new_tokens)
+        try:
+            return decode(lambda ids, mask: self.next_logits(session, ids, mask), input_ids, attention_mask, cfg, streamer)
+        finally:
+            if own_session:
+                session.close()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, tokens, vocab) for full sequences, without a session (no KV cache kept)."""
+        hidden = self.head.embed(input_ids)
+
+        async def run(hidden: torch.Tensor) -> torch.Tensor:
+            for hop in await self.sequence.make_route():
+                hidden = await call_forward(self.sequence.p2p, hop.peer_id, hop.start, hop.end, hidden)
+            return hidden
+
+        return self.head.logits(self.loop.run(run(hidden)))
+
+    __call__ = forward
+
+    def shutdown(self) -> None:
+        self.dht.shutdown()
+        self.loop.close()
+
+    def __enter__(self) -> "DistributedModelForCausalLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,15 @@
+"""The client's configuration: one frozen dataclass, read once, passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    initial_peers: tuple[str, ...]  # multiaddrs of any peers in the swarm
+    missing_blocks_timeout: float = 60.0  # how long to wait for a peer to serve missing blocks
+    request_timeout: float = 60.0  # one step or forward call, per hop
+    ping_timeout: float = 3.0  # an info call used as a ping
+    spans_ttl: float = 10.0  # seconds before the DHT is read again for a new route
+    ping_ttl: float = 30.0  # seconds before a peer is pinged again

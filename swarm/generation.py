@@ -1,0 +1,108 @@
+"""The decoding loop, independent of where the blocks run.
+
+`decode` takes a `next_logits(new_token_ids, attention_mask) -> (batch, vocab)` function, so the same
+loop drives the swarm and a local model (tests compare the two). Sampling uses transformers' own
+logits processors, so the knobs mean what they mean in `transformers.generate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+NextLogits = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+class Streamer(Protocol):
+    """transformers' streamer interface (`TextStreamer`, `TextIteratorStreamer`)."""
+
+    def put(self, value: torch.Tensor) -> None: ...
+
+    def end(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 20
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0 or self.min_new_tokens < 0:
+            raise ValueError("max_new_tokens and min_new_tokens must be >= 0")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+def logits_processors(cfg: SamplingConfig, prompt_length: int) -> LogitsProcessorList:
+    processors = LogitsProcessorList()
+    if cfg.min_new_tokens > 0 and cfg.eos_token_ids:
+        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, cfg.min_new_tokens, list(cfg.eos_token_ids)))
+    if cfg.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
+    if cfg.do_sample:
+        if cfg.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(cfg.temperature))
+        if cfg.top_k > 0:
+            processors.append(TopKLogitsWarper(cfg.top_k))
+        if cfg.top_p < 1.0:
+            processors.append(TopPLogitsWarper(cfg.top_p))
+    return processors
+
+
+def decode(
+    next_logits: NextLogits,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cfg: SamplingConfig,
+    streamer: Streamer | None = None,
+) -> torch.Tensor:
+    """Generate up to `max_new_tokens` after `input_ids` (batch, prompt); returns (batch, prompt + new).
+
+    Rows that produced an end-of-sequence token are padded with `pad_token_id` until all are done.
+    """
+    processors = logits_processors(cfg, input_ids.shape[1])
+    sequences = input_ids
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    eos = torch.tensor(cfg.eos_token_ids, dtype=input_ids.dtype)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    new_ids, new_mask = input_ids, attention_mask
+    for _ in range(cfg.max_new_tokens):
+        logits = next_logits(new_ids, new_mask).float()  # (batch, vocab)
+        scores = processors(sequences, logits)
+        if cfg.do_sample:
+            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        else:
+            tokens = scores.argmax(dim=-1)
+        tokens = torch.where(finished, torch.full_like(tokens, cfg.pad_token_id), tokens)
+        sequences = torch.cat([sequences, tokens[:, None]], dim=1)
+        if streamer is not None:
+            streamer.put(tokens.cpu())
+        if len(eos):
+            finished |= torch.isin(tokens, eos)
+        if bool(finished.all()):
+            break
+        new_ids = tokens[:, None]
+        new_mask = None if attention_mask is None else torch.ones_like(new_ids)
+    if streamer is not None:
+        streamer.end()
+    return sequences

@@ -1,0 +1,134 @@
+"""What crosses the wire between a client and a peer.
+
+Transport: hivemind P2P RPC with its generic protobufs (`ExpertRequest` / `ExpertResponse`): tensors go
+in `tensors` (hivemind serialisation), everything else is a typed, versioned pydantic model packed
+with msgpack into `metadata`. RPCs (handler `rpc_x` on the peer, caller `call_x` on the client):
+
+- `rpc_info`       unary: the peer's `PeerInfo` (also used as the ping)
+- `rpc_forward`    unary: hidden states through blocks [start, end), no state kept
+- `rpc_inference`  bidirectional stream: `StepRequest`s of one or more sessions, one reply each;
+                   a session's KV cache lives as long as the stream that opened it
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgpack
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.proto import runtime_pb2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PROTOCOL_VERSION = 1
+MAX_METADATA_BYTES = 64 * 1024
+
+
+class WireModel(BaseModel):
+    """Base for wire messages: frozen, unknown fields ignored (a newer sender may add some)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class PeerInfo(WireModel):
+    """A peer's answer to `rpc_info`."""
+
+    version: int = PROTOCOL_VERSION
+    model: str  # the DHT prefix of the model it serves
+    start: int
+    end: int
+    dtype: str
+    throughput: float  # block-steps per second (one token through one block)
+    max_length: int  # longest session it accepts, in tokens
+    cache_tokens_left: int
+    sessions: int
+
+
+class SpanRequest(WireModel):
+    """Hidden states through blocks [start, end) of the peer (the `rpc_forward` request)."""
+
+    version: int = PROTOCOL_VERSION
+    start: int
+    end: int
+
+
+class StepRequest(WireModel):
+    """One step of an inference session (the messages of `rpc_inference`).
+
+    The first step of a session (position 0) opens it with `max_length`; later steps continue it.
+    `position` is how many tokens the client believes the session already holds: equal to the
+    peer's count continues, smaller rolls the cache back to it, larger is an error.
+    Tensors: hidden states (batch, new, hidden); optionally the 0/1 attention mask (batch, position + new)
+    when some prompt in the batch is padded.
+    """
+
+    version: int = PROTOCOL_VERSION
+    session_id: str = Field(min_length=1, max_length=128)
+    start: int
+    end: int
+    position: int = Field(ge=0)
+    max_length: int = Field(ge=1)
+    close: bool = False  # end the session after this message (no tensors needed)
+
+
+class ErrorInfo(WireModel):
+    kind: Literal[
+        "bad_request", "bad_span", "too_long", "unknown_session", "bad_position", "busy", "internal"
+    ]
+    message: str
+
+
+class StepReply(WireModel):
+    """The reply to a `StepRequest` or `SpanRequest`: the hidden states, or an error."""
+
+    version: int = PROTOCOL_VERSION
+    error: ErrorInfo | None = None
+    length: int = 0  # tokens the session holds after this step
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be decoded; the peer answers with `bad_request`."""
+
+
+def pack(message: WireModel) -> bytes:
+    return msgpack.packb(message.model_dump(mode="json"), use_bin_type=True)
+
+
+def unpack(data: bytes, model: type[WireModel]) -> WireModel:
+    if len(data) > MAX_METADATA_BYTES:
+        raise ProtocolError(f"metadata is {len(data)} bytes, more than {MAX_METADATA_BYTES}")
+    try:
+        fields = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"metadata is not msgpack: {type(e).__name__}") from None
+    if not isinstance(fields, dict):
+        raise ProtocolError("metadata is not a map")
+    try:
+        return model.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "message"
+        raise ProtocolError(f"invalid {model.__name__}: {where}: {first['msg']}") from None
+
+
+def serialize_tensors(*tensors: torch.Tensor) -> list[runtime_pb2.Tensor]:
+    return [serialize_torch_tensor(t) for t in tensors]
+
+
+def deserialize_tensors(protos) -> list[torch.Tensor]:
+    try:
+        return [deserialize_torch_tensor(p) for p in protos]
+    except Exception as e:  # corrupt buffers surface as numpy/torch errors of many kinds
+        raise ProtocolError(f"a tensor cannot be decoded: {type(e).__name__}: {e}") from None
+
+
+def make_request(uid: str, message: WireModel, *tensors: torch.Tensor) -> runtime_pb2.ExpertRequest:
+    return runtime_pb2.ExpertRequest(uid=uid, metadata=pack(message), tensors=serialize_tensors(*tensors))
+
+
+def make_reply(message: StepReply, *tensors: torch.Tensor) -> runtime_pb2.ExpertResponse:
+    return runtime_pb2.ExpertResponse(metadata=pack(message), tensors=serialize_tensors(*tensors))
+
+
+def error_reply(kind: str, message: str) -> runtime_pb2.ExpertResponse:
+    return make_reply(StepReply(error=ErrorInfo(kind=kind, message=message)))

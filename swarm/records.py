@@ -1,0 +1,177 @@
+"""What goes on the DHT: one key per (model, block), one signed subkey per serving peer.
+
+Key:    "{dht_prefix}_block{i}"   (dht_prefix = model name @ digest of its weights, so a different
+                                    or tampered checkpoint can never pose as the same model)
+Subkey: "{peer id}[owner:{RSA public key}]"  (hivemind's RSASignatureValidator: only that key's
+                                    holder can write it; the key is the peer's identity key)
+Value:  ServerInfo, checked against a strict schema by hivemind's SchemaValidator on every node.
+
+Records expire after `RECORD_TTL` seconds unless the peer refreshes them, so a peer that dies
+without saying goodbye disappears on its own.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from functools import partial
+from typing import Dict, Optional
+
+import pydantic.v1 as pydantic_v1
+from hivemind import DHT
+from hivemind.p2p import PeerID
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.node import DHTNode
+from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.utils import get_dht_time
+
+logger = logging.getLogger(__name__)
+
+RECORD_TTL = 60.0  # seconds a record lives without a refresh
+REFRESH_PERIOD = 20.0  # a peer re-announces this often
+
+
+class ServerState(str, enum.Enum):
+    OFFLINE = "offline"
+    JOINING = "joining"
+    ONLINE = "online"
+
+
+class ServerInfoRecord(pydantic_v1.BaseModel):
+    """The DHT value schema. Strict types: hivemind rejects any record that would need a conversion."""
+
+    state: pydantic_v1.StrictStr
+    start: pydantic_v1.StrictInt
+    end: pydantic_v1.StrictInt
+    throughput: pydantic_v1.StrictFloat  # block-steps per second
+    dtype: pydantic_v1.StrictStr
+    compression: pydantic_v1.StrictStr
+    cache_tokens_left: pydantic_v1.StrictInt
+    version: pydantic_v1.StrictStr
+    public_name: pydantic_v1.StrictStr
+
+    @pydantic_v1.validator("state")
+    def _known_state(cls, value: str) -> str:
+        ServerState(value)
+        return value
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """A peer's announcement, as the rest of the code sees it."""
+
+    state: ServerState
+    start: int
+    end: int
+    throughput: float
+    dtype: str
+    compression: str = "none"
+    cache_tokens_left: int = 0
+    version: str = ""
+    public_name: str = ""
+
+    def to_record(self) -> dict:
+        return ServerInfoRecord(**{**self.__dict__, "state": self.state.value}).dict()
+
+    @classmethod
+    def from_record(cls, value: dict) -> "ServerInfo":
+        record = ServerInfoRecord.parse_obj(value)
+        return cls(**{**record.dict(), "state": ServerState(record.state)})
+
+
+@dataclass(frozen=True)
+class PeerSpan:
+    """One peer serving blocks [start, end), as read from the DHT."""
+
+    peer_id: PeerID
+    info: ServerInfo
+
+    @property
+    def start(self) -> int:
+        return self.info.start
+
+    @property
+    def end(self) -> int:
+        return self.info.end
+
+
+def block_key(dht_prefix: str, block: int) -> str:
+    return f"{dht_prefix}_block{block}"
+
+
+def make_validators(dht_prefix: str, num_blocks: int, signer: RSASignatureValidator) -> list:
+    """The record validators every node of this model's swarm installs."""
+    fields = {f"block{i}": (Optional[Dict[BytesWithPublicKey, ServerInfoRecord]], None) for i in range(num_blocks)}
+    schema = pydantic_v1.create_model("BlockRecords", **fields)
+    return [SchemaValidator(schema, allow_extra_keys=True, prefix=dht_prefix), signer]
+
+
+def owner_subkey(peer_id: PeerID, signer: RSASignatureValidator) -> bytes:
+    return peer_id.to_base58().encode() + signer.local_public_key
+
+
+def _peer_id_from_subkey(subkey: bytes | str) -> PeerID | None:
+    raw = subkey if isinstance(subkey, bytes) else subkey.encode()
+    base58_id = raw.split(b"[owner:", 1)[0]
+    try:
+        return PeerID.from_base58(base58_id.decode())
+    except Exception:  # anything unparsable is somebody else's record: skip it
+        return None
+
+
+async def _store_spans(
+    _dht: DHT, node: DHTNode, keys: list[str], subkey: bytes, record: dict, expiration_time: float
+) -> bool:
+    results = await node.store_many(
+        keys, [record] * len(keys), expiration_time=expiration_time, subkeys=[subkey] * len(keys)
+    )
+    return all(results.values())
+
+
+def announce(
+    dht: DHT,
+    dht_prefix: str,
+    blocks: range,
+    info: ServerInfo,
+    subkey: bytes,
+    ttl: float = RECORD_TTL,
+    timeout: float = 30.0,
+) -> bool:
+    """Write `info` under every block key of `blocks`; False if not stored in `timeout` seconds."""
+    keys = [block_key(dht_prefix, i) for i in blocks]
+    store = partial(_store_spans, keys=keys, subkey=subkey, record=info.to_record(), expiration_time=get_dht_time() + ttl)
+    try:
+        return dht.run_coroutine(store, return_future=True).result(timeout=timeout)
+    except Exception as e:  # a dead DHT process or a timeout: the caller logs and carries on
+        logger.debug(f"Announcing failed: {e!r}")
+        return False
+
+
+async def _get_blocks(_dht: DHT, node: DHTNode, keys: list[str]) -> dict:
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # the latest values
+    return {key: (entry.value if entry is not None else None) for key, entry in found.items()}
+
+
+def read_spans(dht: DHT, dht_prefix: str, num_blocks: int) -> list[PeerSpan]:
+    """Every live peer's announcement for this model, one `PeerSpan` per peer, sorted by peer id."""
+    keys = [block_key(dht_prefix, i) for i in range(num_blocks)]
+    found = dht.run_coroutine(partial(_get_blocks, keys=keys))
+    return spans_from_records(found.values())
+
+
+def spans_from_records(values) -> list[PeerSpan]:
+    """Parse per-block DHT values ({subkey: ValueWithExpiration}) into one span per peer."""
+    by_peer: dict[PeerID, ServerInfo] = {}
+    for value in values:
+        if not isinstance(value, dict):
+            continue
+        for subkey, entry in value.items():
+            peer_id = _peer_id_from_subkey(subkey)
+            if peer_id is None or peer_id in by_peer:
+                continue
+            try:
+                by_peer[peer_id] = ServerInfo.from_record(entry.value)
+            except (pydantic_v1.ValidationError, ValueError, TypeError):
+                logger.debug(f"Skipping a malformed record from {peer_id}")
+    return [PeerSpan(peer_id, info) for peer_id, info in sorted(by_peer.items(), key=lambda kv: kv[0].to_base58())]
