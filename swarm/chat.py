@@ -210,3 +210,7 @@ def main(model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_l
     finally:
         if model_handle is not None:
             model_handle.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -213,8 +213,9 @@ class DistributedModelForCausalLM:
     __call__ = forward
 
     def shutdown(self) -> None:
-        self.dht.shutdown()
+        self.loop.run(self.sequence.p2p.shutdown(), timeout=5)
         self.loop.close()
+        self.dht.shutdown()
 
     def __enter__(self) -> "DistributedModelForCausalLM":
         return self

@@ -8,7 +8,14 @@ import struct
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from swarm.errors import ModelError
 from swarm.models.layout import CLIENT_FILE, block_file
@@ -53,6 +60,22 @@ class BlockCheckpoint:
     def load_client_state(self, device: str = "cpu") -> dict[str, torch.Tensor]:
         """"embed_tokens.weight", "norm.weight", and "lm_head.weight" when the embeddings are not tied."""
         return self._load(self.path / CLIENT_FILE, device)
+
+    def load_causal_lm(self, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+        """The whole model in this process, as a transformers model (the single-machine baseline)."""
+        config = self.load_config()
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        state = {f"model.{key}": value for key, value in self.load_client_state().items()}
+        if "model.lm_head.weight" in state:
+            state["lm_head.weight"] = state.pop("model.lm_head.weight")
+        for index in range(self.num_blocks):
+            state.update({f"model.layers.{index}.{key}": value for key, value in self.load_block_state(index).items()})
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers were on meta
+        return model.eval()
 
     def block_nbytes(self, index: int) -> int:
         """Bytes of block `index`'s stored tensors, read from the file header without loading them."""

@@ -75,10 +75,14 @@ def convert_gguf(
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     config = _checked_config(model.config, gguf_path)
     state = model.state_dict()
+    generation_config = model.generation_config
     del model  # `state` holds the same tensors
     assembler = _assembler(state.keys(), config, gguf_path)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the stored tensors are dequantised float32, not GGUF blocks
     with ConvertedModelWriter(target, name=source.name, source=source.source, model_type=config.model_type) as writer:
         config.save_pretrained(writer.staging)
+        generation_config.save_pretrained(writer.staging)
         tokenizer.save_pretrained(writer.staging)
         _write_tensors(_drain(state), assembler, writer, desc=source.name, show_progress=show_progress)
         return writer.finish(assembler.num_blocks)

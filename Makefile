@@ -1,0 +1,40 @@
+# One-command set-up on a fresh machine: `make demo` or `make test` creates the virtualenv, installs torch,
+# the project (editable, with test extras) and converts the default model, then runs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch; on a GPU host use e.g.  make TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+MODEL ?= smollm2-135m
+PYTEST_ARGS ?=
+
+.PHONY: install model demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+model: $(STAMP)
+	$(VENV)/bin/swarm-peer fetch --model $(MODEL)
+
+demo: model
+	$(PY) examples/local_swarm.py
+
+test: model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: model
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: model
+	$(PY) benchmarks/decode_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
