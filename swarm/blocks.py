@@ -168,13 +168,18 @@ def _positions_and_mask(
     """Position ids (batch, new) and an additive attention mask (batch, 1, new, past + new) or None.
 
     Mirrors transformers' generation: with left padding, positions count only real tokens; without
-    padding the mask is None and attention is causal (the same kernels as a local run).
+    padding the mask is None where causal attention needs none (the same kernels as a local run).
     """
     start = span_input.start_position
     if span_input.attention_mask is None:
         positions = torch.arange(start, start + new_tokens, device=device).expand(batch, -1)
-        return positions, None
-    padding = span_input.attention_mask.to(device=device, dtype=torch.long)  # (batch, past + new)
+        if new_tokens == 1 or start == 0:
+            return positions, None  # sdpa's is_causal (or no mask at all) is exact here
+        # Several new tokens after a cached prefix: sdpa's is_causal would align the causal mask to the
+        # top-left corner, so spell the mask out.
+        padding = torch.ones(batch, start + new_tokens, dtype=torch.long, device=device)
+    else:
+        padding = span_input.attention_mask.to(device=device, dtype=torch.long)  # (batch, past + new)
     positions = (padding.cumsum(-1) - 1).masked_fill(padding == 0, 1)[:, -new_tokens:]
     total = padding.shape[1]
     query_pos = torch.arange(start, start + new_tokens, device=device)[:, None]
