@@ -119,14 +119,15 @@ class LocalSwarm:
         raise TimeoutError(f"{peer.name} did not come online in time: {peer.log()[-3000:]}")
 
     def stop(self) -> None:
-        """Ask every peer to leave (SIGINT), then make sure nothing is left behind."""
-        for peer in reversed(self.processes):
-            peer.signal(signal.SIGINT)
-        deadline = time.monotonic() + 15
-        for peer in self.processes:
-            try:
-                peer.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                logger.warning(f"{peer.name} did not stop in time; killing it")
-            peer.kill_group()
+        """Ask every peer to leave (SIGINT), bootstrap node last, then make sure nothing is left behind."""
+        for group in (self.processes[1:], self.processes[:1]):
+            for peer in group:
+                peer.signal(signal.SIGINT)
+            deadline = time.monotonic() + 15
+            for peer in group:
+                try:
+                    peer.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    logger.warning(f"{peer.name} did not stop in time; killing it")
+                peer.kill_group()
         self.processes.clear()

@@ -135,7 +135,7 @@ class Peer:
             public_name=self.cfg.public_name,
         )
         if not records.announce(self.dht, self.checkpoint.dht_prefix, range(self.plan.start, self.plan.end), info, self.subkey, ttl):
-            logger.warning(f"Announcing {state.value} was not stored by any DHT node; will retry")
+            logger.warning(f"Announcing {state.value} was not stored by any DHT node")
 
     async def serve(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -170,7 +170,8 @@ class Peer:
                     await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
         finally:
             logger.info("Shutting down: announcing OFFLINE")
-            await loop.run_in_executor(None, self.announce, ServerState.OFFLINE, 2 * self.cfg.refresh_period)
+            # Same TTL as ONLINE: the DHT keeps whichever record of a subkey expires last.
+            await loop.run_in_executor(None, self.announce, ServerState.OFFLINE)
             await self.handler.remove_p2p_handlers(p2p)
             self.handler.shutdown()
 

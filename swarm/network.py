@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -118,6 +119,7 @@ def create_dht(
         return DHT(**kwargs)
     except P2PDaemonError as e:
         reason = str(e).splitlines()[-1] if str(e) else type(e).__name__
+        reason = re.sub(r"^Daemon failed to start: (\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?", "", reason)
         if "bootstrap" in reason:
             raise SwarmConnectionError(f"cannot reach any initial peer {list(initial_peers)}: {reason}") from None
         raise SwarmConnectionError(f"cannot start the DHT node on {host}:{port}: {reason}") from None

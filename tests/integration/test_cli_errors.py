@@ -1,0 +1,44 @@
+"""Bad input on the command line: one line on stderr, a non-zero exit, no traceback, no hang."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DEAD_PEER = "/ip4/127.0.0.1/tcp/9/p2p/QmNYSDoFZc5pZDn96u4tdQYFsmjCsqHskNJ1YJm9sMrT7D"  # nothing listens on port 9
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["peers.cli", "join", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["peers.cli", "join", "--blocks", "20:10"], "invalid block range '20:10'"),
+        (["peers.cli", "join", "--blocks", "0:40"], "only 30 blocks"),
+        (["peers.cli", "join", "--blocks", "ten:twenty"], "invalid block range"),
+        (["peers.cli", "join", "--initial-peers", "not-a-multiaddr"], "invalid multiaddr 'not-a-multiaddr'"),
+        (["peers.cli", "status", "--initial-peers", "/ip4/127.0.0.1/tcp/9"], "lacks the peer id"),
+        (["peers.cli", "join", "--blocks", "0:10", "--host", "127.0.0.1", "--initial-peers", DEAD_PEER],
+         "cannot reach any initial peer"),
+        (["swarm.chat", "--prompt", "hi", "--initial-peers", DEAD_PEER], "cannot reach any initial peer"),
+        (["swarm.chat", "--model", "no-such-model", "--prompt", "hi"], "unknown model 'no-such-model'"),
+    ],
+)
+def test_bad_input_gives_one_clear_line(args, expected):
+    result = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert expected in error_lines[0]
+
+
+def test_unreachable_bootstrap_fails_fast_with_env_variable():
+    env = {**__import__("os").environ, "SWARM_INITIAL_PEERS": DEAD_PEER}
+    result = subprocess.run([sys.executable, "-m", "peers.cli", "status"], capture_output=True, text=True, timeout=120,
+                            env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: cannot reach any initial peer")

@@ -1,0 +1,73 @@
+"""Joining without --blocks, coverage status, missing blocks, and leaving the swarm cleanly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from peers.local import LocalSwarm
+from swarm import DistributedModelForCausalLM
+from swarm.errors import MissingBlocksError
+
+pytestmark = pytest.mark.slow
+
+
+def status(swarm: LocalSwarm) -> dict:
+    result = subprocess.run([sys.executable, "-m", "peers.cli", "status", "--json"], env=swarm.env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def partial_swarm():
+    with LocalSwarm() as swarm:
+        swarm.add_peer("0:20", "--public-name", "fixed")
+        yield swarm
+
+
+def test_joining_peer_takes_the_least_served_blocks(partial_swarm):
+    chooser = partial_swarm.add_peer(None, "--num-blocks", "5", name="chooser")
+    assert "blocks 20:25" in chooser.log()
+    report = status(partial_swarm)
+    spans = sorted((p["start"], p["end"], p["state"]) for p in report["peers"])
+    assert spans == [(0, 20, "online"), (20, 25, "online")]
+    assert all(p["rtt_ms"] is not None and p["rtt_ms"] > 0 for p in report["peers"])
+    assert report["missing_blocks"] == [25, 26, 27, 28, 29]
+    assert {p["public_name"] for p in report["peers"]} == {"fixed", ""}
+
+
+def test_status_table_names_missing_blocks(partial_swarm):
+    result = subprocess.run([sys.executable, "-m", "peers.cli", "status"], env=partial_swarm.env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "0:20" in result.stdout and "online" in result.stdout
+    assert "MISSING: no reachable online peer serves block(s) 25-29" in result.stdout
+
+
+def test_client_waits_then_names_the_missing_blocks(partial_swarm, chat_ids):
+    model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", [partial_swarm.initial_peers],
+                                                        missing_blocks_timeout=3)
+    try:
+        began = time.monotonic()
+        with pytest.raises(MissingBlocksError) as caught:
+            model.generate(chat_ids, max_new_tokens=2)
+        assert 3 <= time.monotonic() - began < 30
+        assert "block(s) 25-29" in str(caught.value) and "--blocks 25:30" in str(caught.value)
+    finally:
+        model.shutdown()
+
+
+def test_sigterm_announces_offline_and_exits(partial_swarm):
+    leaving = partial_swarm.add_peer("25:30", name="leaving")
+    assert any(p["start"] == 25 and p["state"] == "online" for p in status(partial_swarm)["peers"])
+    leaving.signal(signal.SIGTERM)
+    assert leaving.process.wait(timeout=30) == 0
+    assert "announcing OFFLINE" in leaving.log()
+    states = [p["state"] for p in status(partial_swarm)["peers"] if p["start"] == 25]
+    assert states == ["offline"]

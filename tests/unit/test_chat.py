@@ -1,0 +1,85 @@
+"""Tests of swarm.chat's pure parts: reusing the fed prefix, turn statistics, the terminal streamer."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from swarm.chat import TerminalStreamer, TurnStats, common_prefix_length
+
+
+@pytest.mark.parametrize(
+    "a, b, expected",
+    [
+        ([], [], 0),
+        ([], [1, 2], 0),
+        ([1, 2, 3], [1, 2, 3], 3),
+        ([1, 2, 3], [1, 2, 3, 4, 5], 3),
+        ([1, 2, 3, 4, 5], [1, 2, 3], 3),
+        ([1, 2, 9, 4], [1, 2, 3, 4], 2),
+        ([7], [8], 0),
+    ],
+)
+def test_common_prefix_length(a, b, expected):
+    assert common_prefix_length(a, b) == expected
+    assert common_prefix_length(b, a) == expected
+
+
+def test_stats_before_any_token():
+    stats = TurnStats(prompt_tokens=5, started=10.0)
+    assert stats.time_to_first_token is None
+    assert stats.tokens_per_second is None
+    assert stats.summary() == "0 tokens, time to first token -, - tokens/s"
+
+
+def test_stats_with_one_token_have_no_speed():
+    stats = TurnStats(new_tokens=1, started=10.0, first_token_at=10.25, last_token_at=10.25)
+    assert stats.time_to_first_token == pytest.approx(0.25)
+    assert stats.tokens_per_second is None
+    assert stats.summary() == "1 tokens, time to first token 250 ms, - tokens/s"
+
+
+def test_stats_speed_counts_tokens_after_the_first():
+    # 9 tokens after the first, in 2 seconds
+    stats = TurnStats(prompt_tokens=3, new_tokens=10, started=100.0, first_token_at=100.5, last_token_at=102.5)
+    assert stats.time_to_first_token == pytest.approx(0.5)
+    assert stats.tokens_per_second == pytest.approx(4.5)
+    assert stats.summary() == "10 tokens, time to first token 500 ms, 4.5 tokens/s"
+
+
+def test_stats_speed_with_no_elapsed_time_is_finite():
+    stats = TurnStats(new_tokens=3, started=0.0, first_token_at=1.0, last_token_at=1.0)
+    assert stats.tokens_per_second == pytest.approx(2 / 1e-9)
+
+
+class CharTokenizer:
+    """Token i is chr(i); 0xFFFD stands for half a multi-byte character."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def test_terminal_streamer_skips_the_prompt_prints_tokens_and_times_them():
+    stats = TurnStats(started=0.0)
+    out = io.StringIO()
+    streamer = TerminalStreamer(CharTokenizer(), stats, out)
+    streamer.put(torch.tensor([[ord("x"), ord("y")]]))  # the prompt
+    assert out.getvalue() == "" and stats.new_tokens == 0
+    for char in "hi!":
+        streamer.put(torch.tensor([ord(char)]))
+    streamer.end()
+    assert out.getvalue() == "hi!\n"
+    assert stats.new_tokens == 3
+    assert stats.first_token_at is not None and stats.last_token_at >= stats.first_token_at > 0
+    assert streamer.tokens == [ord("h"), ord("i"), ord("!")]
+
+
+def test_terminal_streamer_waits_for_a_whole_character():
+    out = io.StringIO()
+    streamer = TerminalStreamer(CharTokenizer(), TurnStats(), out)
+    streamer.put(torch.tensor([[1]]))
+    streamer.put(torch.tensor([ord("a")]))
+    streamer.put(torch.tensor([0xFFFD]))  # incomplete: nothing printed yet
+    assert out.getvalue() == "a"

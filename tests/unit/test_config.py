@@ -1,0 +1,77 @@
+"""Tests of peers.config: the --blocks range and the peer's frozen configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from peers.config import PeerConfig, parse_block_range
+from swarm.errors import ConfigError
+
+
+@pytest.mark.parametrize(
+    "text, num_blocks, expected",
+    [
+        ("10:20", None, (10, 20)),
+        ("10:20", 20, (10, 20)),
+        ("0:1", 1, (0, 1)),
+        (" 3 : 7 ", None, (3, 7)),  # int() strips whitespace
+    ],
+)
+def test_valid_ranges(text, num_blocks, expected):
+    assert parse_block_range(text, num_blocks) == expected
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("20:10", "START < END"),
+        ("5:5", "START < END"),
+        ("-1:3", "START < END"),
+        ("a:b", "expected START:END"),
+        ("5", "expected START:END"),
+        ("1:2:3", "expected START:END"),
+        ("", "expected START:END"),
+        (":5", "expected START:END"),
+        ("1.5:3", "expected START:END"),
+    ],
+)
+def test_invalid_ranges(text, reason):
+    with pytest.raises(ConfigError, match=reason) as info:
+        parse_block_range(text)
+    assert repr(text) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_end_beyond_the_model_names_the_block_count():
+    with pytest.raises(ConfigError, match=r"only 32 blocks \(0:32\)"):
+        parse_block_range("30:33", num_blocks=32)
+
+
+def test_config_is_frozen():
+    cfg = PeerConfig(model="tiny", initial_peers=())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "device, dtype, expected",
+    [
+        ("cpu", "auto", torch.float32),
+        ("cuda", "auto", torch.bfloat16),
+        ("cuda:1", "auto", torch.bfloat16),
+        ("cpu", "bfloat16", torch.bfloat16),
+        ("cpu", "float16", torch.float16),
+    ],
+)
+def test_torch_dtype(device, dtype, expected):
+    assert PeerConfig(model="tiny", initial_peers=(), device=device, dtype=dtype).torch_dtype() == expected
+
+
+def test_cuda_without_cuda_is_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        PeerConfig(model="tiny", initial_peers=(), device="cuda").torch_device()
+    assert PeerConfig(model="tiny", initial_peers=()).torch_device() == torch.device("cpu")

@@ -1,0 +1,255 @@
+"""Tests of swarm.records: the DHT value schema, hivemind's validators on it, and reading spans back.
+
+Records are built exactly as a DHT node stores them (key id, msgpack subkey, msgpack value) and checked
+with the validators directly, so no DHT is started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pydantic.v1 as pydantic_v1
+import pytest
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import CompositeValidator, DHTRecord
+from hivemind.p2p import PeerID
+from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from swarm.records import (
+    PeerSpan,
+    ServerInfo,
+    ServerState,
+    block_key,
+    make_validators,
+    owner_subkey,
+    spans_from_records,
+)
+
+PREFIX = "tiny-llama@0123abcd"
+NUM_BLOCKS = 4
+INFO = ServerInfo(
+    state=ServerState.ONLINE, start=1, end=3, throughput=12.5, dtype="float32", compression="none",
+    cache_tokens_left=8192, version="0.1.0", public_name="alice",
+)
+
+
+def peer(name: str) -> PeerID:
+    return PeerID(b"\x12\x20" + hashlib.sha256(name.encode()).digest())
+
+
+@pytest.fixture(scope="module")
+def signer() -> RSASignatureValidator:
+    return RSASignatureValidator(RSAPrivateKey())
+
+
+@pytest.fixture(scope="module")
+def other_signer() -> RSASignatureValidator:
+    return RSASignatureValidator(RSAPrivateKey())
+
+
+@pytest.fixture(scope="module")
+def validator(signer) -> CompositeValidator:
+    """What a DHT node does with `record_validators=make_validators(...)`."""
+    return CompositeValidator(make_validators(PREFIX, NUM_BLOCKS, signer))
+
+
+def record(value: object, subkey: bytes, block: int = 1, key: str | None = None) -> DHTRecord:
+    return DHTRecord(
+        key=DHTID.generate(source=key if key is not None else block_key(PREFIX, block)).to_bytes(),
+        subkey=MSGPackSerializer.dumps(subkey),
+        value=MSGPackSerializer.dumps(value),
+        expiration_time=get_dht_time() + 60,
+    )
+
+
+def signed(validator: CompositeValidator, unsigned: DHTRecord) -> DHTRecord:
+    return dataclasses.replace(unsigned, value=validator.sign_value(unsigned))
+
+
+# --- ServerInfo <-> record ---
+
+
+def test_server_info_round_trip():
+    value = INFO.to_record()
+    assert value["state"] == "online" and isinstance(value["state"], str)
+    assert value == {
+        "state": "online", "start": 1, "end": 3, "throughput": 12.5, "dtype": "float32", "compression": "none",
+        "cache_tokens_left": 8192, "version": "0.1.0", "public_name": "alice",
+    }
+    assert ServerInfo.from_record(value) == INFO
+    assert ServerInfo.from_record(MSGPackSerializer.loads(MSGPackSerializer.dumps(value))) == INFO
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"start": 1.0},
+        {"throughput": 12},  # strict float: an int is a different type
+        {"state": "sleeping"},
+        {"state": 2},
+        {"dtype": None},
+    ],
+    ids=str,
+)
+def test_from_record_rejects_wrong_types(change):
+    with pytest.raises(pydantic_v1.ValidationError):
+        ServerInfo.from_record({**INFO.to_record(), **change})
+
+
+def test_from_record_rejects_missing_fields():
+    value = INFO.to_record()
+    del value["end"]
+    with pytest.raises(pydantic_v1.ValidationError):
+        ServerInfo.from_record(value)
+
+
+def test_block_key():
+    assert block_key(PREFIX, 7) == f"{PREFIX}_block7"
+
+
+def test_peer_span_bounds():
+    span = PeerSpan(peer("a"), INFO)
+    assert (span.start, span.end) == (1, 3)
+
+
+# --- validators ---
+
+
+def test_validators_accept_a_signed_well_formed_record(validator, signer):
+    subkey = owner_subkey(peer("a"), signer)
+    for block in range(NUM_BLOCKS):
+        assert validator.validate(signed(validator, record(INFO.to_record(), subkey, block)))
+
+
+def test_owner_subkey_holds_the_peer_id_and_public_key(signer):
+    subkey = owner_subkey(peer("a"), signer)
+    assert subkey.startswith(peer("a").to_base58().encode())
+    assert subkey.endswith(signer.local_public_key)
+    assert b"[owner:" in subkey
+
+
+def test_signing_strips_back_to_the_value(validator, signer):
+    unsigned = record(INFO.to_record(), owner_subkey(peer("a"), signer))
+    stored = signed(validator, unsigned)
+    assert stored.value != unsigned.value
+    assert MSGPackSerializer.loads(validator.strip_value(stored)) == INFO.to_record()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"start": 1.0},
+        {"throughput": 12},
+        {"cache_tokens_left": "8192"},
+        {"state": "sleeping"},
+        {"public_name": None},
+        {"surprise": 1},  # an extra field
+    ],
+    ids=str,
+)
+def test_validators_reject_wrong_types_and_extra_fields(validator, signer, change):
+    value = {**INFO.to_record(), **change}
+    assert not validator.validate(signed(validator, record(value, owner_subkey(peer("a"), signer))))
+
+
+def test_validators_reject_a_missing_field(validator, signer):
+    value = INFO.to_record()
+    del value["dtype"]
+    assert not validator.validate(signed(validator, record(value, owner_subkey(peer("a"), signer))))
+
+
+@pytest.mark.parametrize("value", [[1, 2], "online", 5, None])
+def test_validators_reject_values_that_are_not_records(validator, signer, value):
+    assert not validator.validate(signed(validator, record(value, owner_subkey(peer("a"), signer))))
+
+
+def test_validators_reject_an_unsigned_record(validator, signer):
+    assert not validator.validate(record(INFO.to_record(), owner_subkey(peer("a"), signer)))
+
+
+def test_validators_reject_a_tampered_record(validator, signer):
+    genuine = signed(validator, record(INFO.to_record(), owner_subkey(peer("a"), signer)))
+    forged_value = {**INFO.to_record(), "throughput": 1e6}
+    signature = genuine.value[len(MSGPackSerializer.dumps(INFO.to_record())) :]
+    forged = dataclasses.replace(genuine, value=MSGPackSerializer.dumps(forged_value) + signature)
+    assert not validator.validate(forged)
+
+
+def test_validators_reject_a_record_signed_by_someone_else(signer, other_signer):
+    """Mallory cannot write under Alice's subkey: her signature does not match Alice's public key."""
+    mallory = CompositeValidator(make_validators(PREFIX, NUM_BLOCKS, other_signer))
+    alice = CompositeValidator(make_validators(PREFIX, NUM_BLOCKS, signer))
+    unsigned = record(INFO.to_record(), owner_subkey(peer("a"), signer))
+    assert mallory.sign_value(unsigned) == unsigned.value  # not her key: she cannot sign it
+    mallory_signature = RSASignatureValidator.SIGNATURE_FORMAT.replace(
+        b"_value_", other_signer._private_key.sign(MSGPackSerializer.dumps(dataclasses.astuple(unsigned)))
+    )
+    forged = dataclasses.replace(unsigned, value=unsigned.value + mallory_signature)
+    assert not alice.validate(forged)
+    assert not mallory.validate(forged)
+
+
+def test_validators_reject_a_subkey_without_an_owner_key(validator):
+    assert not validator.validate(record(INFO.to_record(), peer("a").to_base58().encode()))
+
+
+def test_keys_of_other_applications_are_left_alone(validator):
+    assert validator.validate(record({"anything": 1}, b"subkey", key="some_other_key"))
+
+
+# --- reading spans back ---
+
+
+def entry(value: object) -> ValueWithExpiration:
+    return ValueWithExpiration(value, get_dht_time() + 60)
+
+
+def test_spans_from_records_merges_a_peer_announced_on_several_blocks(signer, other_signer):
+    alice, bob = owner_subkey(peer("alice"), signer), owner_subkey(peer("bob"), other_signer)
+    bob_info = dataclasses.replace(INFO, start=2, end=4, public_name="bob")
+    values = [
+        None,  # block 0: nobody
+        {alice: entry(INFO.to_record())},
+        {alice: entry(INFO.to_record()), bob: entry(bob_info.to_record())},
+        {bob: entry(bob_info.to_record())},
+    ]
+    spans = spans_from_records(values)
+    assert sorted(spans, key=lambda s: s.peer_id.to_base58()) == spans  # sorted by peer id
+    assert {s.peer_id: s.info for s in spans} == {peer("alice"): INFO, peer("bob"): bob_info}
+
+
+def test_spans_from_records_skips_malformed_entries(signer):
+    good = owner_subkey(peer("good"), signer)
+    values = [
+        {
+            owner_subkey(peer("bad-type"), signer): entry({**INFO.to_record(), "start": "1"}),
+            owner_subkey(peer("bad-state"), signer): entry({**INFO.to_record(), "state": "sleeping"}),
+            owner_subkey(peer("missing"), signer): entry({"state": "online"}),
+            owner_subkey(peer("not-a-dict"), signer): entry([1, 2, 3]),
+            b"not base58 !!![owner:x]": entry(INFO.to_record()),
+            good: entry(INFO.to_record()),
+        },
+        "not a dict of subkeys",
+        42,
+    ]
+    spans = spans_from_records(values)
+    assert [(s.peer_id, s.info) for s in spans] == [(peer("good"), INFO)]
+
+
+def test_spans_from_records_accepts_str_subkeys(signer):
+    subkey = owner_subkey(peer("a"), signer).decode()
+    assert [s.peer_id for s in spans_from_records([{subkey: entry(INFO.to_record())}])] == [peer("a")]
+
+
+def test_a_malformed_first_record_does_not_hide_a_later_good_one(signer):
+    subkey = owner_subkey(peer("a"), signer)
+    values = [{subkey: entry({**INFO.to_record(), "end": None})}, {subkey: entry(INFO.to_record())}]
+    assert [s.info for s in spans_from_records(values)] == [INFO]
+
+
+def test_spans_from_records_of_nothing():
+    assert spans_from_records([]) == []
+    assert spans_from_records([None, None]) == []
