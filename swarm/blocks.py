@@ -7,6 +7,7 @@ many sessions at once.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Callable
@@ -104,6 +105,7 @@ class BlockSpan(nn.Module):
         super().__init__()
         if not 0 <= start < end <= config.num_hidden_layers:
             raise ValueError(f"invalid block span {start}:{end} for a model of {config.num_hidden_layers} blocks")
+        config = copy.deepcopy(config)  # the caller's config (maybe shared with a whole model) stays as it was
         config._attn_implementation = "sdpa"
         layer_cls, rotary_cls = _layer_classes(config.model_type)
         self.start, self.end = start, end

@@ -5,7 +5,7 @@
     │   ├── UnknownModelError       the name matches no alias, directory or cached repository
     │   └── UnsupportedModelError   found, but not a Llama-family checkpoint
     ├── ConfigError                 a bad command-line value (block range, multiaddr, dtype ...)
-    ├── ConnectionError_            the DHT or a peer cannot be reached
+    ├── SwarmConnectionError        the DHT or a peer cannot be reached
     ├── MissingBlocksError          no peer serves some blocks (after waiting)
     └── RemoteError                 a peer answered a request with an error
         └── (carries the peer's error kind, e.g. "bad_request", "unknown_session")
@@ -72,7 +72,7 @@ def format_block_spans(blocks: list[int]) -> str:
 
 
 def _first_span(blocks: list[int]) -> str:
-    start, end = next(_runs(sorted(set(blocks))))
+    start, end = next(_runs(sorted(set(blocks))), (0, 0))
     return f"{start}:{end}"
 
 

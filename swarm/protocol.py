@@ -25,9 +25,10 @@ MAX_METADATA_BYTES = 64 * 1024
 
 
 class WireModel(BaseModel):
-    """Base for wire messages: frozen, unknown fields ignored (a newer sender may add some)."""
+    """Base for wire messages: frozen, strictly typed (no "5" for 5), unknown fields ignored (a newer
+    sender may add some)."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
 
 
 class PeerInfo(WireModel):

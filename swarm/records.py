@@ -13,6 +13,7 @@ without saying goodbye disappears on its own.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -23,8 +24,13 @@ from hivemind import DHT
 from hivemind.p2p import PeerID
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
+from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
-from hivemind.utils import get_dht_time
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.proto import crypto_pb2
+from hivemind.utils import MSGPackSerializer, get_dht_time
+from hivemind.utils.crypto import RSAPublicKey
+from cryptography.hazmat.primitives import serialization
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +106,51 @@ def block_key(dht_prefix: str, block: int) -> str:
     return f"{dht_prefix}_block{block}"
 
 
+class PeerIdOwnerValidator(RecordValidatorBase):
+    """Rejects a subkey "{peer id}[owner:{key}]" whose peer id is not the one libp2p derives from that key.
+
+    RSASignatureValidator proves the record was signed by the key in the subkey; this binds that key to
+    the peer id, so nobody can announce (or announce OFFLINE) under another peer's id.
+    """
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
+            return True
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+        except Exception:  # not ours to judge
+            return True
+        if not isinstance(subkey, bytes) or b"[owner:" not in subkey:
+            return True
+        claimed, _, rest = subkey.partition(b"[owner:")
+        public_key = rest[: rest.rfind(b"]")]
+        try:
+            return peer_id_of_public_key(public_key) == PeerID.from_base58(claimed.decode())
+        except Exception:  # unparsable id or key: the record is malformed
+            return False
+
+    @property
+    def priority(self) -> int:
+        return 5  # after the signature check (10), before schema validation (0)
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, PeerIdOwnerValidator)
+
+
+def peer_id_of_public_key(ssh_public_key: bytes) -> PeerID:
+    """The libp2p peer id of an RSA key given in OpenSSH format (hivemind's owner marker)."""
+    der = RSAPublicKey.from_bytes(ssh_public_key)._public_key.public_bytes(
+        encoding=serialization.Encoding.DER, format=serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
+    return PeerID(b"\x12\x20" + hashlib.sha256(encoded).digest())  # multihash: sha2-256, 32 bytes
+
+
 def make_validators(dht_prefix: str, num_blocks: int, signer: RSASignatureValidator) -> list:
     """The record validators every node of this model's swarm installs."""
     fields = {f"block{i}": (Optional[Dict[BytesWithPublicKey, ServerInfoRecord]], None) for i in range(num_blocks)}
     schema = pydantic_v1.create_model("BlockRecords", **fields)
-    return [SchemaValidator(schema, allow_extra_keys=True, prefix=dht_prefix), signer]
+    return [SchemaValidator(schema, allow_extra_keys=True, prefix=dht_prefix), signer, PeerIdOwnerValidator()]
 
 
 def owner_subkey(peer_id: PeerID, signer: RSASignatureValidator) -> bytes:

@@ -42,6 +42,14 @@ ARCHITECTURES = {
     "mistral": (MistralConfig, MistralForCausalLM),
 }
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; two OpenMP threads on a busy 2-core machine stall for seconds."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
 
 def build_model(model_type: str) -> PreTrainedModel:
     config_cls, model_cls = ARCHITECTURES[model_type]
@@ -119,6 +127,19 @@ def test_incremental_decoding_matches_the_full_forward(model_type):
         step = logits_through(model, spans, caches, ids[:, position : position + 1])
         torch.testing.assert_close(step[:, 0], reference[:, position], atol=ATOL, rtol=0)
         assert caches[0].length == caches[1].length == position + 1
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_several_tokens_after_a_cached_prefix_match_the_full_forward(model_type):
+    """A chat turn: a multi-token chunk after cached history, without a padding mask."""
+    model = build_model(model_type)
+    spans = [make_span(model, 0, 2), make_span(model, 2, NUM_LAYERS)]
+    caches = [s.new_cache() for s in spans]
+    ids = random_ids(2, 12)
+    reference = reference_logits(model, ids)
+    for start, end in [(0, 5), (5, 8), (8, 9), (9, 12)]:
+        logits = logits_through(model, spans, caches, ids[:, start:end])
+        torch.testing.assert_close(logits, reference[:, start:end], atol=ATOL, rtol=0)
 
 
 def test_left_padded_batch_matches_the_model_with_its_attention_mask(llama):

@@ -106,6 +106,15 @@ def test_identity_is_created_then_reloaded(tmp_path):
     assert created.private_key.get_public_key().verify(b"hello", reloaded.private_key.sign(b"hello"))
 
 
+def test_identity_file_gives_a_stable_libp2p_peer_id(tmp_path):
+    path = tmp_path / "peer.id"
+    load_identity(path)
+    first = PeerID.from_identity(path.read_bytes())  # how p2pd reads the file
+    load_identity(path)
+    assert PeerID.from_identity(path.read_bytes()) == first
+    assert first.to_base58().startswith("Qm")  # sha256 multihash of an RSA public key
+
+
 def test_different_files_are_different_identities(tmp_path):
     assert public_key(load_identity(tmp_path / "one")) != public_key(load_identity(tmp_path / "two"))
 

@@ -117,10 +117,6 @@ def test_wrong_field_types(fields, model, where):
     assert str(error).startswith(f"invalid {model.__name__}")
 
 
-@pytest.mark.xfail(
-    reason="unpack validates in pydantic's lax mode: the string '5' and the boolean True are accepted as ints",
-    strict=True,
-)
 def test_numbers_must_not_be_coerced_from_strings_or_booleans():
     with pytest.raises(ProtocolError):
         unpack(raw({"start": "5", "end": 6}), SpanRequest)

@@ -15,6 +15,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.p2p import PeerID
+from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -119,7 +120,7 @@ def test_peer_span_bounds():
 
 
 def test_validators_accept_a_signed_well_formed_record(validator, signer):
-    subkey = owner_subkey(peer("a"), signer)
+    subkey = owner_subkey(peer_id_of(signer._private_key), signer)
     for block in range(NUM_BLOCKS):
         assert validator.validate(signed(validator, record(INFO.to_record(), subkey, block)))
 
@@ -132,7 +133,7 @@ def test_owner_subkey_holds_the_peer_id_and_public_key(signer):
 
 
 def test_signing_strips_back_to_the_value(validator, signer):
-    unsigned = record(INFO.to_record(), owner_subkey(peer("a"), signer))
+    unsigned = record(INFO.to_record(), owner_subkey(peer_id_of(signer._private_key), signer))
     stored = signed(validator, unsigned)
     assert stored.value != unsigned.value
     assert MSGPackSerializer.loads(validator.strip_value(stored)) == INFO.to_record()
@@ -152,26 +153,26 @@ def test_signing_strips_back_to_the_value(validator, signer):
 )
 def test_validators_reject_wrong_types_and_extra_fields(validator, signer, change):
     value = {**INFO.to_record(), **change}
-    assert not validator.validate(signed(validator, record(value, owner_subkey(peer("a"), signer))))
+    assert not validator.validate(signed(validator, record(value, owner_subkey(peer_id_of(signer._private_key), signer))))
 
 
 def test_validators_reject_a_missing_field(validator, signer):
     value = INFO.to_record()
     del value["dtype"]
-    assert not validator.validate(signed(validator, record(value, owner_subkey(peer("a"), signer))))
+    assert not validator.validate(signed(validator, record(value, owner_subkey(peer_id_of(signer._private_key), signer))))
 
 
 @pytest.mark.parametrize("value", [[1, 2], "online", 5, None])
 def test_validators_reject_values_that_are_not_records(validator, signer, value):
-    assert not validator.validate(signed(validator, record(value, owner_subkey(peer("a"), signer))))
+    assert not validator.validate(signed(validator, record(value, owner_subkey(peer_id_of(signer._private_key), signer))))
 
 
 def test_validators_reject_an_unsigned_record(validator, signer):
-    assert not validator.validate(record(INFO.to_record(), owner_subkey(peer("a"), signer)))
+    assert not validator.validate(record(INFO.to_record(), owner_subkey(peer_id_of(signer._private_key), signer)))
 
 
 def test_validators_reject_a_tampered_record(validator, signer):
-    genuine = signed(validator, record(INFO.to_record(), owner_subkey(peer("a"), signer)))
+    genuine = signed(validator, record(INFO.to_record(), owner_subkey(peer_id_of(signer._private_key), signer)))
     forged_value = {**INFO.to_record(), "throughput": 1e6}
     signature = genuine.value[len(MSGPackSerializer.dumps(INFO.to_record())) :]
     forged = dataclasses.replace(genuine, value=MSGPackSerializer.dumps(forged_value) + signature)
@@ -182,7 +183,7 @@ def test_validators_reject_a_record_signed_by_someone_else(signer, other_signer)
     """Mallory cannot write under Alice's subkey: her signature does not match Alice's public key."""
     mallory = CompositeValidator(make_validators(PREFIX, NUM_BLOCKS, other_signer))
     alice = CompositeValidator(make_validators(PREFIX, NUM_BLOCKS, signer))
-    unsigned = record(INFO.to_record(), owner_subkey(peer("a"), signer))
+    unsigned = record(INFO.to_record(), owner_subkey(peer_id_of(signer._private_key), signer))
     assert mallory.sign_value(unsigned) == unsigned.value  # not her key: she cannot sign it
     mallory_signature = RSASignatureValidator.SIGNATURE_FORMAT.replace(
         b"_value_", other_signer._private_key.sign(MSGPackSerializer.dumps(dataclasses.astuple(unsigned)))
@@ -190,6 +191,23 @@ def test_validators_reject_a_record_signed_by_someone_else(signer, other_signer)
     forged = dataclasses.replace(unsigned, value=unsigned.value + mallory_signature)
     assert not alice.validate(forged)
     assert not mallory.validate(forged)
+
+
+def peer_id_of(key: RSAPrivateKey) -> PeerID:
+    """The libp2p peer id that p2pd derives from this identity key."""
+    return PeerID.from_identity(crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=key.to_bytes()).SerializeToString())
+
+
+def test_a_peer_can_announce_under_its_own_peer_id(signer, validator):
+    own = owner_subkey(peer_id_of(signer._private_key), signer)
+    assert validator.validate(signed(validator, record(INFO.to_record(), own)))
+
+
+def test_validators_reject_a_record_under_someone_elses_peer_id(signer, other_signer):
+    alice_id = peer_id_of(signer._private_key)
+    mallory = CompositeValidator(make_validators(PREFIX, NUM_BLOCKS, other_signer))
+    impersonation = signed(mallory, record(INFO.to_record(), owner_subkey(alice_id, other_signer)))
+    assert not CompositeValidator(make_validators(PREFIX, NUM_BLOCKS, signer)).validate(impersonation)
 
 
 def test_validators_reject_a_subkey_without_an_owner_key(validator):

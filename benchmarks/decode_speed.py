@@ -1,0 +1,109 @@
+"""Decode speed: the default model in one process vs the swarm with 1, 2 and 3 peers on loopback.
+
+Greedy, the same chat prompt, 128 new tokens (EOS suppressed). Each swarm size is measured in rounds
+that alternate with the local baseline, so both see the same machine load; medians are reported.
+
+    python benchmarks/decode_speed.py [--tokens 128] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from peers.local import LocalSwarm
+from swarm import DistributedModelForCausalLM
+from swarm.models import DEFAULT_MODEL, open_model
+
+LAYOUTS = {1: ["0:30"], 2: ["0:15", "15:30"], 3: ["0:10", "10:20", "20:30"]}
+
+
+class FirstTokenTimer:
+    """A transformers-style streamer that records when the first new token arrives."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.first: float | None = None
+        self._calls = 0
+
+    def put(self, value) -> None:
+        self._calls += 1
+        if self._calls == 2 and self.first is None:  # the first call carries the prompt
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class Run:
+    tokens_per_s: float  # decode speed: new tokens after the first / their time
+    ttft_s: float
+    total_s: float
+
+
+def timed(generate, prompt: torch.Tensor, tokens: int) -> Run:
+    timer = FirstTokenTimer()
+    output = generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=timer)
+    done = time.perf_counter()
+    assert output.shape[1] == prompt.shape[1] + tokens
+    return Run((tokens - 1) / (done - timer.first), timer.first - timer.started, done - timer.started)
+
+
+def median_run(runs: list[Run]) -> Run:
+    return Run(*(statistics.median(getattr(r, f) for r in runs) for f in ("tokens_per_s", "ttft_s", "total_s")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    checkpoint = open_model(DEFAULT_MODEL)
+    tokenizer = checkpoint.load_tokenizer()
+    local = checkpoint.load_causal_lm(torch.float32)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me about the history of Paris."}],
+        add_generation_prompt=True, return_tensors="pt", return_dict=True,
+    )["input_ids"]
+    timed(local.generate, prompt, 8)  # warm-up
+
+    rows = []
+    for peers, layout in LAYOUTS.items():
+        with LocalSwarm(model=DEFAULT_MODEL) as swarm:
+            started = [swarm.add_peer(blocks, wait=False) for blocks in layout]
+            for peer in started:
+                swarm.wait_online(peer)
+            model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers])
+            try:
+                timed(model.generate, prompt, 8)  # warm-up: route, pings, streams
+                local_runs, swarm_runs = [], []
+                for _ in range(args.rounds):
+                    local_runs.append(timed(local.generate, prompt, args.tokens))
+                    swarm_runs.append(timed(model.generate, prompt, args.tokens))
+            finally:
+                model.shutdown()
+        rows.append((peers, median_run(local_runs), median_run(swarm_runs)))
+        print(f"measured {peers} peer(s)", flush=True)
+
+    print(f"\nDecode speed, {DEFAULT_MODEL} float32, greedy, {args.tokens} new tokens, "
+          f"median of {args.rounds} alternating rounds, {torch.get_num_threads()} torch threads per process\n")
+    header = f"{'setup':<14}{'tokens/s':>10}{'TTFT ms':>10}{'swarm/local':>13}{'ms/token':>10}{'per-hop ms':>12}"
+    print(header)
+    print("-" * len(header))
+    for peers, local_run, swarm_run in rows:
+        local_ms, swarm_ms = 1000 / local_run.tokens_per_s, 1000 / swarm_run.tokens_per_s
+        print(f"{'local':<14}{local_run.tokens_per_s:>10.2f}{local_run.ttft_s * 1000:>10.0f}{'':>13}{local_ms:>10.1f}{'':>12}")
+        ratio = swarm_run.tokens_per_s / local_run.tokens_per_s
+        per_hop = (swarm_ms - local_ms) / peers
+        print(f"{f'swarm {peers} peer(s)':<14}{swarm_run.tokens_per_s:>10.2f}{swarm_run.ttft_s * 1000:>10.0f}"
+              f"{ratio:>12.3f}x{swarm_ms:>10.1f}{per_hop:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
