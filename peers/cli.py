@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from swarm.runtime import prefer_passive_openmp
+
+prefer_passive_openmp()  # before torch is imported
+
 import json
 import logging
 import signal

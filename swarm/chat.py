@@ -6,6 +6,10 @@ not seen yet (the new user message and the template around it), never the whole 
 
 from __future__ import annotations
 
+from swarm.runtime import prefer_passive_openmp
+
+prefer_passive_openmp()  # before torch is imported
+
 import logging
 import sys
 import time

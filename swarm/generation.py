@@ -13,7 +13,6 @@ from typing import Callable, Protocol
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
-    MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -52,10 +51,9 @@ class SamplingConfig:
             raise ValueError("top_p must be in (0, 1]")
 
 
-def logits_processors(cfg: SamplingConfig, prompt_length: int) -> LogitsProcessorList:
+def logits_processors(cfg: SamplingConfig) -> LogitsProcessorList:
+    """transformers' processors for the sampling knobs (min_new_tokens is handled in `decode`)."""
     processors = LogitsProcessorList()
-    if cfg.min_new_tokens > 0 and cfg.eos_token_ids:
-        processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, cfg.min_new_tokens, list(cfg.eos_token_ids)))
     if cfg.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty))
     if cfg.do_sample:
@@ -68,6 +66,7 @@ def logits_processors(cfg: SamplingConfig, prompt_length: int) -> LogitsProcesso
     return processors
 
 
+@torch.inference_mode()
 def decode(
     next_logits: NextLogits,
     input_ids: torch.Tensor,
@@ -79,15 +78,17 @@ def decode(
 
     Rows that produced an end-of-sequence token are padded with `pad_token_id` until all are done.
     """
-    processors = logits_processors(cfg, input_ids.shape[1])
+    processors = logits_processors(cfg)
     sequences = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     eos = torch.tensor(cfg.eos_token_ids, dtype=input_ids.dtype)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     new_ids, new_mask = input_ids, attention_mask
-    for _ in range(cfg.max_new_tokens):
+    for step in range(cfg.max_new_tokens):
         logits = next_logits(new_ids, new_mask).float()  # (batch, vocab)
+        if step < cfg.min_new_tokens and len(eos):
+            logits[:, eos] = -float("inf")  # what MinNewTokensLengthLogitsProcessor does, without a vocab-sized copy
         scores = processors(sequences, logits)
         if cfg.do_sample:
             tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)

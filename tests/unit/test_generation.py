@@ -219,8 +219,8 @@ def test_top_k_one_is_greedy(model, prompt):
 
 
 def test_sampling_knobs_are_ignored_without_do_sample():
-    assert len(logits_processors(SamplingConfig(temperature=0.5, top_k=3, top_p=0.5), prompt_length=4)) == 0
-    assert len(logits_processors(SamplingConfig(do_sample=True, temperature=0.5, top_k=3, top_p=0.5), prompt_length=4)) == 3
+    assert len(logits_processors(SamplingConfig(temperature=0.5, top_k=3, top_p=0.5))) == 0
+    assert len(logits_processors(SamplingConfig(do_sample=True, temperature=0.5, top_k=3, top_p=0.5))) == 3
 
 
 class RecordingStreamer:
