@@ -102,13 +102,20 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
 @click.option("--max-length", default=4096, show_default=True, type=click.IntRange(min=1), help="Longest session accepted, in tokens.")
+@click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(min=1), help="Open sessions served at once.")
+@click.option("--cache-tokens", type=click.IntRange(min=1), help="KV-cache budget in tokens (sessions reserve batch x max length). Default: from free memory.")
+@click.option("--max-cache-gb", type=click.FloatRange(min=0, min_open=True), help="KV-cache budget in GiB, instead of --cache-tokens.")
+@click.option("--session-idle-timeout", default=600.0, show_default=True, type=click.FloatRange(min=1), help="Seconds without a step before a session's cache is freed.")
 @click.option("--public-name", default="", help="A name shown in `swarm-peer status`.")
-def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, public_name) -> None:
+def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, max_sessions,
+         cache_tokens, max_cache_gb, session_idle_timeout, public_name) -> None:
     """Load a span of blocks and serve it until Ctrl+C or SIGTERM."""
     from peers.server import run_peer
 
     if blocks and num_blocks:
         raise click.UsageError("give --blocks or --num-blocks, not both")
+    if cache_tokens and max_cache_gb:
+        raise click.UsageError("give --cache-tokens or --max-cache-gb, not both")
     cfg = PeerConfig(
         model=model,
         initial_peers=tuple(initial_peers_from(initial_peers)),
@@ -120,6 +127,10 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
         device=device,
         dtype=dtype,
         max_length=max_length,
+        cache_tokens=cache_tokens,
+        max_cache_bytes=None if max_cache_gb is None else int(max_cache_gb * 2**30),
+        max_sessions=max_sessions,
+        session_idle_timeout=session_idle_timeout,
         public_name=public_name,
     )
     run_peer(cfg)

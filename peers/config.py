@@ -24,7 +24,10 @@ class PeerConfig:
     device: str = "cpu"
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)
     max_length: int = 4096  # longest session accepted, in tokens
-    cache_tokens: int | None = None  # KV-cache room announced, in tokens (None: derived from memory)
+    cache_tokens: int | None = None  # KV-cache budget in tokens, batch x max_length per session (None: from memory)
+    max_cache_bytes: int | None = None  # KV-cache budget in bytes, converted to tokens for the served blocks
+    max_sessions: int = 64  # open sessions across all clients
+    session_idle_timeout: float = 600.0  # seconds without a step before a session's cache is freed
     public_name: str = ""  # shown by `swarm-peer status`
     cache_dir: Path | None = None  # per-block model cache (None: $EFEDLLM_CACHE or ~/.cache/efedllm)
     refresh_period: float = 20.0  # seconds between DHT re-announcements

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -17,6 +18,7 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
+from peers.memory import release_free_memory
 from swarm import protocol
 from swarm.blocks import BlockSpan, SpanCache, SpanInput
 from swarm.protocol import PeerInfo, ProtocolError, SpanRequest, StepReply, StepRequest
@@ -42,6 +44,8 @@ class HandlerConfig:
     max_length: int  # longest session accepted, in tokens
     max_batch: int = 64  # most sequences in one request
     max_tokens_per_request: int = 8192  # batch x new tokens in one request
+    max_sessions: int = 64  # open sessions across all clients
+    session_idle_timeout: float = 600.0  # seconds without a step before a session's cache is freed
 
 
 @dataclass
@@ -55,10 +59,16 @@ class Session:
     cache: SpanCache
     batch: int | None = None
     padding: torch.Tensor | None = None  # (batch, length) 0/1, only when some row is padded
+    last_used: float = field(default_factory=time.monotonic)
 
     @property
     def length(self) -> int:
         return self.cache.length
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV-cache room this session may grow into: batch x max_length tokens."""
+        return (self.batch or 1) * self.max_length
 
 
 @dataclass
@@ -73,7 +83,7 @@ class BlockHandler(BlockService):
         self.span = span
         self.config = config
         self.throughput = throughput
-        self.cache_tokens = cache_tokens  # the announced budget; enforcement comes with peer limits
+        self.cache_tokens = cache_tokens  # KV-cache budget in tokens (batch x max_length, summed over sessions)
         self.stats = PeerStats()
         self._live: dict[int, dict[str, Session]] = {}  # stream id -> its sessions
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
@@ -81,8 +91,27 @@ class BlockHandler(BlockService):
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def sessions(self) -> list[Session]:
+        return [session for sessions in self._live.values() for session in sessions.values()]
+
+    def reserved_tokens(self) -> int:
+        return sum(session.reserved_tokens for session in self.sessions())
+
+    def expire_idle_sessions(self) -> int:
+        """Free the caches of sessions idle longer than the timeout; their next step gets `unknown_session`."""
+        deadline = time.monotonic() - self.config.session_idle_timeout
+        expired = 0
+        for sessions in self._live.values():
+            for session_id in [sid for sid, s in sessions.items() if s.last_used < deadline]:
+                del sessions[session_id]
+                expired += 1
+        if expired:
+            release_free_memory()
+            logger.info(f"Freed {expired} idle session(s)")
+        return expired
+
     def info(self) -> PeerInfo:
-        used = sum(s.length * (s.batch or 1) for sessions in self._live.values() for s in sessions.values())
+        used = self.reserved_tokens()
         return PeerInfo(
             model=self.config.dht_prefix,
             start=self.span.start,
@@ -91,7 +120,7 @@ class BlockHandler(BlockService):
             throughput=self.throughput,
             max_length=self.config.max_length,
             cache_tokens_left=max(self.cache_tokens - used, 0),
-            sessions=sum(len(s) for s in self._live.values()),
+            sessions=len(self.sessions()),
         )
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
@@ -128,7 +157,9 @@ class BlockHandler(BlockService):
             # The stream is the session's lifetime: closing or losing it frees every cache it opened.
             del self._live[stream_id]
             if sessions:
-                logger.debug(f"Freed {len(sessions)} session(s) of {context.remote_id}")
+                sessions.clear()
+                release_free_memory()
+                logger.debug(f"Freed the sessions of {context.remote_id}")
 
     async def _step(
         self, request: runtime_pb2.ExpertRequest, sessions: dict[str, Session], context: P2PContext
@@ -141,6 +172,8 @@ class BlockHandler(BlockService):
             session = self._session_for(meta, sessions)
             hidden, padding = self._read_tensors(request, expected_length=meta.position)
             self._check_step(session, meta, hidden)
+            self._reserve_cache(session, hidden.shape[0], sessions)
+            session.last_used = time.monotonic()
             if meta.position < session.length:
                 session.cache.crop(meta.position)  # the client rolled back
             padding = self._session_padding(session, meta.position, hidden, padding)
@@ -170,6 +203,8 @@ class BlockHandler(BlockService):
                 raise RequestRejected(
                     "too_long", f"max_length {meta.max_length} exceeds this peer's limit of {self.config.max_length}"
                 )
+            if len(self.sessions()) >= self.config.max_sessions:
+                raise RequestRejected("busy", f"this peer already serves its maximum of {self.config.max_sessions} sessions")
             session = Session(
                 meta.session_id, meta.start, meta.end, meta.max_length, self.span.new_cache(meta.start, meta.end)
             )
@@ -177,6 +212,20 @@ class BlockHandler(BlockService):
         elif (meta.start, meta.end) != (session.start, session.end):
             raise RequestRejected("bad_span", f"session covers blocks {session.start}:{session.end}, not {meta.start}:{meta.end}")
         return session
+
+    def _reserve_cache(self, session: Session, batch: int, sessions: dict[str, Session]) -> None:
+        """Refuse a session's first step if its batch x max_length does not fit the cache budget."""
+        if session.batch is not None:
+            return
+        others = self.reserved_tokens() - session.reserved_tokens
+        if others + batch * session.max_length > self.cache_tokens:
+            sessions.pop(session.session_id, None)
+            raise RequestRejected(
+                "busy",
+                f"no KV-cache room for {batch} x {session.max_length} tokens "
+                f"({max(self.cache_tokens - others, 0)} of {self.cache_tokens} left)",
+            )
+        session.batch = batch
 
     def _check_span(self, start: int, end: int) -> None:
         if not self.span.start <= start < end <= self.span.end:

@@ -66,6 +66,8 @@ def plan_blocks(cfg: PeerConfig, checkpoint: BlockCheckpoint, model_config, dht:
         end = start + count
     if cfg.cache_tokens is not None:
         cache_tokens = cfg.cache_tokens
+    elif cfg.max_cache_bytes is not None:
+        cache_tokens = max(1, cfg.max_cache_bytes // max(per_token * (end - start), 1))
     else:
         room = max(free - block_bytes * (end - start), 0) // 4  # a quarter of what is left after weights
         cache_tokens = max(cfg.max_length, room // max(per_token * (end - start), 1))
@@ -152,6 +154,8 @@ class Peer:
             device=self.cfg.torch_device(),
             hidden_size=self.model_config.hidden_size,
             max_length=self.cfg.max_length,
+            max_sessions=self.cfg.max_sessions,
+            session_idle_timeout=self.cfg.session_idle_timeout,
         )
         self.handler = BlockHandler(span, handler_cfg, throughput, self.plan.cache_tokens)
         p2p: P2P = await self.dht.replicate_p2p()
@@ -163,11 +167,15 @@ class Peer:
                 f"({throughput:.1f} block-steps/s, {self.cfg.torch_dtype()}) at "
                 f"{' '.join(str(a) for a in self.dht.get_visible_maddrs())}"
             )
+            announced = time.monotonic()
             while not stop.is_set():
                 try:
-                    await asyncio.wait_for(stop.wait(), timeout=self.cfg.refresh_period)
+                    await asyncio.wait_for(stop.wait(), timeout=min(5.0, self.cfg.refresh_period))
                 except asyncio.TimeoutError:
-                    await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
+                    self.handler.expire_idle_sessions()
+                    if time.monotonic() - announced >= self.cfg.refresh_period:
+                        await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
+                        announced = time.monotonic()
         finally:
             logger.info("Shutting down: announcing OFFLINE")
             # Same TTL as ONLINE: the DHT keeps whichever record of a subkey expires last.

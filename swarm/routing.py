@@ -17,6 +17,7 @@ from hivemind.p2p import PeerID
 from swarm.records import PeerSpan, ServerState
 
 PING_SMOOTHING = 0.2  # weight of a new ping in the moving average
+NO_ROOM_PENALTY = 10.0  # seconds added to a hop whose peer announced too little KV-cache room
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,11 @@ def missing_blocks(spans: Collection[PeerSpan], start: int, end: int) -> list[in
     return [start + i for i, ok in enumerate(covered) if not ok]
 
 
-def hop_cost(span: PeerSpan, start: int, end: int, latency: float) -> float:
-    return latency + (end - start) / max(span.info.throughput, 1e-9)
+def hop_cost(span: PeerSpan, start: int, end: int, latency: float, needed_tokens: int = 0) -> float:
+    cost = latency + (end - start) / max(span.info.throughput, 1e-9)
+    if span.info.cache_tokens_left < needed_tokens:
+        cost += NO_ROOM_PENALTY  # likely to refuse the session: use it only if nobody else can
+    return cost
 
 
 def find_route(
@@ -52,11 +56,13 @@ def find_route(
     end: int,
     *,
     excluded: Collection[PeerID] = (),
+    needed_tokens: int = 0,
 ) -> list[RouteHop] | None:
     """The cheapest chain of hops covering [start, end), or None if some block is not covered.
 
-    Peers without a measured latency are treated as unreachable. Ties break on peer id, so every
-    client computes the same route from the same snapshot.
+    Peers without a measured latency are treated as unreachable; peers that announced less KV-cache
+    room than `needed_tokens` are used only when there is no other way. Ties break on peer id, so
+    every client computes the same route from the same snapshot.
     """
     candidates = [s for s in usable_spans(spans, excluded) if s.peer_id in latencies]
     candidates.sort(key=lambda s: s.peer_id.to_base58())
@@ -76,7 +82,7 @@ def find_route(
                 continue
             for there in points:
                 if here < there <= min(span.end, end):
-                    new_cost = cost + hop_cost(span, here, there, latencies[span.peer_id])
+                    new_cost = cost + hop_cost(span, here, there, latencies[span.peer_id], needed_tokens)
                     if new_cost < best.get(there, float("inf")) - 1e-12:
                         best[there] = new_cost
                         previous[there] = (here, RouteHop(span.peer_id, here, there))

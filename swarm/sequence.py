@@ -20,6 +20,16 @@ from swarm.routing import RouteHop
 logger = logging.getLogger(__name__)
 
 
+BAN_SECONDS = 15.0  # first ban of a failing peer; doubles on each repeat
+MAX_BAN_SECONDS = 600.0
+
+
+@dataclass
+class Ban:
+    until: float  # time.monotonic() when the ban ends
+    seconds: float  # its length, doubled on the next failure
+
+
 @dataclass
 class PeerLatency:
     rtt: float | None = None  # smoothed round trip, seconds; None: unreachable
@@ -35,6 +45,20 @@ class RemoteSequence:
         self.spans: list[PeerSpan] = []
         self._spans_read_at = 0.0
         self.latencies: dict[PeerID, PeerLatency] = {}
+        self.bans: dict[PeerID, Ban] = {}
+
+    def ban(self, peer_id: PeerID) -> float:
+        """Keep a failing peer out of new routes for a while, longer on each repeat; returns the seconds."""
+        previous = self.bans.get(peer_id)
+        seconds = BAN_SECONDS if previous is None else min(previous.seconds * 2, MAX_BAN_SECONDS)
+        self.bans[peer_id] = Ban(time.monotonic() + seconds, seconds)
+        self.latencies.pop(peer_id, None)  # measure it afresh once the ban ends
+        logger.info(f"Not routing to {peer_id} for {seconds:.0f} s")
+        return seconds
+
+    def banned(self) -> frozenset[PeerID]:
+        now = time.monotonic()
+        return frozenset(peer_id for peer_id, ban in self.bans.items() if ban.until > now)
 
     async def refresh_spans(self, force: bool = False) -> list[PeerSpan]:
         if force or time.monotonic() - self._spans_read_at > self.cfg.spans_ttl:
@@ -63,15 +87,17 @@ class RemoteSequence:
         await asyncio.gather(*(self.ping(peer_id) for peer_id in stale))
         return {s.peer_id: self.latencies[s.peer_id].rtt for s in spans if self.latencies.get(s.peer_id) and self.latencies[s.peer_id].rtt is not None}
 
-    async def make_route(self, start: int = 0, end: int | None = None, excluded: frozenset = frozenset()) -> list[RouteHop]:
+    async def make_route(
+        self, start: int = 0, end: int | None = None, excluded: frozenset = frozenset(), needed_tokens: int = 0
+    ) -> list[RouteHop]:
         """The cheapest route over [start, end); waits up to `missing_blocks_timeout` for missing blocks."""
         end = self.num_blocks if end is None else end
         deadline = time.monotonic() + self.cfg.missing_blocks_timeout
         force, warned = False, None
         while True:
-            spans = routing.usable_spans(await self.refresh_spans(force), excluded)
+            spans = routing.usable_spans(await self.refresh_spans(force), excluded | self.banned())
             latencies = await self.ping_all(spans)
-            route = routing.find_route(spans, latencies, start, end)
+            route = routing.find_route(spans, latencies, start, end, needed_tokens=needed_tokens)
             if route is not None:
                 return route
             reachable = [s for s in spans if s.peer_id in latencies]

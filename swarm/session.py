@@ -1,17 +1,21 @@
 """An inference session over a chain of peers: hidden states stream hop by hop, token by token.
 
-Each hop keeps one open `rpc_inference` stream and its part of the KV cache; the client only tracks
-how many tokens the session holds (`position`).
+Each hop keeps one open `rpc_inference` stream and its part of the KV cache. The client keeps the
+inputs it sent to every hop, so when a peer fails mid-session it is banned for a while, its blocks
+are routed to other peers, and those peers rebuild the KV cache from the replayed inputs before the
+step goes on. The caller sees at most a pause.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from swarm.errors import MissingBlocksError, RemoteError, SwarmConnectionError, SwarmError
 from swarm.protocol import StepRequest
 from swarm.remote import InferenceStream
 from swarm.routing import RouteHop
@@ -19,11 +23,26 @@ from swarm.sequence import RemoteSequence
 
 logger = logging.getLogger(__name__)
 
+MAX_FAILOVERS_PER_STEP = 8
+REOPEN_KINDS = frozenset({"unknown_session", "bad_position"})  # the peer lost our cache (idle timeout, restart)
+
 
 @dataclass
 class _Hop:
     route: RouteHop
     stream: InferenceStream
+    inputs: torch.Tensor | None = None  # (batch, tokens held, hidden): everything sent to this hop so far
+
+
+@dataclass
+class FailoverEvent:
+    """One recovery: who failed, why, and how long the step was held up."""
+
+    peer_id: str
+    blocks: tuple[int, int]
+    reason: str
+    replacement: list[str] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 class InferenceSession:
@@ -32,15 +51,18 @@ class InferenceSession:
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex
         self.position = 0  # tokens every hop holds
+        self.failovers: list[FailoverEvent] = []
         self._hops: list[_Hop] | None = None
         self._padding: torch.Tensor | None = None  # (batch, position) 0/1 mask, only if some row is padded
+        self._needed_tokens = max_length  # KV-cache room each peer must hold for this session
 
     @property
     def route(self) -> list[RouteHop]:
         return [hop.route for hop in self._hops or []]
 
-    async def _open(self) -> None:
-        route = await self.sequence.make_route()
+    async def _open(self, batch: int) -> None:
+        self._needed_tokens = batch * self.max_length
+        route = await self.sequence.make_route(needed_tokens=self._needed_tokens)
         self._hops = [_Hop(hop, InferenceStream(self.sequence.p2p, hop.peer_id)) for hop in route]
         logger.debug("Route: " + " -> ".join(f"{h.peer_id}[{h.start}:{h.end}]" for h in route))
 
@@ -58,21 +80,87 @@ class InferenceSession:
         if position + hidden.shape[1] > self.max_length:
             raise ValueError(f"{position + hidden.shape[1]} tokens exceed the session's max_length {self.max_length}")
         if self._hops is None:
-            await self._open()
+            await self._open(hidden.shape[0])
         mask = self._session_mask(attention_mask, position, hidden)
-        extra = () if mask is None else (mask,)
-        for hop in self._hops:
-            meta = StepRequest(
-                session_id=self.session_id,
-                start=hop.route.start,
-                end=hop.route.end,
-                position=position,
-                max_length=self.max_length,
-            )
-            _, (hidden,) = await hop.stream.step(meta, hidden, *extra, timeout=self.sequence.cfg.request_timeout)
+        index, failures = 0, 0
+        while index < len(self._hops):
+            hop = self._hops[index]
+            try:
+                output = await self._send(hop, hidden, position, mask)
+            except (SwarmConnectionError, RemoteError) as error:
+                failures += 1
+                if failures > MAX_FAILOVERS_PER_STEP:
+                    raise
+                await self._recover(index, error, position, mask)
+                continue  # retry this step on the replacement hop(s) at the same index
+            hop.inputs = _append(hop.inputs, hidden, position)
+            hidden = output
+            index += 1
         self.position = position + hidden.shape[1]
         self._padding = mask
         return hidden
+
+    async def _send(self, hop: _Hop, hidden: torch.Tensor, position: int, mask: torch.Tensor | None) -> torch.Tensor:
+        meta = StepRequest(
+            session_id=self.session_id,
+            start=hop.route.start,
+            end=hop.route.end,
+            position=position,
+            max_length=self.max_length,
+        )
+        extra = () if mask is None else (mask,)
+        _, (output,) = await hop.stream.step(meta, hidden, *extra, timeout=self.sequence.cfg.request_timeout)
+        return output
+
+    async def _recover(self, index: int, error: SwarmError, position: int, mask: torch.Tensor | None) -> None:
+        """Replace hop `index` after `error` (reopen it, or route its blocks elsewhere) and replay its inputs."""
+        failed = self._hops[index]
+        began = time.perf_counter()
+        event = FailoverEvent(str(failed.route.peer_id), (failed.route.start, failed.route.end), _reason(error))
+        await _close_quietly(failed.stream)
+        history = None if failed.inputs is None else failed.inputs[:, :position]
+        reopen = isinstance(error, RemoteError) and error.kind in REOPEN_KINDS
+        if not reopen:
+            self.sequence.ban(failed.route.peer_id)
+        for _ in range(MAX_FAILOVERS_PER_STEP):
+            if reopen:
+                route, reopen = [failed.route], False  # the peer is fine, it only lost our cache: try it once more
+            else:
+                try:
+                    route = await self.sequence.make_route(
+                        failed.route.start, failed.route.end, needed_tokens=self._needed_tokens
+                    )
+                except MissingBlocksError:
+                    raise error from None
+            replacement = [_Hop(hop, InferenceStream(self.sequence.p2p, hop.peer_id)) for hop in route]
+            try:
+                if history is not None and history.shape[1] > 0:
+                    await self._replay(replacement, history, mask)
+                break
+            except (SwarmConnectionError, RemoteError) as replay_error:
+                logger.debug(f"Replay failed: {replay_error}")
+                for hop in replacement:
+                    await _close_quietly(hop.stream)
+                self.sequence.ban(_failed_peer(replay_error, replacement))
+        else:
+            raise error
+        self._hops[index : index + 1] = replacement
+        event.replacement = [str(h.route.peer_id) for h in replacement]
+        event.seconds = time.perf_counter() - began
+        self.failovers.append(event)
+        logger.warning(
+            f"Peer {event.peer_id} failed on blocks {event.blocks[0]}:{event.blocks[1]} ({event.reason}); "
+            f"re-routed to {', '.join(event.replacement)} in {event.seconds:.2f} s"
+        )
+
+    async def _replay(self, hops: list[_Hop], history: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Rebuild the new hops' KV caches from the inputs the failed hop had received."""
+        past_mask = None if mask is None else mask[:, : history.shape[1]]
+        hidden = history
+        for hop in hops:
+            output = await self._send(hop, hidden, 0, past_mask)
+            hop.inputs = hidden
+            hidden = output
 
     def _session_mask(
         self, attention_mask: torch.Tensor | None, position: int, hidden: torch.Tensor
@@ -97,8 +185,32 @@ class InferenceSession:
 
     async def close(self) -> None:
         for hop in self._hops or []:
-            try:
-                await hop.stream.close()
-            except Exception:  # closing is best effort: the peer frees the cache when the stream drops
-                logger.debug(f"Closing the stream to {hop.route.peer_id} failed", exc_info=True)
+            await _close_quietly(hop.stream)
         self._hops = None
+
+
+def _append(inputs: torch.Tensor | None, hidden: torch.Tensor, position: int) -> torch.Tensor:
+    """The hop's input history after a step at `position` (dropping anything rolled back)."""
+    if inputs is None or position == 0:
+        return hidden
+    return torch.cat([inputs[:, :position], hidden], dim=1)
+
+
+def _failed_peer(error: SwarmError, hops: list[_Hop]):
+    """Which of `hops` an error came from (the first hop if it cannot be told)."""
+    text = error.peer if isinstance(error, RemoteError) else str(error)
+    for hop in hops:
+        if str(hop.route.peer_id) in text:
+            return hop.route.peer_id
+    return hops[0].route.peer_id
+
+
+def _reason(error: SwarmError) -> str:
+    return f"{error.kind}: {error.remote_message}" if isinstance(error, RemoteError) else str(error)
+
+
+async def _close_quietly(stream: InferenceStream) -> None:
+    try:
+        await stream.close()
+    except Exception:  # closing is best effort: the peer frees the cache when the stream drops
+        logger.debug(f"Closing the stream to {stream.peer_id} failed", exc_info=True)
