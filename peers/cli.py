@@ -106,9 +106,10 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--cache-tokens", type=click.IntRange(min=1), help="KV-cache budget in tokens (sessions reserve batch x max length). Default: from free memory.")
 @click.option("--max-cache-gb", type=click.FloatRange(min=0, min_open=True), help="KV-cache budget in GiB, instead of --cache-tokens.")
 @click.option("--session-idle-timeout", default=600.0, show_default=True, type=click.FloatRange(min=1), help="Seconds without a step before a session's cache is freed.")
+@click.option("--rebalance-period", default=120.0, show_default=True, type=click.FloatRange(min=0), help="Seconds between checks whether moving would help the swarm (0: never). Peers given --blocks never move.")
 @click.option("--public-name", default="", help="A name shown in `swarm-peer status`.")
 def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, max_sessions,
-         cache_tokens, max_cache_gb, session_idle_timeout, public_name) -> None:
+         cache_tokens, max_cache_gb, session_idle_timeout, rebalance_period, public_name) -> None:
     """Load a span of blocks and serve it until Ctrl+C or SIGTERM."""
     from peers.server import run_peer
 
@@ -131,6 +132,7 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
         max_cache_bytes=None if max_cache_gb is None else int(max_cache_gb * 2**30),
         max_sessions=max_sessions,
         session_idle_timeout=session_idle_timeout,
+        rebalance_period=rebalance_period,
         public_name=public_name,
     )
     run_peer(cfg)

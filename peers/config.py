@@ -31,6 +31,8 @@ class PeerConfig:
     public_name: str = ""  # shown by `swarm-peer status`
     cache_dir: Path | None = None  # per-block model cache (None: $EFEDLLM_CACHE or ~/.cache/efedllm)
     refresh_period: float = 20.0  # seconds between DHT re-announcements
+    rebalance_period: float = 120.0  # seconds between checks whether to move (0: never; pinned --blocks never move)
+    drain_timeout: float = 60.0  # when moving, how long to let running sessions finish
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

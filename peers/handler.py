@@ -85,6 +85,7 @@ class BlockHandler(BlockService):
         self.throughput = throughput
         self.cache_tokens = cache_tokens  # KV-cache budget in tokens (batch x max_length, summed over sessions)
         self.stats = PeerStats()
+        self.draining = False  # while moving to other blocks: no new sessions
         self._live: dict[int, dict[str, Session]] = {}  # stream id -> its sessions
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
 
@@ -110,6 +111,13 @@ class BlockHandler(BlockService):
             logger.info(f"Freed {expired} idle session(s)")
         return expired
 
+    def replace_span(self, span: BlockSpan, throughput: float) -> None:
+        """Serve other blocks: drop every session (their clients re-route and replay), then swap."""
+        for sessions in self._live.values():
+            sessions.clear()
+        self.span, self.throughput = span, throughput
+        release_free_memory()
+
     def info(self) -> PeerInfo:
         used = self.reserved_tokens()
         return PeerInfo(
@@ -131,6 +139,8 @@ class BlockHandler(BlockService):
     ) -> runtime_pb2.ExpertResponse:
         try:
             meta = protocol.unpack(request.metadata, SpanRequest)
+            if self.draining:
+                raise RequestRejected("busy", "this peer is moving to other blocks; try another peer")
             self._check_span(meta.start, meta.end)
             hidden, padding = self._read_tensors(request, expected_length=None)
             span_input = SpanInput(attention_mask=padding, start_position=0)
@@ -203,6 +213,8 @@ class BlockHandler(BlockService):
                 raise RequestRejected(
                     "too_long", f"max_length {meta.max_length} exceeds this peer's limit of {self.config.max_length}"
                 )
+            if self.draining:
+                raise RequestRejected("busy", "this peer is moving to other blocks; try another peer")
             if len(self.sessions()) >= self.config.max_sessions:
                 raise RequestRejected("busy", f"this peer already serves its maximum of {self.config.max_sessions} sessions")
             session = Session(

@@ -35,3 +35,32 @@ def choose_num_blocks(block_bytes: int, cache_bytes_per_block: int, available_by
     """How many blocks fit in `available_bytes` with room for their KV cache (at least one)."""
     per_block = max(block_bytes + cache_bytes_per_block, 1)
     return max(1, min(num_blocks, available_bytes // per_block))
+
+
+REBALANCE_MARGIN = 1 / 0.75  # move only if the swarm's weakest block gets this much faster (hysteresis)
+
+
+def rebalance_target(
+    spans: Collection[PeerSpan], peer_id, num_blocks: int, margin: float = REBALANCE_MARGIN
+) -> int | None:
+    """Where this peer should move its span to, or None to stay.
+
+    Moving is worth it when it leaves fewer blocks uncovered, or, at equal coverage, when it makes the
+    weakest block at least `margin` times faster. The margin keeps peers from oscillating.
+    """
+    mine = next((s for s in spans if s.peer_id == peer_id and s.info.state != ServerState.OFFLINE), None)
+    if mine is None:
+        return None
+    others = [s for s in spans if s.peer_id != peer_id]
+    length = mine.end - mine.start
+    target = choose_span_start(others, num_blocks, length)
+    if target == mine.start:
+        return None
+    current = block_throughputs(spans, num_blocks)
+    moved = block_throughputs(others, num_blocks)
+    for block in range(target, target + length):
+        moved[block] += mine.info.throughput
+    current_gaps, moved_gaps = current.count(0.0), moved.count(0.0)
+    if moved_gaps != current_gaps:
+        return target if moved_gaps < current_gaps else None
+    return target if min(moved) > margin * min(current) else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 import swarm
 from peers.config import PeerConfig, parse_block_range
 from peers.handler import BlockHandler, HandlerConfig
-from peers.selection import choose_num_blocks, choose_span_start
+from peers.selection import choose_num_blocks, choose_span_start, rebalance_target
 from swarm import records
 from swarm.blocks import BlockSpan, SpanInput
 from swarm.models import BlockCheckpoint, open_model
@@ -167,12 +168,17 @@ class Peer:
                 f"({throughput:.1f} block-steps/s, {self.cfg.torch_dtype()}) at "
                 f"{' '.join(str(a) for a in self.dht.get_visible_maddrs())}"
             )
-            announced = time.monotonic()
+            announced = checked = time.monotonic()
+            rebalances = self.cfg.blocks is None and self.cfg.rebalance_period > 0
+            next_check = self._jittered(self.cfg.rebalance_period)
             while not stop.is_set():
                 try:
-                    await asyncio.wait_for(stop.wait(), timeout=min(5.0, self.cfg.refresh_period))
+                    await asyncio.wait_for(stop.wait(), timeout=min(5.0, self.cfg.refresh_period, next_check))
                 except asyncio.TimeoutError:
                     self.handler.expire_idle_sessions()
+                    if rebalances and time.monotonic() - checked >= next_check:
+                        await self.maybe_move(stop)
+                        checked, next_check = time.monotonic(), self._jittered(self.cfg.rebalance_period)
                     if time.monotonic() - announced >= self.cfg.refresh_period:
                         await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
                         announced = time.monotonic()
@@ -182,6 +188,36 @@ class Peer:
             await loop.run_in_executor(None, self.announce, ServerState.OFFLINE)
             await self.handler.remove_p2p_handlers(p2p)
             self.handler.shutdown()
+
+    @staticmethod
+    def _jittered(period: float) -> float:
+        """Checks at random offsets, so peers that joined together do not all move at once."""
+        return period * random.uniform(0.75, 1.25) if period > 0 else float("inf")
+
+    async def maybe_move(self, stop: asyncio.Event) -> None:
+        """Move to the blocks the swarm needs most, if that helps by a clear margin (peers.selection)."""
+        loop = asyncio.get_running_loop()
+        spans = await loop.run_in_executor(None, records.read_spans, self.dht, self.checkpoint.dht_prefix, self.checkpoint.num_blocks)
+        target = rebalance_target(spans, self.dht.peer_id, self.checkpoint.num_blocks)
+        if target is None or stop.is_set():
+            return
+        old = self.plan
+        new = Plan(target, target + (old.end - old.start), old.cache_tokens)
+        logger.info(f"Moving from blocks {old.start}:{old.end} to {new.start}:{new.end}: the swarm needs them more")
+        self.handler.draining = True
+        deadline = time.monotonic() + self.cfg.drain_timeout
+        while self.handler.sessions() and time.monotonic() < deadline and not stop.is_set():
+            await asyncio.sleep(0.5)
+        await loop.run_in_executor(None, self.announce, ServerState.OFFLINE)
+        self.plan = new
+        self.handler.span.release()  # free the old blocks before loading the new ones
+        span = await loop.run_in_executor(None, load_span, self.checkpoint, self.model_config, new.start, new.end, self.cfg)
+        throughput = measure_throughput(span, self.model_config.hidden_size, self.cfg)
+        self.handler.replace_span(span, throughput)
+        self.handler.draining = False
+        await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
+        logger.info(f"ONLINE: serving blocks {new.start}:{new.end} of {self.name} as {self.dht.peer_id} "
+                    f"({throughput:.1f} block-steps/s) after moving")
 
     def shutdown(self) -> None:
         self.dht.shutdown()

@@ -129,6 +129,10 @@ class BlockSpan(nn.Module):
             if missing or unexpected:
                 raise ValueError(f"block {self.start + local_idx}: missing {missing}, unexpected {unexpected}")
 
+    def release(self) -> None:
+        """Drop the weights (the span can no longer compute)."""
+        self.layers = nn.ModuleList()
+
     def new_cache(self, start: int | None = None, end: int | None = None) -> SpanCache:
         """An empty cache for blocks [start, end) of this span (global indices; default: all)."""
         start, end = self._bounds(start, end)

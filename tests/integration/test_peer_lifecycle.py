@@ -71,3 +71,24 @@ def test_sigterm_announces_offline_and_exits(partial_swarm):
     assert "announcing OFFLINE" in leaving.log()
     states = [p["state"] for p in status(partial_swarm)["peers"] if p["start"] == 25]
     assert states == ["offline"]
+
+
+def test_a_peer_moves_to_blocks_nobody_serves(local_model, chat_ids):
+    with LocalSwarm() as swarm:
+        mover = swarm.add_peer(None, "--num-blocks", "10", "--rebalance-period", "3", name="mover")
+        assert "blocks 0:10" in mover.log()
+        swarm.add_peer("0:10", name="pinned-0")
+        swarm.add_peer("20:30", name="pinned-20")
+        deadline = time.monotonic() + 120
+        while "after moving" not in mover.log() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert "Moving from blocks 0:10 to 10:20" in mover.log()
+        report = status(swarm)
+        online = sorted((p["start"], p["end"]) for p in report["peers"] if p["state"] == "online")
+        assert online == [(0, 10), (10, 20), (20, 30)] and report["missing_blocks"] == []
+        model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", [swarm.initial_peers])
+        try:
+            produced = model.generate(chat_ids, max_new_tokens=16)
+        finally:
+            model.shutdown()
+        assert produced.tolist() == local_model.generate(chat_ids, max_new_tokens=16, do_sample=False).tolist()

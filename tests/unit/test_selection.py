@@ -7,7 +7,7 @@ import hashlib
 import pytest
 from hivemind.p2p import PeerID
 
-from peers.selection import block_throughputs, choose_num_blocks, choose_span_start
+from peers.selection import block_throughputs, choose_num_blocks, choose_span_start, rebalance_target
 from swarm.records import PeerSpan, ServerInfo, ServerState
 
 
@@ -85,3 +85,40 @@ def test_choose_num_blocks():
     assert choose_num_blocks(block_bytes=100, cache_bytes_per_block=50, available_bytes=10**9, num_blocks=30) == 30
     assert choose_num_blocks(block_bytes=100, cache_bytes_per_block=50, available_bytes=10, num_blocks=30) == 1
     assert choose_num_blocks(block_bytes=0, cache_bytes_per_block=0, available_bytes=5, num_blocks=30) == 5
+
+
+# --- rebalancing ---
+
+def peer(name: str) -> PeerID:
+    return span(name, 0, 1).peer_id
+
+
+def _span(name: str, start: int, end: int, throughput: float = 10.0, state: ServerState = ServerState.ONLINE):
+    return span(name, start, end, throughput, state)
+
+
+def test_a_duplicate_peer_moves_to_cover_a_gap():
+    spans = [_span("a", 0, 10), _span("b", 0, 10), _span("c", 20, 30)]
+    assert rebalance_target(spans, peer("b"), 30) == 10
+
+
+def test_a_peer_never_moves_if_that_opens_a_gap():
+    spans = [_span("a", 0, 10), _span("b", 10, 20), _span("c", 20, 30), _span("d", 20, 30)]
+    assert rebalance_target(spans, peer("b"), 30) is None
+
+
+def test_small_gains_do_not_move_a_peer():
+    # Moving c would lift the weakest block from 10 to 12: under the margin, so it stays.
+    spans = [_span("a", 0, 10, 10.0), _span("b", 10, 20, 10.0), _span("c", 10, 20, 2.0), _span("d", 0, 10, 2.0)]
+    assert rebalance_target(spans, peer("c"), 20) is None
+
+
+def test_a_large_gain_moves_a_peer():
+    spans = [_span("a", 0, 10, 1.0), _span("b", 10, 20, 10.0), _span("c", 10, 20, 10.0)]
+    assert rebalance_target(spans, peer("c"), 20) == 0
+
+
+def test_offline_or_unknown_peers_do_not_move():
+    spans = [_span("a", 0, 10), _span("b", 0, 10, state=ServerState.OFFLINE)]
+    assert rebalance_target(spans, peer("b"), 20) is None
+    assert rebalance_target(spans, peer("zzz"), 20) is None
