@@ -207,17 +207,21 @@ def read_spans(dht: DHT, dht_prefix: str, num_blocks: int) -> list[PeerSpan]:
 
 
 def spans_from_records(values) -> list[PeerSpan]:
-    """Parse per-block DHT values ({subkey: ValueWithExpiration}) into one span per peer."""
-    by_peer: dict[PeerID, ServerInfo] = {}
+    """Parse per-block DHT values ({subkey: ValueWithExpiration}) into one span per peer.
+
+    A peer that moved has records under its old and new blocks; its latest announcement wins.
+    """
+    latest: dict[PeerID, tuple[float, ServerInfo]] = {}
     for value in values:
         if not isinstance(value, dict):
             continue
         for subkey, entry in value.items():
             peer_id = _peer_id_from_subkey(subkey)
-            if peer_id is None or peer_id in by_peer:
+            if peer_id is None or (peer_id in latest and latest[peer_id][0] >= entry.expiration_time):
                 continue
             try:
-                by_peer[peer_id] = ServerInfo.from_record(entry.value)
+                latest[peer_id] = (entry.expiration_time, ServerInfo.from_record(entry.value))
             except (pydantic_v1.ValidationError, ValueError, TypeError):
                 logger.debug(f"Skipping a malformed record from {peer_id}")
-    return [PeerSpan(peer_id, info) for peer_id, info in sorted(by_peer.items(), key=lambda kv: kv[0].to_base58())]
+    by_id = sorted(latest.items(), key=lambda item: item[0].to_base58())
+    return [PeerSpan(peer_id, info) for peer_id, (_, info) in by_id]

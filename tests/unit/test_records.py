@@ -271,3 +271,16 @@ def test_a_malformed_first_record_does_not_hide_a_later_good_one(signer):
 def test_spans_from_records_of_nothing():
     assert spans_from_records([]) == []
     assert spans_from_records([None, None]) == []
+
+
+def test_a_moved_peer_is_shown_by_its_latest_announcement(signer):
+    subkey = owner_subkey(peer("mover"), signer)
+    old = ServerInfo(ServerState.OFFLINE, 0, 10, 5.0, "float32")
+    new = ServerInfo(ServerState.ONLINE, 10, 20, 5.0, "float32")
+    values = [
+        {subkey: ValueWithExpiration(old.to_record(), get_dht_time() + 50)},  # block 0, announced earlier
+        {subkey: ValueWithExpiration(new.to_record(), get_dht_time() + 60)},  # block 10, announced later
+    ]
+    for ordering in (values, values[::-1]):
+        [span] = spans_from_records(ordering)
+        assert (span.start, span.end, span.info.state) == (10, 20, ServerState.ONLINE)
