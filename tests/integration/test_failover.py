@@ -74,6 +74,9 @@ def test_concurrent_sessions_match_solo_runs(client, tokenizer):
                                              return_tensors="pt", return_dict=True)["input_ids"] for p in prompts]
     solo = [client.generate(ids, max_new_tokens=12).tolist() for ids in encoded]
     together: list = [None] * len(encoded)
+    # A stuck client: it opens a session on every peer of the route, then never sends another step.
+    stuck = client.inference_session(max_length=64)
+    stuck.step(client.head.embed(encoded[0]))
 
     def run(i: int) -> None:
         together[i] = client.generate(encoded[i], max_new_tokens=12).tolist()
@@ -83,6 +86,7 @@ def test_concurrent_sessions_match_solo_runs(client, tokenizer):
         thread.start()
     for thread in threads:
         thread.join(timeout=300)
+    stuck.close()
     assert together == solo
 
 
@@ -175,6 +179,8 @@ def test_peer_memory_returns_to_idle_after_sessions_end(limited_swarm):
     finally:
         model.shutdown()
     kv_bytes = 3 * 30 * 2 * 600 * 2 * 3 * 64 * 4  # sessions x blocks x batch x tokens x (k, v) x heads x dim x fp32
+    print(f"peer RSS: idle {idle / 2**20:.0f} MiB, with 3 sessions {busy / 2**20:.0f} MiB "
+          f"(KV caches {kv_bytes / 2**20:.0f} MiB), after they ended {after / 2**20:.0f} MiB")
     assert busy - idle > 0.8 * kv_bytes
     assert info.sessions == 0
     assert after - idle < 0.25 * (busy - idle)
