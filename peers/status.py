@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from swarm import records, routing
 from swarm.errors import format_block_spans
 from swarm.models import open_model
-from swarm.network import create_dht, load_identity, signer_for
+from swarm.network import create_client_dht
 from swarm.remote import call_info
 
 
@@ -44,10 +44,7 @@ class StatusReport:
 
 def collect_status(model: str, initial_peers: list[str]) -> StatusReport:
     checkpoint = open_model(model)
-    identity = load_identity(None)
-    validators = records.make_validators(checkpoint.dht_prefix, checkpoint.num_blocks, signer_for(identity))
-    dht = create_dht(initial_peers=initial_peers, validators=validators, client_mode=True)
-    identity.path.unlink(missing_ok=True)
+    dht = create_client_dht(initial_peers, checkpoint.dht_prefix, checkpoint.num_blocks)
     try:
         spans = records.read_spans(dht, checkpoint.dht_prefix, checkpoint.num_blocks)
 

@@ -10,12 +10,11 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from swarm import records
 from swarm.config import ClientConfig
 from swarm.generation import SamplingConfig, Streamer, decode
 from swarm.loop import BackgroundLoop
 from swarm.models import BlockCheckpoint, open_model
-from swarm.network import create_dht, load_identity, signer_for, split_multiaddrs
+from swarm.network import create_client_dht, split_multiaddrs
 from swarm.remote import call_forward
 from swarm.sequence import RemoteSequence
 from swarm.session import InferenceSession
@@ -98,12 +97,7 @@ class DistributedModelForCausalLM:
         self.head = ClientHead(checkpoint, self.config, dtype)
         self.eos_token_ids = self._default_eos_ids()
         self.loop = BackgroundLoop()
-        identity = load_identity(None)
-        validators = records.make_validators(checkpoint.dht_prefix, checkpoint.num_blocks, signer_for(identity))
-        try:
-            self.dht = create_dht(initial_peers=cfg.initial_peers, validators=validators, client_mode=True)
-        finally:
-            identity.path.unlink(missing_ok=True)
+        self.dht = create_client_dht(cfg.initial_peers, checkpoint.dht_prefix, checkpoint.num_blocks)
         p2p = self.loop.run(self.dht.replicate_p2p())
         self.sequence = RemoteSequence(
             self.dht, p2p, checkpoint.dht_prefix, checkpoint.manifest.name, checkpoint.num_blocks, cfg

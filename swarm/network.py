@@ -132,3 +132,15 @@ def create_dht(
 
 def signer_for(identity: Identity) -> RSASignatureValidator:
     return RSASignatureValidator(identity.private_key)
+
+
+def create_client_dht(initial_peers: Sequence[str], dht_prefix: str, num_blocks: int) -> DHT:
+    """A client-mode DHT node (stores nothing for others) that checks this model's records."""
+    from swarm.records import make_validators  # records builds on this module's primitives
+
+    identity = load_identity(None)
+    try:
+        validators = make_validators(dht_prefix, num_blocks, signer_for(identity))
+        return create_dht(initial_peers=initial_peers, validators=validators, client_mode=True)
+    finally:
+        identity.path.unlink(missing_ok=True)

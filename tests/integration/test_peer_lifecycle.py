@@ -26,13 +26,15 @@ def status(swarm: LocalSwarm) -> dict:
 
 @pytest.fixture(scope="module")
 def partial_swarm():
+    """A peer pinned to 0:20, then one that chooses 5 blocks itself (blocks 25-29 stay uncovered)."""
     with LocalSwarm() as swarm:
         swarm.add_peer("0:20", "--public-name", "fixed")
+        swarm.add_peer(None, "--num-blocks", "5", "--rebalance-period", "0", name="chooser")
         yield swarm
 
 
 def test_joining_peer_takes_the_least_served_blocks(partial_swarm):
-    chooser = partial_swarm.add_peer(None, "--num-blocks", "5", name="chooser")
+    chooser = next(p for p in partial_swarm.processes if p.name == "chooser")
     assert "blocks 20:25" in chooser.log()
     report = status(partial_swarm)
     spans = sorted((p["start"], p["end"], p["state"]) for p in report["peers"])
