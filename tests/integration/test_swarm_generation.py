@@ -97,3 +97,17 @@ def test_swarm_chat_prompt_answers_with_paris(swarm3, local_model, tokenizer, ch
     expected_text = tokenizer.decode(expected[0, chat_ids.shape[1]:], skip_special_tokens=True).strip()
     assert result.stdout.strip() == expected_text == "The capital of France is Paris."
     assert "route:" in result.stderr and "tokens/s" in result.stderr
+
+
+def test_swarm_chat_repl_commands_and_history(swarm3):
+    script = "What is the capital of France?\n/route\n/stats\nAnd of Germany?\n/reset\n/nonsense\n/exit\n"
+    result = subprocess.run([sys.executable, "-m", "swarm.chat", "--max-new-tokens", "24"], input=script,
+                            env=swarm3.env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "The capital of France is Paris." in out
+    assert "The capital of Germany is Berlin." in out  # the second turn saw the first one
+    assert out.count("blocks ") == 3 and "rtt" in out  # /route: three hops with their round trips
+    assert "tokens/s" in out and "time to first token" in out  # /stats
+    assert "(conversation cleared)" in out and "unknown command /nonsense" in out
+    assert "Traceback" not in result.stderr
