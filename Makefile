@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m
 PYTEST_ARGS ?=
 
-.PHONY: install model demo test test-fast bench clean
+.PHONY: install model demo lint test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,10 @@ model: $(STAMP)
 demo: model
 	$(PY) examples/local_swarm.py
 
-test: model
+lint: $(STAMP)
+	$(VENV)/bin/ruff check swarm peers reputation benchmarks examples tests
+
+test: model lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: model
