@@ -31,7 +31,22 @@ REOPEN_KINDS = frozenset({"unknown_session", "bad_position"})  # the peer lost o
 class _Hop:
     route: RouteHop
     stream: InferenceStream
-    inputs: torch.Tensor | None = None  # (batch, tokens held, hidden): everything sent to this hop so far
+    chunks: list[torch.Tensor] = field(default_factory=list)  # every input sent so far, (batch, new, hidden) each
+    held: int = 0  # tokens those chunks hold
+
+    def record(self, hidden: torch.Tensor, position: int) -> None:
+        """Remember a step's input (appending is O(1); a rollback trims the history first)."""
+        if position < self.held:
+            kept = self.history(position)
+            self.chunks = [] if kept is None else [kept]
+        self.chunks.append(hidden)
+        self.held = position + hidden.shape[1]
+
+    def history(self, length: int) -> torch.Tensor | None:
+        """The first `length` tokens of input this hop received, or None."""
+        if length == 0 or not self.chunks:
+            return None
+        return torch.cat(self.chunks, dim=1)[:, :length]
 
 
 @dataclass
@@ -93,7 +108,7 @@ class InferenceSession:
                     raise
                 await self._recover(index, error, position, mask)
                 continue  # retry this step on the replacement hop(s) at the same index
-            hop.inputs = _append(hop.inputs, hidden, position)
+            hop.record(hidden, position)
             hidden = output
             index += 1
         self.position = position + hidden.shape[1]
@@ -118,7 +133,7 @@ class InferenceSession:
         began = time.perf_counter()
         event = FailoverEvent(str(failed.route.peer_id), (failed.route.start, failed.route.end), _reason(error))
         await _close_quietly(failed.stream)
-        history = None if failed.inputs is None else failed.inputs[:, :position]
+        history = failed.history(position)
         reopen = isinstance(error, RemoteError) and error.kind in REOPEN_KINDS
         if not reopen:
             self.sequence.ban(failed.route.peer_id)
@@ -159,7 +174,7 @@ class InferenceSession:
         hidden = history
         for hop in hops:
             output = await self._send(hop, hidden, 0, past_mask)
-            hop.inputs = hidden
+            hop.record(hidden, 0)
             hidden = output
 
     def _session_mask(
@@ -187,13 +202,6 @@ class InferenceSession:
         for hop in self._hops or []:
             await _close_quietly(hop.stream)
         self._hops = None
-
-
-def _append(inputs: torch.Tensor | None, hidden: torch.Tensor, position: int) -> torch.Tensor:
-    """The hop's input history after a step at `position` (dropping anything rolled back)."""
-    if inputs is None or position == 0:
-        return hidden
-    return torch.cat([inputs[:, :position], hidden], dim=1)
 
 
 def _failed_peer(error: SwarmError, hops: list[_Hop]):
