@@ -94,3 +94,16 @@ def test_a_peer_moves_to_blocks_nobody_serves(local_model, chat_ids):
         finally:
             model.shutdown()
         assert produced.tolist() == local_model.generate(chat_ids, max_new_tokens=16, do_sample=False).tolist()
+
+
+def test_a_bfloat16_peer_serves_a_float32_client(chat_ids, tokenizer):
+    with LocalSwarm() as swarm:
+        peer = swarm.add_peer("0:30", "--dtype", "bfloat16")
+        assert "torch.bfloat16" in peer.log()
+        model = DistributedModelForCausalLM.from_pretrained("smollm2-135m", [swarm.initial_peers])
+        try:
+            produced = model.generate(chat_ids, max_new_tokens=16)
+            assert model.loop.run(model.sequence.refresh_spans(force=True))[0].info.dtype == "bfloat16"
+        finally:
+            model.shutdown()
+    assert tokenizer.decode(produced[0, chat_ids.shape[1]:], skip_special_tokens=True) == "The capital of France is Paris."
