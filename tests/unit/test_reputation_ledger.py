@@ -1,0 +1,59 @@
+"""Ledger: credit for countersigned work weighted by trust, vesting, forfeiture, sorted standings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hivemind.utils.crypto import RSAPrivateKey
+
+from reputation.attest import Countersigned, Receipt
+from reputation.ledger import Ledger, credit, credit_receipts, forfeit, standings, trust_weight, vest, work_units
+from swarm.records import peer_id_of_public_key
+
+
+def _peer(key: RSAPrivateKey) -> str:
+    return peer_id_of_public_key(key.get_public_key().to_bytes()).to_base58()
+
+
+@pytest.fixture(scope="module")
+def keys() -> tuple[RSAPrivateKey, RSAPrivateKey]:
+    return RSAPrivateKey(), RSAPrivateKey()
+
+
+def _receipt(server: RSAPrivateKey, step: int, tokens: int = 8, blocks: int = 4) -> Receipt:
+    return Receipt("s", step, "m", 2, 2 + blocks, tokens, "bfloat16", "none", "i", "o", _peer(server), 0.0).sign(server)
+
+
+def test_work_units_and_trust_weight(keys) -> None:
+    assert work_units(_receipt(keys[0], 0, tokens=8, blocks=4)) == 32.0
+    assert trust_weight(2.0) == 1.0 and trust_weight(0.25) == 0.25 and trust_weight(-1.0) == 0.0
+
+
+def test_countersigned_receipts_are_credited_once_by_trust(keys) -> None:
+    server, client = keys
+    sid, cid = _peer(server), _peer(client)
+    good = [Countersigned.make(_receipt(server, step), cid, client) for step in range(3)]
+    forged = dataclasses.replace(Countersigned.make(_receipt(server, 9), cid, client), signature=b"AAAA")
+    self_signed = Countersigned.make(_receipt(server, 10), sid, server)  # a server cannot vouch for itself
+    ledger = credit_receipts(Ledger(), [*good, good[0], forged, self_signed], {sid: 0.5}, now=0.0, vesting_s=10.0)
+    assert standings(ledger)[0].pending == pytest.approx(3 * 32 * 0.5)
+    again = credit_receipts(ledger, good, {sid: 0.5}, now=1.0, vesting_s=10.0)
+    assert standings(again) == standings(ledger)  # replayed receipts earn nothing
+
+
+def test_vesting_and_forfeiture() -> None:
+    ledger = credit(Ledger(), {"a": 10.0, "b": 5.0}, now=0.0, vesting_s=10.0)
+    ledger = credit(ledger, {"a": 1.0, "b": 2.0}, now=5.0, vesting_s=10.0)
+    ledger = vest(ledger, now=10.0)
+    assert {s.peer: (s.vested, s.pending) for s in standings(ledger)} == {"a": (10.0, 1.0), "b": (5.0, 2.0)}
+    banned = forfeit(ledger, "b")
+    assert banned.forfeited == 2.0 and banned.accounts["b"].vested == 5.0 and ledger.accounts["b"].pending
+    assert vest(banned, now=100.0).accounts["b"].vested == 5.0
+    assert forfeit(banned, "nobody") is banned
+
+
+def test_standings_sorted_deterministically() -> None:
+    ledger = credit(Ledger(), {"c": 1.0}, 0.0, 0.0)
+    ledger = vest(credit(ledger, {"b": 3.0, "a": 3.0, "d": 0.0}, 0.0, 0.0), 0.0)
+    assert [s.peer for s in standings(ledger)] == ["a", "b", "c"]
