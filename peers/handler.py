@@ -73,9 +73,7 @@ class Session:
 
 @dataclass
 class PeerStats:
-    sessions: int = 0
-    tokens_served: int = 0
-    cache_tokens: int = 0
+    tokens_served: int = 0  # batch x tokens computed, over all requests
 
 
 class BlockHandler(BlockService):
