@@ -23,6 +23,15 @@ from swarm.network import initial_peers_from
 logger = logging.getLogger(__name__)
 
 INITIAL_PEERS_HELP = "Multiaddrs of peers in the swarm (repeat, or comma/space-separated). Default: $SWARM_INITIAL_PEERS."
+TRUSTED_HELP = "Peer ids of pre-trusted seeds, e.g. the bootstrap operators (repeat, or comma-separated). Default: $SWARM_TRUSTED_PEERS."
+
+
+def trusted_peers_from(values: tuple[str, ...]) -> tuple[str, ...]:
+    """--trusted-peers values, else $SWARM_TRUSTED_PEERS; comma or space separated."""
+    import os
+
+    text = " ".join(values) if values else os.environ.get("SWARM_TRUSTED_PEERS", "")
+    return tuple(part for part in text.replace(",", " ").split() if part)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -108,8 +117,13 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--session-idle-timeout", default=600.0, show_default=True, type=click.FloatRange(min=1), help="Seconds without a step before a session's cache is freed.")
 @click.option("--rebalance-period", default=120.0, show_default=True, type=click.FloatRange(min=0), help="Seconds between checks whether moving would help the swarm (0: never). Peers given --blocks never move.")
 @click.option("--public-name", default="", help="A name shown in `swarm-peer status`.")
+@click.option("--trusted-peers", multiple=True, help=TRUSTED_HELP)
+@click.option("--gossip-period", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between exchanges of attestations with other peers.")
+@click.option("--adversary", hidden=True, help="Misbehave on purpose, for tests: random, skip, noise, cheap-quant, cheat:Q, collude.")
+@click.option("--fellows", hidden=True, default="", help="Comma-separated peer ids a colluding adversary vouches for.")
 def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, max_sessions,
-         cache_tokens, max_cache_gb, session_idle_timeout, rebalance_period, public_name) -> None:
+         cache_tokens, max_cache_gb, session_idle_timeout, rebalance_period, public_name, trusted_peers, gossip_period,
+         adversary, fellows) -> None:
     """Load a span of blocks and serve it until Ctrl+C or SIGTERM."""
     from peers.server import run_peer
 
@@ -134,7 +148,12 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
         session_idle_timeout=session_idle_timeout,
         rebalance_period=rebalance_period,
         public_name=public_name,
+        trusted_peers=trusted_peers_from(trusted_peers),
+        gossip_period=gossip_period,
+        adversary_mode=adversary,
+        fellows=tuple(f for f in fellows.replace(",", " ").split() if f),
     )
+    cfg.adversary()  # a bad --adversary fails here, before the model loads
     run_peer(cfg)
 
 
@@ -151,13 +170,30 @@ def fetch(model: str) -> None:
 @main.command(cls=SwarmCommand)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, Hugging Face repo id or local path.")
 @click.option("--initial-peers", multiple=True, help=INITIAL_PEERS_HELP)
+@click.option("--trusted-peers", multiple=True, help=TRUSTED_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(model: str, initial_peers: tuple[str, ...], as_json: bool) -> None:
-    """Show which peers serve which blocks, their state, throughput and round-trip time."""
+def status(model: str, initial_peers: tuple[str, ...], trusted_peers: tuple[str, ...], as_json: bool) -> None:
+    """Show which peers serve which blocks: state, throughput, round-trip time and trust."""
     from peers.status import collect_status, render_table
 
-    report = collect_status(model, initial_peers_from(initial_peers))
+    report = collect_status(model, initial_peers_from(initial_peers), trusted_peers_from(trusted_peers))
     click.echo(json.dumps(report.to_json(), indent=2) if as_json else render_table(report))
+
+
+@main.command(cls=SwarmCommand)
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, Hugging Face repo id or local path.")
+@click.option("--initial-peers", multiple=True, help=INITIAL_PEERS_HELP)
+@click.option("--trusted-peers", multiple=True, help=TRUSTED_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def rewards(model: str, initial_peers: tuple[str, ...], trusted_peers: tuple[str, ...], as_json: bool) -> None:
+    """Show the reward standings: credit for countersigned work, weighted by trust (gathered by gossip)."""
+    from peers.status import collect_standings, render_rewards
+
+    standings = collect_standings(model, initial_peers_from(initial_peers), trusted_peers_from(trusted_peers))
+    if as_json:
+        click.echo(json.dumps([row.__dict__ for row in standings], indent=2))
+    else:
+        click.echo(render_rewards(standings))
 
 
 if __name__ == "__main__":

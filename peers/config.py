@@ -33,6 +33,18 @@ class PeerConfig:
     refresh_period: float = 20.0  # seconds between DHT re-announcements
     rebalance_period: float = 120.0  # seconds between checks whether to move (0: never; pinned --blocks never move)
     drain_timeout: float = 60.0  # when moving, how long to let running sessions finish
+    trusted_peers: tuple[str, ...] = ()  # peer ids of the pre-trusted seeds (bootstrap operators)
+    gossip_period: float = 5.0  # seconds between gossip rounds
+    adversary_mode: str | None = None  # misbehave on purpose, for tests of the trust layer (hidden option)
+    fellows: tuple[str, ...] = ()  # peer ids a colluding adversary vouches for
+
+    def adversary(self):
+        """The parsed adversary behaviour, or None for an honest peer."""
+        if self.adversary_mode is None:
+            return None
+        from peers.adversary import parse_adversary
+
+        return parse_adversary(self.adversary_mode, self.fellows)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,7 +19,9 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import runtime_pb2
 
+from peers.adversary import Adversary, corrupt
 from peers.memory import release_free_memory
+from peers.receipts import ReceiptSigner
 from swarm import protocol
 from swarm.blocks import BlockSpan, SpanCache, SpanInput
 from swarm.protocol import PeerInfo, ProtocolError, SpanRequest, StepReply, StepRequest
@@ -60,6 +63,8 @@ class Session:
     batch: int | None = None
     padding: torch.Tensor | None = None  # (batch, length) 0/1, only when some row is padded
     last_used: float = field(default_factory=time.monotonic)
+    steps: int = 0  # steps served so far
+    work: int = 0  # batch x tokens computed so far (receipts carry it, cumulative)
 
     @property
     def length(self) -> int:
@@ -86,6 +91,9 @@ class BlockHandler(BlockService):
         self.draining = False  # while moving to other blocks: no new sessions
         self._live: dict[int, dict[str, Session]] = {}  # stream id -> its sessions
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
+        self.receipts: ReceiptSigner | None = None  # signs a receipt for every reply when set
+        self.adversary: Adversary | None = None  # misbehaves on purpose (tests of the trust layer)
+        self._rng = random.Random()
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -142,9 +150,10 @@ class BlockHandler(BlockService):
             self._check_span(meta.start, meta.end)
             hidden, padding = self._read_tensors(request, expected_length=None)
             span_input = SpanInput(attention_mask=padding, start_position=0)
-            output = await self._compute(hidden, None, span_input, meta.start, meta.end)
-            self.stats.tokens_served += hidden.shape[0] * hidden.shape[1]
-            return protocol.make_reply(StepReply(length=hidden.shape[1]), output)
+            tokens = hidden.shape[0] * hidden.shape[1]
+            output, receipt = await self._compute(hidden, None, span_input, meta.start, meta.end, ("forward", 0, tokens))
+            self.stats.tokens_served += tokens
+            return protocol.make_reply(StepReply(length=hidden.shape[1], receipt=receipt), output)
         except ProtocolError as e:
             return protocol.error_reply("bad_request", str(e))
         except RequestRejected as e:
@@ -186,10 +195,13 @@ class BlockHandler(BlockService):
                 session.cache.crop(meta.position)  # the client rolled back
             padding = self._session_padding(session, meta.position, hidden, padding)
             span_input = SpanInput(attention_mask=padding, start_position=meta.position)
-            output = await self._compute(hidden, session.cache, span_input, session.start, session.end)
+            tokens = hidden.shape[0] * hidden.shape[1]
+            work = (meta.session_id, session.steps, session.work + tokens)
+            output, receipt = await self._compute(hidden, session.cache, span_input, session.start, session.end, work)
             session.batch, session.padding = hidden.shape[0], padding
-            self.stats.tokens_served += hidden.shape[0] * hidden.shape[1]
-            return protocol.make_reply(StepReply(length=session.length), output)
+            session.steps, session.work = session.steps + 1, session.work + tokens
+            self.stats.tokens_served += tokens
+            return protocol.make_reply(StepReply(length=session.length, receipt=receipt), output)
         except ProtocolError as e:
             return protocol.error_reply("bad_request", str(e))
         except RequestRejected as e:
@@ -297,13 +309,24 @@ class BlockHandler(BlockService):
         return torch.cat([session.padding[:, :position], ones], dim=1)
 
     async def _compute(
-        self, hidden: torch.Tensor, cache: SpanCache | None, span_input: SpanInput, start: int, end: int
-    ) -> torch.Tensor:
+        self,
+        hidden: torch.Tensor,
+        cache: SpanCache | None,
+        span_input: SpanInput,
+        start: int,
+        end: int,
+        work: tuple[str, int, int],  # (session id, step, cumulative batch x tokens) for the receipt
+    ) -> tuple[torch.Tensor, str]:
+        """The blocks' output in the wire dtype, and the signed receipt for it ("" when not signing)."""
         wire_dtype = hidden.dtype
 
-        def run() -> torch.Tensor:
+        def run() -> tuple[torch.Tensor, str]:
             inputs = hidden.to(self.config.device, self.config.dtype)
             output = self.span(inputs, cache, span_input, start, end)
-            return output.to("cpu", wire_dtype)
+            if self.adversary is not None and self.adversary.corrupts_outputs:
+                output = corrupt(self.adversary, inputs, output, self._rng)
+            output = output.to("cpu", wire_dtype)
+            receipt = "" if self.receipts is None else self.receipts.sign(work[0], work[1], start, end, work[2], hidden, output)
+            return output, receipt
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)

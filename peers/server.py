@@ -19,6 +19,7 @@ import swarm
 from peers.config import PeerConfig, parse_block_range
 from peers.handler import BlockHandler, HandlerConfig
 from peers.selection import choose_num_blocks, choose_span_start, rebalance_target
+from peers.trust import PeerReputation
 from swarm import records
 from swarm.blocks import BlockSpan, SpanInput
 from swarm.models import BlockCheckpoint, open_model
@@ -120,6 +121,7 @@ class Peer:
         self.subkey = records.owner_subkey(self.dht.peer_id, self.signer)
         self.handler: BlockHandler | None = None
         self.plan: Plan | None = None
+        self.reputation = PeerReputation(cfg, self.identity, self.dht, self.checkpoint.dht_prefix, self.checkpoint.num_blocks)
 
     @property
     def name(self) -> str:
@@ -148,7 +150,14 @@ class Peer:
         span = await loop.run_in_executor(
             None, load_span, self.checkpoint, self.model_config, self.plan.start, self.plan.end, self.cfg
         )
+        adversary = self.reputation.adversary
+        if adversary is not None and adversary.mode == "cheap-quant":
+            from peers.adversary import fake_quantise_
+
+            fake_quantise_(span)
         throughput = measure_throughput(span, self.model_config.hidden_size, self.cfg)
+        if adversary is not None and adversary.mode != "collude":
+            throughput *= 10  # a cheater advertises more than it has, to draw traffic
         handler_cfg = HandlerConfig(
             dht_prefix=self.checkpoint.dht_prefix,
             dtype=self.cfg.torch_dtype(),
@@ -159,8 +168,10 @@ class Peer:
             session_idle_timeout=self.cfg.session_idle_timeout,
         )
         self.handler = BlockHandler(span, handler_cfg, throughput, self.plan.cache_tokens)
+        self.reputation.equip(self.handler, compression="none")
         p2p: P2P = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(p2p)
+        await self.reputation.start(p2p, self.model_config.hidden_size, stop)
         try:
             await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
             logger.info(
@@ -186,6 +197,7 @@ class Peer:
             logger.info("Shutting down: announcing OFFLINE")
             # Same TTL as ONLINE: the DHT keeps whichever record of a subkey expires last.
             await loop.run_in_executor(None, self.announce, ServerState.OFFLINE)
+            await self.reputation.stop(p2p)
             await self.handler.remove_p2p_handlers(p2p)
             self.handler.shutdown()
 

@@ -5,6 +5,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import random
+
+from hivemind.utils.crypto import RSAPrivateKey
+
+from reputation.attest import Attestation
+from reputation.node import PeerStanding, ReputationConfig, ReputationNode
 from swarm import records, routing
 from swarm.errors import format_block_spans
 from swarm.models import open_model
@@ -22,6 +28,8 @@ class PeerRow:
     throughput: float
     dtype: str
     rtt_ms: float | None  # None: did not answer
+    trust: float | None = None  # relative trust (1.0 = average) from gossiped attestations; None: unknown
+    blacklisted: bool = False
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,7 @@ class StatusReport:
     num_blocks: int
     peers: tuple[PeerRow, ...]
     missing: tuple[int, ...]  # blocks no online, reachable peer serves
+    trusted: bool = False  # trust anchored in --trusted-peers (else every checker weighs the same)
 
     def to_json(self) -> dict:
         return {
@@ -42,13 +51,38 @@ class StatusReport:
         }
 
 
-def collect_status(model: str, initial_peers: list[str]) -> StatusReport:
+async def gather_reputation(p2p, spans, trusted_peers: tuple[str, ...], fanout: int = 3) -> ReputationNode:
+    """A throwaway reputation node filled by gossip from a few online peers.
+
+    Without trusted seeds, every signer of an attestation is taken as a seed (equal weight) but nobody's
+    "fail" is taken as confirmed, since anyone can sign one: only --trusted-peers gives verdicts to rely on.
+    """
+    from reputation.gossip import SenderBudget, exchange
+
+    online = [s for s in spans if s.info.state == records.ServerState.ONLINE]
+    gathered = ReputationNode(RSAPrivateKey(), ReputationConfig(seeds=trusted_peers))
+    for span in random.sample(online, min(fanout, len(online))):
+        try:
+            await exchange(gathered, p2p, span.peer_id, SenderBudget())
+        except Exception:  # an unreachable peer only means less to show
+            continue
+    seeds = trusted_peers or tuple(sorted({
+        Attestation.decode(data).checker for kind, data in gathered.messages(limit=10**9) if kind == "attestation"
+    }))
+    node = ReputationNode(RSAPrivateKey(), ReputationConfig(seeds=seeds, seeds_confirm_faults=bool(trusted_peers)))
+    node.known_peers.update(str(s.peer_id) for s in spans)
+    for kind, data in gathered.messages(limit=10**9):
+        node.ingest(kind, data)
+    return node
+
+
+def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[str, ...] = ()) -> StatusReport:
     checkpoint = open_model(model)
     dht = create_client_dht(initial_peers, checkpoint.dht_prefix, checkpoint.num_blocks)
     try:
         spans = records.read_spans(dht, checkpoint.dht_prefix, checkpoint.num_blocks)
 
-        async def ping_all() -> list[float | None]:
+        async def ping_all() -> tuple[list[float | None], ReputationNode]:
             p2p = await dht.replicate_p2p()
 
             async def ping(span) -> float | None:
@@ -57,11 +91,13 @@ def collect_status(model: str, initial_peers: list[str]) -> StatusReport:
                 except Exception:  # unreachable peers are shown as such, not raised
                     return None
 
-            return list(await asyncio.gather(*(ping(s) for s in spans)))
+            rtts = list(await asyncio.gather(*(ping(s) for s in spans)))
+            return rtts, await gather_reputation(p2p, spans, trusted_peers)
 
-        rtts = asyncio.run(ping_all())
+        rtts, node = asyncio.run(ping_all())
     finally:
         dht.shutdown()
+    standings = {row.peer_id: row for row in node.standings()}
     rows = tuple(
         PeerRow(
             peer_id=str(s.peer_id),
@@ -72,16 +108,20 @@ def collect_status(model: str, initial_peers: list[str]) -> StatusReport:
             throughput=round(s.info.throughput, 1),
             dtype=s.info.dtype,
             rtt_ms=None if rtt is None else round(rtt * 1000, 2),
+            trust=round(standings[str(s.peer_id)].trust, 3) if str(s.peer_id) in standings else None,
+            blacklisted=bool(standings.get(str(s.peer_id)) and standings[str(s.peer_id)].blacklisted),
         )
         for s, rtt in sorted(zip(spans, rtts), key=lambda pair: (pair[0].start, pair[0].end, str(pair[0].peer_id)))
     )
     reachable = [s for s, rtt in zip(spans, rtts) if rtt is not None]
     missing = tuple(routing.missing_blocks(reachable, 0, checkpoint.num_blocks))
-    return StatusReport(checkpoint.manifest.name, checkpoint.dht_prefix, checkpoint.num_blocks, rows, missing)
+    return StatusReport(
+        checkpoint.manifest.name, checkpoint.dht_prefix, checkpoint.num_blocks, rows, missing, bool(trusted_peers)
+    )
 
 
 def render_table(report: StatusReport) -> str:
-    header = ("blocks", "peer", "name", "state", "throughput", "dtype", "rtt")
+    header = ("blocks", "peer", "name", "state", "throughput", "dtype", "rtt", "trust")
     lines = [
         (
             f"{r.start}:{r.end}",
@@ -91,6 +131,7 @@ def render_table(report: StatusReport) -> str:
             f"{r.throughput:.1f}/s",
             r.dtype,
             "unreachable" if r.rtt_ms is None else f"{r.rtt_ms:.1f} ms",
+            "BLACKLISTED" if r.blacklisted else ("-" if r.trust is None else f"{r.trust:.2f}"),
         )
         for r in report.peers
     ]
@@ -103,4 +144,38 @@ def render_table(report: StatusReport) -> str:
         out.append(f"MISSING: no reachable online peer serves block(s) {format_block_spans(list(report.missing))}")
     else:
         out.append(f"All {report.num_blocks} blocks are served.")
+    if not report.trusted:
+        out.append("Trust: no --trusted-peers given, so every checker weighs the same and no verdict blacklists.")
+    return "\n".join(out)
+
+
+def collect_standings(model: str, initial_peers: list[str], trusted_peers: tuple[str, ...] = ()) -> list[PeerStanding]:
+    """Reward standings as gossip tells them: every peer's trust, verdicts and credit."""
+    checkpoint = open_model(model)
+    dht = create_client_dht(initial_peers, checkpoint.dht_prefix, checkpoint.num_blocks)
+    try:
+        spans = records.read_spans(dht, checkpoint.dht_prefix, checkpoint.num_blocks)
+
+        async def gather() -> ReputationNode:
+            return await gather_reputation(await dht.replicate_p2p(), spans, trusted_peers)
+
+        node = asyncio.run(gather())
+    finally:
+        dht.shutdown()
+    return node.standings()
+
+
+def render_rewards(standings: list[PeerStanding]) -> str:
+    header = ("peer", "trust", "passed", "faults", "vested", "pending", "status")
+    lines = [
+        (r.peer_id, f"{r.trust:.2f}", str(r.passes), str(r.fails), f"{r.vested:.0f}", f"{r.pending:.0f}",
+         "BLACKLISTED" if r.blacklisted else "ok")
+        for r in standings
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *lines)]
+    if not standings:
+        out.append("(no attestations or countersigned work gathered yet)")
+    out.append("Credit: tokens x blocks from receipts clients countersigned, weighted by trust; "
+               "pending credit vests after 10 min, and a blacklisted peer forfeits it.")
     return "\n".join(out)

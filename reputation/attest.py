@@ -123,7 +123,7 @@ class Receipt:
     dht_prefix: str  # model the blocks belong to
     block_start: int  # first block served (inclusive)
     block_end: int  # last block served (exclusive)
-    tokens: int  # tokens processed in this step (the unit of reward, times blocks)
+    tokens: int  # batch x tokens processed for the session so far, this step included (the unit of reward, x blocks)
     dtype: str  # declared compute dtype, e.g. "bfloat16"
     compression: str  # declared wire/weight compression, e.g. "none", "int8"
     input_digest: str  # tensor_digest of the hidden states received
@@ -255,3 +255,13 @@ class Countersigned:
         if not ok:
             return Check.FORGED
         return Check.OK if _peer_id_of(self.public_key) == self.client else Check.IMPERSONATED
+
+    def encode(self) -> bytes:
+        return _encode({"receipt": self.receipt.encode(), "client": self.client,
+                        "public_key": self.public_key, "signature": self.signature})
+
+    @classmethod
+    def decode(cls, data: bytes) -> Countersigned:
+        fields = _decode(data, cls)
+        fields["receipt"] = Receipt.decode(fields["receipt"])
+        return cls(**fields)

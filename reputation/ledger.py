@@ -1,6 +1,7 @@
 """Rewards: credit for verified work, weighted by trust, vesting, forfeiture (issue 4, part 5).
 
-Only receipts a client countersigned earn credit (TRUST.md: pay only for work that was checked or accepted).
+Only receipts a client countersigned earn credit. A receipt's tokens are cumulative over its session, so a client
+countersigns the last receipt of each (session, peer, blocks) and a later one credits only the increase (TRUST.md: pay only for work that was checked or accepted).
 Credit = tokens x blocks x trust weight, where the weight is the peer's relative trust capped at 1, so newcomers
 earn little until checks establish them. Credit vests after a delay; a blacklisted peer forfeits what has not
 vested, so a cheater's earnings before detection are lost. Pure: every function returns a new Ledger.
@@ -28,6 +29,7 @@ class Ledger:
     accounts: Mapping[str, Account] = field(default_factory=dict)  # never mutated
     forfeited: float = 0.0  # total credit taken back from blacklisted peers
     credited: frozenset[str] = frozenset()  # digests of receipts already paid (no double counting)
+    work: Mapping[str, float] = field(default_factory=dict)  # units credited per (signer, session, blocks)
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def credit(ledger: Ledger, amounts: Mapping[str, float], now: float, vesting_s: 
             continue
         acc = accounts.get(peer, Account())
         accounts[peer] = Account(acc.vested, (*acc.pending, (amounts[peer], now + vesting_s)))
-    return Ledger(accounts, ledger.forfeited, ledger.credited)
+    return Ledger(accounts, ledger.forfeited, ledger.credited, ledger.work)
 
 
 def credit_receipts(
@@ -65,18 +67,28 @@ def credit_receipts(
     now: float,
     vesting_s: float,
 ) -> Ledger:
-    """Credit countersigned receipts whose signatures verify, once each, weighted by the server's trust."""
+    """Credit countersigned receipts whose signatures verify, weighted by the server's trust.
+
+    Each receipt is paid once, and a session's receipts are cumulative: a later receipt of the same
+    (signer, session, blocks) earns only the work beyond what was already credited.
+    """
     amounts: dict[str, float] = {}
-    paid = set(ledger.credited)
+    paid, work = set(ledger.credited), dict(ledger.work)
     for c in receipts:
         if c.receipt.digest in paid or c.client == c.receipt.signer or c.verify() is not Check.OK:
             logger.debug("not crediting receipt %s of %s", c.receipt.digest[:12], c.receipt.signer)
             continue
         paid.add(c.receipt.digest)
-        weight = trust_weight(relative_trust.get(c.receipt.signer, 0.0))
-        amounts[c.receipt.signer] = amounts.get(c.receipt.signer, 0.0) + work_units(c.receipt) * weight
+        r = c.receipt
+        key = f"{r.signer}/{r.session_id}/{r.block_start}:{r.block_end}"
+        new_units = work_units(r) - work.get(key, 0.0)
+        if new_units <= 0:
+            continue
+        work[key] = work_units(r)
+        weight = trust_weight(relative_trust.get(r.signer, 0.0))
+        amounts[r.signer] = amounts.get(r.signer, 0.0) + new_units * weight
     updated = credit(ledger, amounts, now, vesting_s)
-    return Ledger(updated.accounts, updated.forfeited, frozenset(paid))
+    return Ledger(updated.accounts, updated.forfeited, frozenset(paid), work)
 
 
 def vest(ledger: Ledger, now: float) -> Ledger:
@@ -86,7 +98,7 @@ def vest(ledger: Ledger, now: float) -> Ledger:
         due = sum(a for a, at in acc.pending if at <= now)
         if due:
             accounts[peer] = Account(acc.vested + due, tuple((a, at) for a, at in acc.pending if at > now))
-    return Ledger(accounts, ledger.forfeited, ledger.credited)
+    return Ledger(accounts, ledger.forfeited, ledger.credited, ledger.work)
 
 
 def forfeit(ledger: Ledger, peer: str) -> Ledger:
@@ -96,7 +108,7 @@ def forfeit(ledger: Ledger, peer: str) -> Ledger:
         return ledger
     lost = sum(a for a, _ in acc.pending)
     logger.info("%s forfeits %.1f unvested credit", peer, lost)
-    return Ledger({**ledger.accounts, peer: Account(acc.vested, ())}, ledger.forfeited + lost, ledger.credited)
+    return Ledger({**ledger.accounts, peer: Account(acc.vested, ())}, ledger.forfeited + lost, ledger.credited, ledger.work)
 
 
 def standings(ledger: Ledger) -> list[Standing]:

@@ -14,7 +14,7 @@ from swarm.config import ClientConfig
 from swarm.generation import SamplingConfig, Streamer, decode
 from swarm.loop import BackgroundLoop
 from swarm.models import BlockCheckpoint, open_model
-from swarm.network import create_client_dht, split_multiaddrs
+from swarm.network import create_client_dht, load_identity, split_multiaddrs
 from swarm.remote import call_forward
 from swarm.sequence import RemoteSequence
 from swarm.session import InferenceSession
@@ -97,11 +97,18 @@ class DistributedModelForCausalLM:
         self.head = ClientHead(checkpoint, self.config, dtype)
         self.eos_token_ids = self._default_eos_ids()
         self.loop = BackgroundLoop()
-        self.dht = create_client_dht(cfg.initial_peers, checkpoint.dht_prefix, checkpoint.num_blocks)
+        self.identity = load_identity(cfg.identity)
+        self.dht = create_client_dht(cfg.initial_peers, checkpoint.dht_prefix, checkpoint.num_blocks, self.identity)
         p2p = self.loop.run(self.dht.replicate_p2p())
         self.sequence = RemoteSequence(
             self.dht, p2p, checkpoint.dht_prefix, checkpoint.manifest.name, checkpoint.num_blocks, cfg
         )
+        self.reputation = None  # reputation.client.ClientReputation when spot checks are on
+        if cfg.spot_checks:
+            # The trust layer plugs into routing and sessions through hooks (swarm never imports it elsewhere).
+            from reputation.client import ClientReputation
+
+            self.reputation = ClientReputation.attach(self.sequence, self.identity, cfg, self.loop)
 
     @classmethod
     def from_pretrained(
@@ -207,6 +214,8 @@ class DistributedModelForCausalLM:
     __call__ = forward
 
     def shutdown(self) -> None:
+        if self.reputation is not None:
+            self.loop.run(self.reputation.stop(), timeout=10)
         self.loop.run(self.sequence.p2p.shutdown(), timeout=5)
         self.loop.close()
         self.dht.shutdown()

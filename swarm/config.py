@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -13,3 +14,8 @@ class ClientConfig:
     ping_timeout: float = 3.0  # an info call used as a ping
     spans_ttl: float = 10.0  # seconds before the DHT is read again for a new route
     ping_ttl: float = 30.0  # seconds before a peer is pinged again
+    spot_checks: bool = True  # re-run a sample of steps on other peers and keep trust scores (reputation/)
+    check_rate: float | None = None  # a fixed spot-check rate for every peer; None: more for newcomers, less for trusted
+    trusted_peers: tuple[str, ...] = ()  # peer ids of pre-trusted seeds whose verdicts count as this client's own
+    gossip_period: float = 5.0  # seconds between exchanges of attestations with peers
+    identity: Path | None = None  # key file the client signs verdicts with (None: a new one each run)

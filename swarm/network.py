@@ -134,13 +134,19 @@ def signer_for(identity: Identity) -> RSASignatureValidator:
     return RSASignatureValidator(identity.private_key)
 
 
-def create_client_dht(initial_peers: Sequence[str], dht_prefix: str, num_blocks: int) -> DHT:
-    """A client-mode DHT node (stores nothing for others) that checks this model's records."""
+def create_client_dht(
+    initial_peers: Sequence[str], dht_prefix: str, num_blocks: int, identity: Identity | None = None
+) -> DHT:
+    """A client-mode DHT node (stores nothing for others) that checks this model's records.
+
+    `identity` (default: a throwaway one) is the key the client signs its spot-check verdicts with.
+    """
     from swarm.records import make_validators  # records builds on this module's primitives
 
-    identity = load_identity(None)
+    identity = identity or load_identity(None)
     try:
         validators = make_validators(dht_prefix, num_blocks, signer_for(identity))
         return create_dht(initial_peers=initial_peers, validators=validators, client_mode=True)
     finally:
-        identity.path.unlink(missing_ok=True)
+        if identity.temporary:
+            identity.path.unlink(missing_ok=True)

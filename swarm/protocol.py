@@ -85,6 +85,7 @@ class StepReply(WireModel):
     version: int = PROTOCOL_VERSION
     error: ErrorInfo | None = None
     length: int = 0  # tokens the session holds after this step
+    receipt: str = Field(default="", max_length=8192)  # base64 of the peer's signed reputation Receipt, or ""
 
 
 class ProtocolError(ValueError):

@@ -67,13 +67,24 @@ def check_reply(peer_id: PeerID, reply: runtime_pb2.ExpertResponse) -> tuple[Ste
 async def call_forward(
     p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0
 ) -> torch.Tensor:
+    return (await call_forward_with_receipt(p2p, peer_id, start, end, hidden, timeout))[0]
+
+
+async def call_forward_with_receipt(
+    p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0
+) -> tuple[torch.Tensor, str]:
+    """Hidden states through the peer's blocks [start, end), and the peer's signed receipt (base64, maybe "")."""
     request = protocol.make_request("", SpanRequest(start=start, end=end), hidden)
     try:
         reply = await _stub(p2p, peer_id).rpc_forward(request, timeout=timeout)
     except asyncio.TimeoutError:
         raise SwarmConnectionError(f"peer {peer_id} did not answer within {timeout:.0f} s") from None
-    _, tensors = check_reply(peer_id, reply)
-    return tensors[0]
+    except Exception as e:  # p2pd reports unreachable peers with several error types
+        raise SwarmConnectionError(f"peer {peer_id} is unreachable: {e}") from None
+    meta, tensors = check_reply(peer_id, reply)
+    if len(tensors) != 1:
+        raise RemoteError(str(peer_id), "bad_request", f"expected one tensor in the reply, got {len(tensors)}")
+    return tensors[0], meta.receipt
 
 
 class InferenceStream:

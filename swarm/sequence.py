@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
@@ -30,6 +31,12 @@ class Ban:
     seconds: float  # its length, doubled on the next failure
 
 
+class TrustView(Protocol):
+    """What routing needs from the trust layer (reputation.node.ReputationNode is one)."""
+
+    def is_blacklisted(self, peer_id: str) -> bool: ...
+
+
 @dataclass
 class PeerLatency:
     rtt: float | None = None  # smoothed round trip, seconds; None: unreachable
@@ -46,6 +53,8 @@ class RemoteSequence:
         self._spans_read_at = 0.0
         self.latencies: dict[PeerID, PeerLatency] = {}
         self.bans: dict[PeerID, Ban] = {}
+        self.trust: TrustView | None = None  # blacklisted peers are never routed to
+        self.observer = None  # a swarm.session.StepObserver that sees every step (the spot checker)
 
     def ban(self, peer_id: PeerID) -> float:
         """Keep a failing peer out of new routes for a while, longer on each repeat; returns the seconds."""
@@ -57,8 +66,12 @@ class RemoteSequence:
         return seconds
 
     def banned(self) -> frozenset[PeerID]:
+        """Peers kept out of routes: failing ones for a while, and blacklisted ones."""
         now = time.monotonic()
-        return frozenset(peer_id for peer_id, ban in self.bans.items() if ban.until > now)
+        banned = {peer_id for peer_id, ban in self.bans.items() if ban.until > now}
+        if self.trust is not None:
+            banned |= {s.peer_id for s in self.spans if self.trust.is_blacklisted(str(s.peer_id))}
+        return frozenset(banned)
 
     async def refresh_spans(self, force: bool = False) -> list[PeerSpan]:
         if force or time.monotonic() - self._spans_read_at > self.cfg.spans_ttl:

@@ -12,11 +12,13 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from swarm.errors import MissingBlocksError, RemoteError, SwarmConnectionError, SwarmError
 from swarm.protocol import StepRequest
+from swarm.protocol import StepReply
 from swarm.remote import InferenceStream
 from swarm.routing import RouteHop
 from swarm.sequence import RemoteSequence
@@ -47,6 +49,28 @@ class _Hop:
         if length == 0 or not self.chunks:
             return None
         return torch.cat(self.chunks, dim=1)[:, :length]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step as a hop served it: what an observer (the trust layer's spot checker) gets to see."""
+
+    session_id: str
+    peer_id: object  # hivemind PeerID
+    start: int
+    end: int
+    position: int  # tokens the hop held before this step
+    inputs: torch.Tensor  # this step's hidden states into the hop (batch, new, hidden)
+    output: torch.Tensor  # what the hop returned
+    history: tuple[torch.Tensor, ...]  # every input the hop received so far, this step's last
+    padded: bool  # some row of the batch is padded (the step depends on the attention mask)
+    receipt: str  # the peer's signed receipt, base64, or ""
+
+
+class StepObserver(Protocol):
+    def on_step(self, record: StepRecord) -> None: ...
+
+    def on_close(self, session_id: str) -> None: ...
 
 
 @dataclass
@@ -97,11 +121,13 @@ class InferenceSession:
         if self._hops is None:
             await self._open(hidden.shape[0])
         mask = self._session_mask(attention_mask, position, hidden)
+        await self._evict_blacklisted(position, mask)
         index, failures = 0, 0
+        observer = self.sequence.observer
         while index < len(self._hops):
             hop = self._hops[index]
             try:
-                output = await self._send(hop, hidden, position, mask)
+                output, reply = await self._send(hop, hidden, position, mask)
             except (SwarmConnectionError, RemoteError) as error:
                 failures += 1
                 if failures > MAX_FAILOVERS_PER_STEP:
@@ -109,13 +135,20 @@ class InferenceSession:
                 await self._recover(index, error, position, mask)
                 continue  # retry this step on the replacement hop(s) at the same index
             hop.record(hidden, position)
+            if observer is not None:
+                observer.on_step(StepRecord(
+                    self.session_id, hop.route.peer_id, hop.route.start, hop.route.end, position, hidden, output,
+                    tuple(hop.chunks), mask is not None, reply.receipt,
+                ))
             hidden = output
             index += 1
         self.position = position + hidden.shape[1]
         self._padding = mask
         return hidden
 
-    async def _send(self, hop: _Hop, hidden: torch.Tensor, position: int, mask: torch.Tensor | None) -> torch.Tensor:
+    async def _send(
+        self, hop: _Hop, hidden: torch.Tensor, position: int, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, StepReply]:
         meta = StepRequest(
             session_id=self.session_id,
             start=hop.route.start,
@@ -124,11 +157,39 @@ class InferenceSession:
             max_length=self.max_length,
         )
         extra = () if mask is None else (mask,)
-        _, (output,) = await hop.stream.step(meta, hidden, *extra, timeout=self.sequence.cfg.request_timeout)
-        return output
+        reply, tensors = await hop.stream.step(meta, hidden, *extra, timeout=self.sequence.cfg.request_timeout)
+        if len(tensors) != 1 or tensors[0].shape != hidden.shape:
+            got = [tuple(t.shape) for t in tensors]
+            raise RemoteError(str(hop.route.peer_id), "bad_request", f"reply tensors {got} do not match {tuple(hidden.shape)}")
+        return tensors[0], reply
 
-    async def _recover(self, index: int, error: SwarmError, position: int, mask: torch.Tensor | None) -> None:
-        """Replace hop `index` after `error` (reopen it, or route its blocks elsewhere) and replay its inputs."""
+    async def _evict_blacklisted(self, position: int, mask: torch.Tensor | None) -> None:
+        """Route around hops whose peer was blacklisted since the last step, then rebuild every later hop's
+        cache from the replacement's outputs (what the blacklisted peer sent them cannot be trusted)."""
+        trust = self.sequence.trust
+        if trust is None or position == 0:
+            return
+        for _ in range(MAX_FAILOVERS_PER_STEP):
+            index = next((i for i, h in enumerate(self._hops) if trust.is_blacklisted(str(h.route.peer_id))), None)
+            if index is None:
+                return
+            bad = self._hops[index].route.peer_id
+            count_before = len(self._hops)
+            output = await self._recover(index, RemoteError(str(bad), "blacklisted", "blacklisted by spot checks"), position, mask)
+            past_mask = None if mask is None else mask[:, :position]
+            for later in self._hops[index + 1 + len(self._hops) - count_before :]:
+                if output is None:
+                    break
+                inputs = output
+                output, _ = await self._send(later, inputs, 0, past_mask)
+                later.chunks, later.held = [], 0
+                later.record(inputs, 0)
+
+    async def _recover(
+        self, index: int, error: SwarmError, position: int, mask: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Replace hop `index` after `error` (reopen it, or route its blocks elsewhere) and replay its inputs;
+        returns the replacement's output for the replayed inputs (None when there were none)."""
         failed = self._hops[index]
         began = time.perf_counter()
         event = FailoverEvent(str(failed.route.peer_id), (failed.route.start, failed.route.end), _reason(error))
@@ -149,8 +210,9 @@ class InferenceSession:
                     raise error from None
             replacement = [_Hop(hop, InferenceStream(self.sequence.p2p, hop.peer_id)) for hop in route]
             try:
+                replayed = None
                 if history is not None and history.shape[1] > 0:
-                    await self._replay(replacement, history, mask)
+                    replayed = await self._replay(replacement, history, mask)
                 break
             except (SwarmConnectionError, RemoteError) as replay_error:
                 logger.debug(f"Replay failed: {replay_error}")
@@ -167,15 +229,17 @@ class InferenceSession:
             f"Peer {event.peer_id} failed on blocks {event.blocks[0]}:{event.blocks[1]} ({event.reason}); "
             f"re-routed to {', '.join(event.replacement)} in {event.seconds:.2f} s"
         )
+        return replayed
 
-    async def _replay(self, hops: list[_Hop], history: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Rebuild the new hops' KV caches from the inputs the failed hop had received."""
+    async def _replay(self, hops: list[_Hop], history: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Rebuild the new hops' KV caches from the inputs the failed hop had received; returns their output."""
         past_mask = None if mask is None else mask[:, : history.shape[1]]
         hidden = history
         for hop in hops:
-            output = await self._send(hop, hidden, 0, past_mask)
+            output, _ = await self._send(hop, hidden, 0, past_mask)
             hop.record(hidden, 0)
             hidden = output
+        return hidden
 
     def _session_mask(
         self, attention_mask: torch.Tensor | None, position: int, hidden: torch.Tensor
@@ -201,6 +265,8 @@ class InferenceSession:
     async def close(self) -> None:
         for hop in self._hops or []:
             await _close_quietly(hop.stream)
+        if self._hops is not None and self.sequence.observer is not None:
+            self.sequence.observer.on_close(self.session_id)
         self._hops = None
 
 

@@ -33,13 +33,16 @@ def test_work_units_and_trust_weight(keys) -> None:
 def test_countersigned_receipts_are_credited_once_by_trust(keys) -> None:
     server, client = keys
     sid, cid = _peer(server), _peer(client)
-    good = [Countersigned.make(_receipt(server, step), cid, client) for step in range(3)]
+    # one session, tokens cumulative: 8, 16, 24 -> 24 tokens x 4 blocks of work in all
+    good = [Countersigned.make(_receipt(server, step, tokens=8 * (step + 1)), cid, client) for step in range(3)]
     forged = dataclasses.replace(Countersigned.make(_receipt(server, 9), cid, client), signature=b"AAAA")
     self_signed = Countersigned.make(_receipt(server, 10), sid, server)  # a server cannot vouch for itself
     ledger = credit_receipts(Ledger(), [*good, good[0], forged, self_signed], {sid: 0.5}, now=0.0, vesting_s=10.0)
-    assert standings(ledger)[0].pending == pytest.approx(3 * 32 * 0.5)
+    assert standings(ledger)[0].pending == pytest.approx(24 * 4 * 0.5)
     again = credit_receipts(ledger, good, {sid: 0.5}, now=1.0, vesting_s=10.0)
     assert standings(again) == standings(ledger)  # replayed receipts earn nothing
+    decoded = Countersigned.decode(good[1].encode())
+    assert decoded == good[1] and decoded.verify().value == "ok"
 
 
 def test_vesting_and_forfeiture() -> None:

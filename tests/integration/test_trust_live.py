@@ -1,0 +1,155 @@
+"""The trust layer live on loopback: real peers (three honest, fp32 and bf16; adversaries started per test),
+real clients that spot-check, gossip between them, blacklists, and the status and rewards commands."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from peers.local import LocalSwarm
+from reputation.spotcheck import responses_to_detect
+from swarm import DistributedModelForCausalLM
+from swarm.models import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+
+ANSWER = "The capital of France is Paris."
+GOSSIP = ("--gossip-period", "1")
+
+
+@pytest.fixture(scope="module")
+def trust_swarm():
+    """Three honest peers serving every block: two in float32, one in bfloat16."""
+    with LocalSwarm(model=DEFAULT_MODEL) as swarm:
+        honest = [
+            swarm.add_peer("0:30", *GOSSIP, wait=False, name="honest-fp32-a"),
+            swarm.add_peer("0:30", *GOSSIP, "--dtype", "bfloat16", wait=False, name="honest-bf16"),
+            swarm.add_peer("0:30", *GOSSIP, wait=False, name="honest-fp32-b"),
+        ]
+        for peer in honest:
+            swarm.wait_online(peer)
+        swarm.honest = honest
+        yield swarm
+
+
+def _client(swarm, **options) -> DistributedModelForCausalLM:
+    return DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0, **options)
+
+
+@pytest.fixture(scope="module")
+def checker_client(trust_swarm):
+    """The client that does the checking (adaptive check rates: newcomers at 0.3)."""
+    model = _client(trust_swarm)
+    yield model
+    model.shutdown()
+
+
+def _answer(model, chat_ids, tokens: int = 8) -> str:
+    out = model.generate(chat_ids, max_new_tokens=tokens)
+    model.loop.run(model.reputation.checker.drain())
+    return model.tokenizer.decode(out[0, chat_ids.shape[1]:], skip_special_tokens=True)
+
+
+def _wait(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return condition()
+
+
+def _honest_never_flagged(model, swarm) -> None:
+    for peer in swarm.honest:
+        assert not model.reputation.node.is_blacklisted(peer.peer_id), f"{peer.name} was blacklisted"
+    rows = {row.peer_id: row for row in model.reputation.node.standings()}
+    for peer in swarm.honest:
+        assert rows.get(peer.peer_id) is None or rows[peer.peer_id].fails == 0, f"{peer.name} was found at fault"
+
+
+def test_random_output_peer_is_blacklisted_and_avoided(trust_swarm, checker_client, chat_ids) -> None:
+    liar = trust_swarm.add_peer("0:30", *GOSSIP, "--adversary", "random", name="random-output")
+    stats = checker_client.reputation.checker.stats
+    node = checker_client.reputation.node
+    for _ in range(20):  # it advertises 10x throughput, so routes pick it until it is caught
+        _answer(checker_client, chat_ids)
+        if node.is_blacklisted(liar.peer_id) or stats.responses[liar.peer_id] >= 100:
+            break
+    assert node.is_blacklisted(liar.peer_id)
+    assert 1 <= stats.caught_after[liar.peer_id] <= 100
+    served = stats.responses[liar.peer_id]
+    for _ in range(3):  # once blacklisted it is never routed to, and answers are right again
+        assert _answer(checker_client, chat_ids) == ANSWER
+    assert stats.responses[liar.peer_id] == served
+    _honest_never_flagged(checker_client, trust_swarm)
+
+
+def test_blacklist_spreads_by_gossip_to_a_client_that_trusts_the_checker(trust_swarm, checker_client, chat_ids) -> None:
+    liar = next(p for p in trust_swarm.processes if p.name == "random-output")
+    assert checker_client.reputation.node.is_blacklisted(liar.peer_id)
+    other = _client(trust_swarm, spot_checks=True, trusted_peers=(checker_client.reputation.node.peer_id,))
+    try:
+        assert _wait(lambda: other.reputation.node.is_blacklisted(liar.peer_id)), "the verdict did not arrive by gossip"
+        assert _answer(other, chat_ids) == ANSWER
+        assert other.reputation.checker.stats.responses[liar.peer_id] == 0  # never routed to it
+    finally:
+        other.shutdown()
+
+
+def test_status_and_rewards_show_trust(trust_swarm, checker_client) -> None:
+    liar = next(p for p in trust_swarm.processes if p.name == "random-output")
+    checker_client.loop.run(checker_client.reputation.sync())  # push this client's verdicts and work now
+    env = {**trust_swarm.env, "SWARM_TRUSTED_PEERS": checker_client.reputation.node.peer_id}
+    status = subprocess.run([sys.executable, "-m", "peers.cli", "status"], env=env, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    header = next(line for line in status.stdout.splitlines() if line.startswith("blocks"))
+    assert header.split()[-1] == "trust"
+    liar_row = next(line for line in status.stdout.splitlines() if liar.peer_id in line)
+    assert liar_row.rstrip().endswith("BLACKLISTED")
+    for peer in trust_swarm.honest:
+        row = next(line for line in status.stdout.splitlines() if peer.peer_id in line)
+        assert not row.rstrip().endswith("BLACKLISTED")
+    rewards = subprocess.run([sys.executable, "-m", "peers.cli", "rewards"], env=env, capture_output=True, text=True, timeout=120)
+    assert rewards.returncode == 0, rewards.stderr
+    rows = {line.split()[0]: line.split() for line in rewards.stdout.splitlines()[1:] if line.startswith("Qm")}
+    assert rows[liar.peer_id][-1] == "BLACKLISTED" and float(rows[liar.peer_id][5]) == 0.0  # nothing pending
+    assert any(float(rows[p.peer_id][5]) > 0 for p in trust_swarm.honest if p.peer_id in rows)  # honest work credited
+
+
+def test_occasional_cheater_is_caught_as_the_formula_predicts(trust_swarm, chat_ids) -> None:
+    p, q = 0.5, 0.1
+    cheater = trust_swarm.add_peer("0:30", *GOSSIP, "--adversary", f"cheat:{q}", name="cheater")
+    model = _client(trust_swarm, check_rate=p)
+    bound = responses_to_detect(p, q, confidence=0.999)
+    try:
+        stats = model.reputation.checker.stats
+        while not model.reputation.node.is_blacklisted(cheater.peer_id) and stats.responses[cheater.peer_id] < bound:
+            _answer(model, chat_ids, tokens=16)
+        assert model.reputation.node.is_blacklisted(cheater.peer_id), f"not caught within {bound} responses"
+        assert stats.caught_after[cheater.peer_id] <= bound
+        assert stats.skipped == 0  # every chosen check ran, so the check rate in use was p
+        assert _answer(model, chat_ids) == ANSWER
+        _honest_never_flagged(model, trust_swarm)
+        assert sum(n for (a, b), n in stats.pairs.items() if {a, b} == {"float32", "bfloat16"}) >= 1
+    finally:
+        model.shutdown()
+        cheater.signal(2)
+
+
+def test_colluding_liar_accusations_are_refuted(trust_swarm, checker_client, chat_ids) -> None:
+    liar = next(p for p in trust_swarm.processes if p.name == "random-output")
+    colluder = trust_swarm.add_peer("0:30", *GOSSIP, "--adversary", "collude", "--fellows", liar.peer_id, name="colluder")
+    node = checker_client.reputation.node
+    assert _wait(lambda: node.accuser_record(colluder.peer_id).accusations >= 1, timeout=60), "no accusation arrived"
+    for _ in range(10):
+        _answer(checker_client, chat_ids)
+        if node.accuser_record(colluder.peer_id).refuted >= 1:
+            break
+    record = node.accuser_record(colluder.peer_id)
+    assert record.refuted >= 1, record
+    assert node.is_blacklisted(liar.peer_id)  # vouching for a cheater does not lift its ban
+    _honest_never_flagged(checker_client, trust_swarm)
+    assert _answer(checker_client, chat_ids) == ANSWER

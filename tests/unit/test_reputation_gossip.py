@@ -1,0 +1,73 @@
+"""Gossip: the wire form, per-sender budgets, and a real push-pull exchange between two hivemind P2P nodes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hivemind.p2p import P2P
+from hivemind.utils.crypto import RSAPrivateKey
+
+from reputation.attest import Receipt
+from reputation.gossip import Exchange, GossipService, SenderBudget, exchange, pack_exchange, receive, unpack_exchange
+from reputation.node import ReputationNode, peer_id_of_key
+from reputation.tolerance import Agreement
+
+
+def _attest(node: ReputationNode, server: RSAPrivateKey, session: str):
+    r = Receipt(session, 0, "m", 0, 2, 4, "float32", "none", "i", "o", peer_id_of_key(server), 0.0).sign(server)
+    return node.attest(r, Agreement(1.0, 0.0), "pass", "fp32")
+
+
+def test_exchange_round_trip_and_malformed() -> None:
+    message = Exchange(have=["a", "b"], push=[("attestation", b"\x01\x02")], pull=True)
+    assert unpack_exchange(pack_exchange(message)) == message
+    for garbage in (b"\xc1", b"\x93\x01\x02\x03", pack_exchange(Exchange())[:-1]):
+        with pytest.raises(ValueError):
+            unpack_exchange(garbage)
+    import msgpack
+
+    with pytest.raises(ValueError):
+        unpack_exchange(msgpack.packb({"have": "notalist"}))
+
+
+def test_sender_budget_limits_and_ignores_invalid_senders() -> None:
+    budget = SenderBudget(rate=1.0, burst=10.0, max_invalid=3, ignore_s=60.0)
+    assert budget.allow("a", 25, now=0.0) == 10
+    assert budget.allow("a", 5, now=2.0) == 2  # refilled at 1 per second
+    assert budget.allow("b", 5, now=2.0) == 5  # budgets are per sender
+    for _ in range(3):
+        budget.invalid("c", now=3.0)
+    assert budget.allow("c", 1, now=4.0) == 0
+    assert budget.allow("c", 1, now=70.0) == 1
+
+
+def test_receive_drops_unknown_kinds_and_counts_only_new_valid_messages() -> None:
+    keys = [RSAPrivateKey() for _ in range(3)]
+    sender, receiver = ReputationNode(keys[0]), ReputationNode(keys[1])
+    data = _attest(sender, keys[2], "s").encode()
+    budget = SenderBudget()
+    assert receive(receiver, budget, "x", [("attestation", data), ("attestation", data), ("bogus", b""), ("work", b"?")]) == 1
+
+
+def test_push_pull_between_two_live_nodes() -> None:
+    async def scenario() -> tuple[int, int, set, set]:
+        keys = [RSAPrivateKey() for _ in range(3)]
+        left, right = ReputationNode(keys[0]), ReputationNode(keys[1])
+        for i in range(3):
+            _attest(left, keys[2], f"l{i}")
+        for i in range(2):
+            _attest(right, keys[2], f"r{i}")
+        server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs())
+        try:
+            await GossipService(right).add_p2p_handlers(server)
+            got, pushed = await exchange(left, client, server.peer_id, SenderBudget())
+            return got, pushed, set(left.inventory()), set(right.inventory())
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    got, pushed, left_ids, right_ids = asyncio.run(scenario())
+    assert (got, pushed) == (2, 3)
+    assert left_ids == right_ids and len(left_ids) == 5
