@@ -18,20 +18,12 @@ import click
 from peers.config import DTYPES, PeerConfig, parse_block_range
 from swarm.errors import SwarmError
 from swarm.models import DEFAULT_MODEL
-from swarm.network import initial_peers_from
+from swarm.network import initial_peers_from, trusted_peers_from
 
 logger = logging.getLogger(__name__)
 
 INITIAL_PEERS_HELP = "Multiaddrs of peers in the swarm (repeat, or comma/space-separated). Default: $SWARM_INITIAL_PEERS."
 TRUSTED_HELP = "Peer ids of pre-trusted seeds, e.g. the bootstrap operators (repeat, or comma-separated). Default: $SWARM_TRUSTED_PEERS."
-
-
-def trusted_peers_from(values: tuple[str, ...]) -> tuple[str, ...]:
-    """--trusted-peers values, else $SWARM_TRUSTED_PEERS; comma or space separated."""
-    import os
-
-    text = " ".join(values) if values else os.environ.get("SWARM_TRUSTED_PEERS", "")
-    return tuple(part for part in text.replace(",", " ").split() if part)
 
 
 def setup_logging(verbose: bool) -> None:

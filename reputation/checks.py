@@ -17,7 +17,7 @@ import asyncio
 import base64
 import logging
 import random
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -50,6 +50,9 @@ class CheckStats:
     bad_receipts: int = 0  # missing, unsigned or not matching the tensors
     pairs: Counter = field(default_factory=Counter)  # (subject dtype, checker dtype) of completed checks
     caught_after: dict[str, int] = field(default_factory=dict)  # peer id -> its responses seen when confirmed
+    comparisons: deque = field(default_factory=lambda: deque(maxlen=10_000))  # (subject, checker, cos, rel_l2, verdict)
+    executions: int = 0  # extra forward passes run for checks (checkers and referees)
+    extra_tokens: int = 0  # tokens those passes processed
 
 
 def decode_receipt(text: str) -> Receipt | None:
@@ -167,6 +170,8 @@ class SpotChecker:
             logger.debug(f"Check execution on {span.peer_id} failed: {e}")
             return None
         self.stats.responses[str(span.peer_id)] += 1
+        self.stats.executions += 1
+        self.stats.extra_tokens += full.shape[0] * full.shape[1]
         if output.shape != full.shape:
             return None
         receipt = decode_receipt(receipt_text)
@@ -201,6 +206,7 @@ class SpotChecker:
         self.stats.pairs[(receipt.dtype, checker_receipt.dtype if checker_receipt else "?")] += 1
         agreement = compare_updates(record.inputs, checked_output, record.output)
         first = judge(agreement, profile)
+        self.stats.comparisons.append((subject, str(checker.peer_id), agreement.min_token_cosine, agreement.rel_l2, first))
         if first == "pass":
             return self._conclude(receipt, agreement, "pass", profile, checker_receipt, record)
         # A disagreement: referees decide who is wrong, the subject or the checker.

@@ -14,13 +14,14 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 import torch
 
 from swarm.errors import SwarmError
 from swarm.models import DEFAULT_MODEL
-from swarm.network import initial_peers_from
+from swarm.network import initial_peers_from, trusted_peers_from
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +153,21 @@ class ChatSession:
             rows.append(f"  blocks {hop.start}:{hop.end}  peer {hop.peer_id}  rtt {rtt}")
         return "\n".join(rows) if rows else "  (no route yet: ask something first)"
 
+    def describe_trust(self) -> str:
+        reputation = self.model.reputation
+        if reputation is None:
+            return "  (spot checks are off)"
+        stats = reputation.checker.stats
+        rows = [f"  spot checks: {stats.checks} run, {stats.passes} passed, {stats.faults} faults confirmed, "
+                f"{stats.inconclusive} inconclusive, {stats.skipped} skipped"]
+        for row in reputation.node.standings():
+            state = "BLACKLISTED" if row.blacklisted else f"trust {row.trust:.2f}"
+            rows.append(f"  {row.peer_id}  {state}  passed {row.passes}  faults {row.fails}")
+        return "\n".join(rows)
+
 
 def run_repl(chat: ChatSession) -> None:
-    click.echo("Type a message; /route, /stats, /reset, /exit.", err=True)
+    click.echo("Type a message; /route, /stats, /trust, /reset, /exit.", err=True)
     while True:
         try:
             text = input("\n>>> ").strip()
@@ -168,11 +181,13 @@ def run_repl(chat: ChatSession) -> None:
             click.echo(chat.describe_route())
         elif text == "/stats":
             click.echo(chat.last_stats.summary() if chat.last_stats else "no turn yet")
+        elif text == "/trust":
+            click.echo(chat.describe_trust())
         elif text == "/reset":
             chat.reset()
             click.echo("(conversation cleared)")
         elif text.startswith("/"):
-            click.echo(f"unknown command {text}; try /route, /stats, /reset, /exit")
+            click.echo(f"unknown command {text}; try /route, /stats, /trust, /reset, /exit")
         else:
             try:
                 chat.ask(text)
@@ -188,8 +203,12 @@ def run_repl(chat: ChatSession) -> None:
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0: greedy.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=2), help="Session length in tokens.")
+@click.option("--trusted-peers", multiple=True, help="Peer ids of pre-trusted seeds. Default: $SWARM_TRUSTED_PEERS.")
+@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="Key file this client signs its spot-check verdicts with.")
+@click.option("--no-spot-checks", is_flag=True, help="Do not re-run a sample of steps on other peers.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def main(model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_length, verbose) -> None:
+def main(model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_length, trusted_peers, identity,
+         no_spot_checks, verbose) -> None:
     """Chat with a model whose blocks are served by the swarm."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -197,7 +216,10 @@ def main(model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_l
 
     model_handle = None
     try:
-        model_handle = DistributedModelForCausalLM.from_pretrained(model, initial_peers_from(initial_peers))
+        model_handle = DistributedModelForCausalLM.from_pretrained(
+            model, initial_peers_from(initial_peers), spot_checks=not no_spot_checks,
+            trusted_peers=trusted_peers_from(trusted_peers), identity=identity,
+        )
         chat = ChatSession(model_handle, max_length, max_new_tokens, temperature, top_p)
         if prompt is not None:
             chat.ask(prompt)

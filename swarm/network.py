@@ -58,6 +58,12 @@ class Identity:
     temporary: bool  # generated for this run only; deleted on shutdown
 
 
+def trusted_peers_from(values: Sequence[str]) -> tuple[str, ...]:
+    """--trusted-peers values, else $SWARM_TRUSTED_PEERS: peer ids, comma- or space-separated."""
+    text = " ".join(values) if values else os.environ.get("SWARM_TRUSTED_PEERS", "")
+    return tuple(part for part in text.replace(",", " ").split() if part)
+
+
 def load_identity(path: Path | None) -> Identity:
     """Read (or create) an identity file in libp2p's protobuf format; a fresh throwaway one if no path."""
     temporary = path is None
