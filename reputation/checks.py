@@ -140,6 +140,13 @@ class SpotChecker:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
+    async def cancel(self) -> None:
+        """Abandon the checks still running (client shutdown)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     # ---- one check ----------------------------------------------------------------------------------
 
     async def _check_safely(self, record: StepRecord) -> None:

@@ -59,7 +59,6 @@ class ClientReputation:
 
     async def stop(self) -> None:
         self._stop.set()
-        for task in list(self.checker._tasks):
-            task.cancel()
+        await self.checker.cancel()
         if self._task is not None:
-            await asyncio.gather(self._task, *self.checker._tasks, return_exceptions=True)
+            await asyncio.gather(self._task, return_exceptions=True)
