@@ -33,6 +33,12 @@ class PeerConfig:
     refresh_period: float = 20.0  # seconds between DHT re-announcements
     rebalance_period: float = 120.0  # seconds between checks whether to move (0: never; pinned --blocks never move)
     drain_timeout: float = 60.0  # when moving, how long to let running sessions finish
+    svd_rank: int | None = None  # factorise every linear layer at this rank (peers.compression.svd)
+    svd_energy: float | None = None  # ...or keep the singular values holding this fraction of the energy
+    svd_params: float | None = None  # ...or keep this fraction of each layer's parameters
+    svd_method: str = "plain"  # plain | activation-aware (whitened by calibration statistics first)
+    quant: str = "none"  # none | int8 | nf4 (bitsandbytes)
+    offload: str = "none"  # none | cpu | disk: where block weights live between uses (peers.offload)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
