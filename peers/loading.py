@@ -29,12 +29,17 @@ def factor_store(checkpoint: BlockCheckpoint, spec: SvdSpec) -> FactorStore:
     return FactorStore(checkpoint.path / "compressed" / name)
 
 
-def factorised_files(checkpoint: BlockCheckpoint, model_config, spec: SvdSpec, indices: range) -> dict[int, pathlib.Path]:
-    """Paths of the factorised blocks, factorising (and caching) those not done before."""
+def factorised_files(
+    checkpoint: BlockCheckpoint, model_config, spec: SvdSpec, indices: range, grams: dict | None = None
+) -> dict[int, pathlib.Path]:
+    """Paths of the factorised blocks, factorising (and caching) those not done before. `grams`: activation
+    statistics already collected (benchmarks reuse them across ranks); collected here when needed."""
     store = factor_store(checkpoint, spec)
     missing = [index for index in indices if not store.has(index)]
     if missing:
-        grams = collect_grams(checkpoint, model_config, missing) if spec.method == "activation-aware" else {}
+        if grams is None and spec.method == "activation-aware":
+            grams = collect_grams(checkpoint, model_config, missing)
+        grams = grams or {}
         for index in tqdm(missing, desc=f"Factorising ({spec.key})", unit="block", leave=False):
             store.save(index, factorise_block(checkpoint.load_block_state(index), spec, grams.get(index)))
         logger.info(f"Factorised {len(missing)} blocks into {store.folder}")

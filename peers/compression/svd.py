@@ -77,7 +77,7 @@ def factorise(
             raise ValueError("activation-aware SVD needs the Gram matrix of the layer's inputs")
         lower, inverse = whitening(gram)
         matrix = matrix @ lower  # W S
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    u, s, vh = (t.double() for t in torch.linalg.svd(matrix.float(), full_matrices=False))  # float32: 3x faster
     rank = choose_rank(spec, s, out_features, in_features)
     if not saves_memory(out_features, in_features, rank):
         return None
