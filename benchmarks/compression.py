@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries the parent's peak into a
+    child across fork + exec, so a child of a big parent would report the parent's figure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 sys.path.insert(0, str(ROOT.parent))
 
 from peers.compression.options import compression_tag, svd_spec  # noqa: E402
@@ -40,9 +48,10 @@ FIXED = {"fp32": {}, "bf16": {"dtype": "bfloat16"}, "int8": {"quant": "int8"}, "
 METHODS = {"plain": "plain", "aa": "activation-aware"}
 
 
-def all_configs(quick: bool) -> dict[str, dict]:
+def all_configs(quick: bool, energies: tuple[float, ...] | None = None) -> dict[str, dict]:
     fractions = (0.9, 0.5) if quick else (0.9, 0.7, 0.5, 0.3)
-    energies = () if quick else (0.99, 0.95, 0.9)
+    if energies is None:
+        energies = () if quick else (0.99, 0.95, 0.9)
     configs = dict(FIXED)
     for fraction in fractions:
         for short, method in METHODS.items():
@@ -90,7 +99,7 @@ def worker(options: dict, tokens: int, steps: int, out: Path) -> None:
     cfg = PeerConfig(DEFAULT_MODEL, (), **options)
     span = build_span(checkpoint, config, 0, checkpoint.num_blocks, cfg)
     speed = decode_tokens_per_second(span, config.hidden_size, cfg.torch_dtype(), steps)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # serving peak, before the eval
+    serving_peak = peak_rss()  # serving peak, before the eval
     params, nbytes = span_size(span)
     client = checkpoint.load_client_state()
     embed, norm = client["embed_tokens.weight"].float(), client["norm.weight"].float()
@@ -106,7 +115,7 @@ def worker(options: dict, tokens: int, steps: int, out: Path) -> None:
         predictions.append(logits.argmax(-1))
     torch.save(torch.cat(predictions), out.with_suffix(".pt"))
     scored = len(ids) - 1
-    out.write_text(json.dumps({"params": params, "bytes": nbytes, "peak_rss": peak_rss, "tokens_per_s": speed,
+    out.write_text(json.dumps({"params": params, "bytes": nbytes, "peak_rss": serving_peak, "tokens_per_s": speed,
                                "perplexity": math.exp(total_nll / scored), "scored": scored,
                                "tag": compression_tag(cfg)}))
 
@@ -189,6 +198,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer configurations and tokens")
     parser.add_argument("--tokens", type=int, help="evaluation tokens (default 1024, quick 512)")
+    parser.add_argument("--energies", type=float, nargs="*", help="--svd-energy values (default 0.99 0.95 0.9)")
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per configuration")
     parser.add_argument("--results", type=Path, default=ROOT / "results", help="where the table and plot go")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -198,7 +208,7 @@ def main() -> None:
     if args.worker:
         torch.set_num_threads(torch.get_num_threads())
         return worker(json.loads(args.worker), tokens, args.steps, args.out)
-    configs = all_configs(args.quick)
+    configs = all_configs(args.quick, None if args.energies is None else tuple(args.energies))
     print(f"Compression benchmark: {len(configs)} configurations, {tokens} evaluation tokens", file=sys.stderr)
     prepare_factors(configs)
     results = run_all(configs, tokens, args.steps)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries the parent's peak into a
+    child across fork + exec, so a child of a big parent would report the parent's figure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 sys.path.insert(0, str(ROOT.parent))
 
 from peers.config import PeerConfig  # noqa: E402
@@ -55,7 +63,7 @@ def worker(options: dict, steps: int, out: Path) -> None:
     cfg = PeerConfig(DEFAULT_MODEL, (), **options)
     span = build_span(checkpoint, config, 0, checkpoint.num_blocks, cfg)
     times = step_times(span, config.hidden_size, cfg.torch_dtype(), steps, cfg.torch_device())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     out.write_text(json.dumps({"tokens_per_s": 1 / statistics.median(times), "peak_rss": peak}))
 
 
