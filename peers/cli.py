@@ -109,14 +109,25 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--session-idle-timeout", default=600.0, show_default=True, type=click.FloatRange(min=1), help="Seconds without a step before a session's cache is freed.")
 @click.option("--rebalance-period", default=120.0, show_default=True, type=click.FloatRange(min=0), help="Seconds between checks whether moving would help the swarm (0: never). Peers given --blocks never move.")
 @click.option("--public-name", default="", help="A name shown in `swarm-peer status`.")
+@click.option("--svd-rank", type=int, help="Replace each linear layer by rank-R factors (where that saves memory).")
+@click.option("--svd-energy", type=float, help="Keep the singular values holding this fraction of the energy, e.g. 0.95.")
+@click.option("--svd-params", type=float, help="Keep this fraction of each linear layer's parameters, e.g. 0.5.")
+@click.option("--svd-method", type=click.Choice(["plain", "activation-aware"]), default="plain", show_default=True,
+              help="activation-aware: whiten by calibration-text activations before truncating.")
+@click.option("--quant", type=click.Choice(["none", "int8", "nf4"]), default="none", show_default=True,
+              help="Quantise weights with bitsandbytes.")
+@click.option("--offload", type=click.Choice(["none", "cpu", "disk"]), default="none", show_default=True,
+              help="Keep weights in host RAM (GPU peer) or on disk; bring them in block by block.")
 @click.option("--trusted-peers", multiple=True, help=TRUSTED_HELP)
 @click.option("--gossip-period", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between exchanges of attestations with other peers.")
 @click.option("--adversary", hidden=True, help="Misbehave on purpose, for tests: random, skip, noise, cheap-quant, cheat:Q, collude.")
 @click.option("--fellows", hidden=True, default="", help="Comma-separated peer ids a colluding adversary vouches for.")
 def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, max_sessions,
-         cache_tokens, max_cache_gb, session_idle_timeout, rebalance_period, public_name, trusted_peers, gossip_period,
+         cache_tokens, max_cache_gb, session_idle_timeout, rebalance_period, public_name,
+         svd_rank, svd_energy, svd_params, svd_method, quant, offload, trusted_peers, gossip_period,
          adversary, fellows) -> None:
     """Load a span of blocks and serve it until Ctrl+C or SIGTERM."""
+    from peers.compression import check_options
     from peers.server import run_peer
 
     if blocks and num_blocks:
@@ -140,11 +151,18 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
         session_idle_timeout=session_idle_timeout,
         rebalance_period=rebalance_period,
         public_name=public_name,
+        svd_rank=svd_rank,
+        svd_energy=svd_energy,
+        svd_params=svd_params,
+        svd_method=svd_method,
+        quant=quant,
+        offload=offload,
         trusted_peers=trusted_peers_from(trusted_peers),
         gossip_period=gossip_period,
         adversary_mode=adversary,
         fellows=tuple(f for f in fellows.replace(",", " ").split() if f),
     )
+    check_options(cfg)
     cfg.adversary()  # a bad --adversary fails here, before the model loads
     run_peer(cfg)
 

@@ -37,6 +37,12 @@ class PeerConfig:
     gossip_period: float = 5.0  # seconds between gossip rounds
     adversary_mode: str | None = None  # misbehave on purpose, for tests of the trust layer (hidden option)
     fellows: tuple[str, ...] = ()  # peer ids a colluding adversary vouches for
+    svd_rank: int | None = None  # factorise every linear layer at this rank (peers.compression.svd)
+    svd_energy: float | None = None  # ...or keep the singular values holding this fraction of the energy
+    svd_params: float | None = None  # ...or keep this fraction of each layer's parameters
+    svd_method: str = "plain"  # plain | activation-aware (whitened by calibration statistics first)
+    quant: str = "none"  # none | int8 | nf4 (bitsandbytes)
+    offload: str = "none"  # none | cpu | disk: where block weights live between uses (peers.offload)
 
     def adversary(self):
         """The parsed adversary behaviour, or None for an honest peer."""

@@ -13,11 +13,12 @@ import psutil
 import torch
 from hivemind import DHT
 from hivemind.p2p import P2P
-from tqdm.auto import tqdm
 
 import swarm
 from peers.config import PeerConfig, parse_block_range
+from peers.compression.options import compression_tag
 from peers.handler import BlockHandler, HandlerConfig
+from peers.loading import build_span
 from peers.selection import choose_num_blocks, choose_span_start, rebalance_target
 from peers.trust import PeerReputation
 from swarm import records
@@ -77,17 +78,8 @@ def plan_blocks(cfg: PeerConfig, checkpoint: BlockCheckpoint, model_config, dht:
 
 
 def load_span(checkpoint: BlockCheckpoint, model_config, start: int, end: int, cfg: PeerConfig) -> BlockSpan:
-    span = BlockSpan(model_config, start, end)
-    bar = tqdm(total=end - start, desc=f"Loading blocks {start}:{end}", unit="block", leave=False)
-
-    def load_state(index: int) -> dict[str, torch.Tensor]:
-        state = checkpoint.load_block_state(index)
-        bar.update(1)
-        return {k: v.to(cfg.torch_device(), cfg.torch_dtype()) for k, v in state.items()}
-
-    span.load_blocks(load_state)
-    bar.close()
-    return span.to(cfg.torch_device()).eval()
+    """Blocks [start, end) as the peer's options ask: dense, SVD-factorised, quantised or offloaded."""
+    return build_span(checkpoint, model_config, start, end, cfg)
 
 
 def measure_throughput(span: BlockSpan, hidden_size: int, cfg: PeerConfig, steps: int = 8, rounds: int = 3) -> float:
@@ -135,6 +127,7 @@ class Peer:
             end=self.plan.end,
             throughput=float(self.handler.throughput if self.handler else 0.0),
             dtype=str(self.cfg.torch_dtype()).removeprefix("torch."),
+            compression=compression_tag(self.cfg),
             cache_tokens_left=self.handler.info().cache_tokens_left if self.handler else self.plan.cache_tokens,
             version=swarm.__version__,
             public_name=self.cfg.public_name,
@@ -168,7 +161,7 @@ class Peer:
             session_idle_timeout=self.cfg.session_idle_timeout,
         )
         self.handler = BlockHandler(span, handler_cfg, throughput, self.plan.cache_tokens)
-        self.reputation.equip(self.handler, compression="none")
+        self.reputation.equip(self.handler, compression=compression_tag(self.cfg))
         p2p: P2P = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(p2p)
         await self.reputation.start(p2p, self.model_config.hidden_size, stop)
