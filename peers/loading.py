@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import pathlib
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 from tqdm.auto import tqdm
 
 from peers.compression.calibration import calibration_digest, collect_grams
@@ -16,6 +17,7 @@ from peers.compression.quant import quantise_layer
 from peers.compression.store import FactorStore
 from peers.compression.svd import factorise_block, shape_for_state
 from peers.config import PeerConfig
+from peers.memory import release_free_memory
 from peers.offload import DiskTier, HostTier, offload_layers
 from swarm.blocks import BlockSpan
 from swarm.models import BlockCheckpoint
@@ -52,6 +54,14 @@ def _meta_state(file: pathlib.Path) -> dict[str, torch.Tensor]:
         return {key: torch.empty(reader.get_slice(key).get_shape(), device="meta") for key in reader.keys()}
 
 
+def _read_state(file: pathlib.Path, copy: bool) -> dict[str, torch.Tensor]:
+    """A block's tensors: memory-mapped (dense blocks use the file's pages), or read into private memory
+    when they are about to be quantised (a mapping would keep every dense page resident)."""
+    if not copy:
+        return load_file(file)
+    return load(file.read_bytes())
+
+
 def build_span(checkpoint: BlockCheckpoint, model_config, start: int, end: int, cfg: PeerConfig) -> BlockSpan:
     check_options(cfg)
     dtype, device = cfg.torch_dtype(), cfg.torch_device()
@@ -74,11 +84,14 @@ def build_span(checkpoint: BlockCheckpoint, model_config, start: int, end: int, 
         offload_layers(span.layers, start, HostTier(states, dtype, device))
     else:
         for local, index in enumerate(tqdm(indices, desc=f"Loading blocks {start}:{end}", unit="block", leave=False)):
-            state = {k: v.to(device, dtype) for k, v in load_file(files[index]).items()}
+            state = {k: v.to(device, dtype) for k, v in _read_state(files[index], cfg.quant != "none").items()}
             layer = span.layers[local]
             shape_for_state(layer, state)
             layer.load_state_dict(state, strict=True, assign=True)
             if cfg.quant != "none":
                 quantise_layer(layer, cfg.quant, dtype, device)
+                del state
+                gc.collect()  # the dense copy and bitsandbytes' temporaries go now, not after the last block
+                release_free_memory()
     logger.info(f"Blocks {start}:{end} loaded: {dtype}, compression {compression_tag(cfg)}, offload {cfg.offload}")
     return span.eval()
