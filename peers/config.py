@@ -33,6 +33,7 @@ class PeerConfig:
     refresh_period: float = 20.0  # seconds between DHT re-announcements
     rebalance_period: float = 120.0  # seconds between checks whether to move (0: never; pinned --blocks never move)
     drain_timeout: float = 60.0  # when moving, how long to let running sessions finish
+    status_interval: float = 60.0  # seconds between status lines in the log (0: none)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -19,6 +19,7 @@ import swarm
 from peers.config import PeerConfig, parse_block_range
 from peers.handler import BlockHandler, HandlerConfig
 from peers.selection import choose_num_blocks, choose_span_start, rebalance_target
+from peers.status_log import TrustProvider, log_status
 from swarm import records
 from swarm.blocks import BlockSpan, SpanInput
 from swarm.models import BlockCheckpoint, open_model
@@ -120,6 +121,7 @@ class Peer:
         self.subkey = records.owner_subkey(self.dht.peer_id, self.signer)
         self.handler: BlockHandler | None = None
         self.plan: Plan | None = None
+        self.trust_provider: TrustProvider | None = None  # this peer's trust score for the status line
 
     @property
     def name(self) -> str:
@@ -161,6 +163,7 @@ class Peer:
         self.handler = BlockHandler(span, handler_cfg, throughput, self.plan.cache_tokens)
         p2p: P2P = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(p2p)
+        status = asyncio.create_task(log_status(self.handler, stop, self.cfg.status_interval, self.trust_provider))
         try:
             await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
             logger.info(
@@ -183,6 +186,7 @@ class Peer:
                         await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
                         announced = time.monotonic()
         finally:
+            status.cancel()
             logger.info("Shutting down: announcing OFFLINE")
             # Same TTL as ONLINE: the DHT keeps whichever record of a subkey expires last.
             await loop.run_in_executor(None, self.announce, ServerState.OFFLINE)
