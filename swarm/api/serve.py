@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import dataclass
 
 import uvicorn
@@ -24,9 +25,16 @@ class ServeConfig:
     workers: int = 4  # requests generated at once (each in its own inference session)
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(cfg: ServeConfig) -> None:
     from swarm.client import DistributedModelForCausalLM
 
+    # uvicorn re-raises the signal that stopped it; SIGTERM's default action would end the process before
+    # the swarm client could stop its DHT process, so SIGTERM unwinds like Ctrl+C instead.
+    signal.signal(signal.SIGTERM, _interrupt)
     model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers)
     backend = SwarmBackend(model, cfg.max_length, cfg.default_max_tokens, cfg.workers)
     names = tuple(dict.fromkeys((cfg.model, model.checkpoint.manifest.name)))
