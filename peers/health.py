@@ -10,10 +10,9 @@ import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 
 from swarm.errors import SwarmError
-from swarm.network import create_dht
 from swarm.remote import call_info
 
 
@@ -30,32 +29,36 @@ def local_multiaddr(host: str, port: int, identity: Path) -> tuple[PeerID, str]:
 
 
 def check_health(host: str, port: int, identity: Path, dht_only: bool, timeout: float) -> HealthResult:
-    """Healthy: the DHT node answers and (unless `dht_only`, e.g. for a bootstrap node) serves blocks."""
+    """Healthy: the node accepts a connection and (unless `dht_only`, e.g. for a bootstrap node) serves blocks.
+
+    A bare P2P node is enough to ask (no DHT process of our own), which keeps a check cheap.
+    """
     if not identity.is_file():
         return HealthResult(False, f"no identity file {identity} yet: the peer has not started")
     try:
         peer_id, maddr = local_multiaddr(host, port, identity)
     except Exception as e:  # protobuf/cryptography raise many types on a corrupt key file
         return HealthResult(False, f"cannot read the peer id from {identity}: {e}")
-    try:
-        dht = create_dht(initial_peers=[maddr], client_mode=True)
-    except SwarmError as e:
-        return HealthResult(False, f"DHT node at {maddr} does not answer: {e}")
-    try:
-        if dht_only:
-            return HealthResult(True, f"DHT node {peer_id} answers")
 
-        async def ask():
-            return await call_info(await dht.replicate_p2p(), peer_id, timeout=timeout)
-
+    async def ask() -> HealthResult:
         try:
-            info, rtt = asyncio.run(ask())
-        except SwarmError as e:
-            return HealthResult(False, f"peer {peer_id} does not serve blocks yet: {e}")
-        return HealthResult(
-            True,
-            f"peer {peer_id} serves blocks {info.start}:{info.end} ({info.sessions} sessions, "
-            f"{info.cache_tokens_left} cache tokens left, rtt {rtt * 1000:.1f} ms)",
-        )
-    finally:
-        dht.shutdown()
+            p2p = await asyncio.wait_for(P2P.create(initial_peers=[maddr]), timeout)
+        except Exception as e:  # p2pd reports a failed bootstrap with several error types
+            reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            return HealthResult(False, f"node {peer_id} at {maddr} does not answer: {reason}")
+        try:
+            if dht_only:
+                return HealthResult(True, f"node {peer_id} answers")
+            try:
+                info, rtt = await call_info(p2p, peer_id, timeout=timeout)
+            except SwarmError as e:
+                return HealthResult(False, f"peer {peer_id} does not serve blocks yet: {e}")
+            return HealthResult(
+                True,
+                f"peer {peer_id} serves blocks {info.start}:{info.end} ({info.sessions} sessions, "
+                f"{info.cache_tokens_left} cache tokens left, rtt {rtt * 1000:.1f} ms)",
+            )
+        finally:
+            await p2p.shutdown()
+
+    return asyncio.run(ask())

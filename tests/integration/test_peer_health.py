@@ -36,7 +36,7 @@ def test_health_check_and_status_line(tmp_path):
         assert health(swarm.env, "--port", str(port), "--identity", str(key), "--dht-only").returncode == 0
 
         closed = health(swarm.env, "--port", str(free_port()), "--identity", str(key), "--timeout", "3")
-        assert closed.returncode == 1 and closed.stdout.startswith("unhealthy: DHT node"), closed.stdout
+        assert closed.returncode == 1 and closed.stdout.startswith("unhealthy: node"), closed.stdout
         missing = health(swarm.env, "--port", str(port), "--identity", str(tmp_path / "none.key"))
         assert missing.returncode == 1 and "no identity file" in missing.stdout
 
