@@ -127,7 +127,7 @@ coverage() {
     wait_for 900 "three peers covering every block" swarm_complete
     "$PY" -m peers.cli status | tee "$WORK/status.txt"
     grep -q "All 30 blocks are served." "$WORK/status.txt"
-    for name in docker-peer1 docker-peer2 docker-peer3; do grep -q "$name" "$WORK/status.txt"; done
+    local peer; for peer in docker-peer1 docker-peer2 docker-peer3; do grep -q "$peer" "$WORK/status.txt"; done
 }
 
 chat() {
