@@ -92,7 +92,7 @@ build() {
         args+=(--build-arg PIP_CERT=host-ca.crt)
     fi
     local began=$(date +%s)
-    DOCKER_BUILDKIT=0 docker build --network host -f docker/Dockerfile -t "$IMAGE" "${args[@]}" . >"$WORK/build.log" 2>&1 \
+    DOCKER_BUILDKIT=0 docker build --force-rm --network host -f docker/Dockerfile -t "$IMAGE" "${args[@]}" . >"$WORK/build.log" 2>&1 \
         || { tail -n 60 "$WORK/build.log"; return 1; }
     BUILD_SECONDS=$(( $(date +%s) - began ))
     docker run --rm --network host "$IMAGE" --help >/dev/null  # the entrypoint runs
