@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 MODEL ?= smollm2-135m
 PYTEST_ARGS ?=
 
-.PHONY: install model demo lint test test-fast bench clean
+.PHONY: install model demo lint test test-fast bench docker-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test-fast: model
 
 bench: model
 	$(PY) benchmarks/decode_speed.py
+
+# Builds the Docker image, runs docker/compose.yaml (bootstrap + 3 peers) and checks it from this host;
+# installs and starts the Docker engine if needed (as root), removes everything it made afterwards.
+docker-test: model
+	PY=$(PY) bash docker/test.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -62,9 +62,9 @@ def main(verbose: bool) -> None:
 
 
 @main.command(cls=SwarmCommand)
-@click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on.")
-@click.option("--port", default=0, type=click.IntRange(0, 65535), help="TCP port (default: any free port).")
-@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="Identity file; keeps the peer id across restarts.")
+@click.option("--host", default="0.0.0.0", show_default=True, envvar="SWARM_HOST", help="Interface to listen on ($SWARM_HOST).")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), envvar="SWARM_PORT", help="TCP port ($SWARM_PORT; default: any free port).")
+@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), envvar="SWARM_IDENTITY", help="Identity file; keeps the peer id across restarts ($SWARM_IDENTITY).")
 @click.option("--initial-peers", multiple=True, help="Join an existing DHT instead of starting a new one.")
 def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[str, ...]) -> None:
     """Start a DHT node that others join; print SWARM_INITIAL_PEERS=<multiaddr> on stdout."""
@@ -97,9 +97,9 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--blocks", help="Serve exactly these blocks, START:END (END exclusive).")
 @click.option("--num-blocks", type=click.IntRange(min=1), help="Serve this many blocks, where the swarm needs them most.")
 @click.option("--initial-peers", multiple=True, help=INITIAL_PEERS_HELP)
-@click.option("--host", default="0.0.0.0", show_default=True, help="Interface to listen on.")
-@click.option("--port", default=0, type=click.IntRange(0, 65535), help="TCP port (default: any free port).")
-@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="Identity file; keeps the peer id across restarts.")
+@click.option("--host", default="0.0.0.0", show_default=True, envvar="SWARM_HOST", help="Interface to listen on ($SWARM_HOST).")
+@click.option("--port", default=0, type=click.IntRange(0, 65535), envvar="SWARM_PORT", help="TCP port ($SWARM_PORT; default: any free port).")
+@click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), envvar="SWARM_IDENTITY", help="Identity file; keeps the peer id across restarts ($SWARM_IDENTITY).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
 @click.option("--max-length", default=4096, show_default=True, type=click.IntRange(min=1), help="Longest session accepted, in tokens.")
@@ -122,10 +122,11 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--gossip-period", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between exchanges of attestations with other peers.")
 @click.option("--adversary", hidden=True, help="Misbehave on purpose, for tests: random, skip, noise, cheap-quant, cheat:Q, collude.")
 @click.option("--fellows", hidden=True, default="", help="Comma-separated peer ids a colluding adversary vouches for.")
+@click.option("--status-interval", default=60.0, show_default=True, type=click.FloatRange(min=0), help="Seconds between status lines in the log (0: none).")
 def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, max_sessions,
          cache_tokens, max_cache_gb, session_idle_timeout, rebalance_period, public_name,
          svd_rank, svd_energy, svd_params, svd_method, quant, offload, trusted_peers, gossip_period,
-         adversary, fellows) -> None:
+         adversary, fellows, status_interval) -> None:
     """Load a span of blocks and serve it until Ctrl+C or SIGTERM."""
     from peers.compression import check_options
     from peers.server import run_peer
@@ -161,6 +162,7 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
         gossip_period=gossip_period,
         adversary_mode=adversary,
         fellows=tuple(f for f in fellows.replace(",", " ").split() if f),
+        status_interval=status_interval,
     )
     check_options(cfg)
     cfg.adversary()  # a bad --adversary fails here, before the model loads
@@ -204,6 +206,21 @@ def rewards(model: str, initial_peers: tuple[str, ...], trusted_peers: tuple[str
         click.echo(json.dumps([row.__dict__ for row in standings], indent=2))
     else:
         click.echo(render_rewards(standings))
+
+
+@main.command(cls=SwarmCommand)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the peer is reachable at from here.")
+@click.option("--port", required=True, type=click.IntRange(1, 65535), envvar="SWARM_PORT", help="The peer's TCP port ($SWARM_PORT).")
+@click.option("--identity", required=True, type=click.Path(dir_okay=False, path_type=Path), envvar="SWARM_IDENTITY", help="The peer's identity file ($SWARM_IDENTITY).")
+@click.option("--dht-only", is_flag=True, help="Only check that the DHT node answers (a bootstrap node).")
+@click.option("--timeout", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
+def health(host: str, port: int, identity: Path, dht_only: bool, timeout: float) -> None:
+    """Exit 0 if the peer on this machine answers (and serves blocks), else 1: a container health check."""
+    from peers.health import check_health
+
+    result = check_health(host, port, identity, dht_only, timeout)
+    click.echo(("healthy: " if result.healthy else "unhealthy: ") + result.message)
+    sys.exit(0 if result.healthy else 1)
 
 
 if __name__ == "__main__":

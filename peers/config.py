@@ -44,6 +44,7 @@ class PeerConfig:
     quant: str = "none"  # none | int8 | nf4 (bitsandbytes)
     offload: str = "none"  # none | cpu | disk: where block weights live between uses (peers.offload)
 
+    status_interval: float = 60.0  # seconds between status lines in the log (0: none)
     def adversary(self):
         """The parsed adversary behaviour, or None for an honest peer."""
         if self.adversary_mode is None:

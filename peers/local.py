@@ -14,9 +14,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +132,19 @@ class LocalSwarm:
                     logger.warning(f"{peer.name} did not stop in time; killing it")
                 peer.kill_group()
         self.processes.clear()
+
+
+@contextmanager
+def swarm_or_local(blocks: Sequence[str] = ("0:10", "10:20", "20:30"), *peer_args: str,
+                   model: str = "smollm2-135m") -> Iterator[str]:
+    """Yield the initial peers of the swarm named by $SWARM_INITIAL_PEERS, or of a new local swarm whose
+    peers serve `blocks` (each started with `peer_args`), stopped on exit. For examples and demos."""
+    existing = os.environ.get("SWARM_INITIAL_PEERS", "")
+    if existing:
+        yield existing
+        return
+    with LocalSwarm(model=model) as swarm:
+        peers = [swarm.add_peer(span, *peer_args, wait=False) for span in blocks]
+        for peer in peers:
+            swarm.wait_online(peer)
+        yield swarm.initial_peers

@@ -21,6 +21,7 @@ from peers.handler import BlockHandler, HandlerConfig
 from peers.loading import build_span
 from peers.selection import choose_num_blocks, choose_span_start, rebalance_target
 from peers.trust import PeerReputation
+from peers.status_log import TrustProvider, log_status
 from swarm import records
 from swarm.blocks import BlockSpan, SpanInput
 from swarm.models import BlockCheckpoint, open_model
@@ -114,6 +115,8 @@ class Peer:
         self.handler: BlockHandler | None = None
         self.plan: Plan | None = None
         self.reputation = PeerReputation(cfg, self.identity, self.dht, self.checkpoint.dht_prefix, self.checkpoint.num_blocks)
+        # this peer's trust as the seeds' view has it, for the status line (n/a without --trusted-peers)
+        self.trust_provider: TrustProvider | None = lambda: self.reputation.node.trust_from_seeds(self.reputation.node.peer_id)
 
     @property
     def name(self) -> str:
@@ -165,6 +168,7 @@ class Peer:
         p2p: P2P = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(p2p)
         await self.reputation.start(p2p, self.model_config.hidden_size, stop)
+        status = asyncio.create_task(log_status(self.handler, stop, self.cfg.status_interval, self.trust_provider))
         try:
             await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
             logger.info(
@@ -187,6 +191,7 @@ class Peer:
                         await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
                         announced = time.monotonic()
         finally:
+            status.cancel()
             logger.info("Shutting down: announcing OFFLINE")
             # Same TTL as ONLINE: the DHT keeps whichever record of a subkey expires last.
             await loop.run_in_executor(None, self.announce, ServerState.OFFLINE)

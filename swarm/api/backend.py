@@ -1,0 +1,146 @@
+"""Generation for the HTTP API: each request gets its own inference session, run on a worker thread.
+
+Concurrent requests run side by side in a thread pool (`workers` at once): sessions are independent, and
+all P2P work of the shared client is done on its one event loop, so threads never share mutable state
+except through that loop. Text reaches the caller through `on_text` as soon as it is certain (not the
+start of a stop sequence, not half of a multi-byte character).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from swarm.api.text import sendable
+from swarm.errors import SwarmError
+
+logger = logging.getLogger(__name__)
+
+
+class RequestTooLong(SwarmError):
+    """The prompt plus max_tokens would not fit in a session."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int | None  # None: as many as fit
+    temperature: float  # 0: greedy
+    top_p: float
+    stop: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    finish_reason: str  # "stop" (end of sequence or a stop sequence) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _Finished(Exception):
+    """Raised inside the decoding loop to end it early (a stop sequence, or the client went away)."""
+
+
+class TextCollector:
+    """A streamer (transformers' interface) that decodes new tokens and passes on the certain text."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], eos_ids: tuple[int, ...],
+                 on_text: Callable[[str], None] | None, cancelled: threading.Event):
+        self.tokenizer, self.stop, self.eos_ids = tokenizer, stop, eos_ids
+        self.on_text, self.cancelled = on_text, cancelled
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.stopped = self.saw_eos = False
+        self._seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._seen_prompt:  # the first call carries the prompt
+            self._seen_prompt = True
+            return
+        if self.cancelled.is_set():
+            raise _Finished()
+        token = int(value.view(-1)[0])
+        self.tokens.append(token)
+        self.saw_eos = token in self.eos_ids
+        self._emit(final=False)
+        if self.stopped:
+            raise _Finished()
+
+    def end(self) -> None:
+        pass
+
+    def _emit(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not final:
+            text = text.rstrip("\ufffd")  # half of a multi-byte character: wait for the rest
+        certain, self.stopped = sendable(text, self.stop, final)
+        if len(certain) > len(self.sent) and certain.startswith(self.sent):
+            if self.on_text is not None:
+                self.on_text(certain[len(self.sent):])
+            self.sent = certain
+
+    def finish(self) -> str:
+        if not self.stopped:
+            self._emit(final=True)
+        return self.sent
+
+
+class SwarmBackend:
+    """Runs requests against one `DistributedModelForCausalLM`."""
+
+    def __init__(self, model, max_length: int, default_max_tokens: int, workers: int):
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.max_length = max_length  # session length: prompt + new tokens
+        self.default_max_tokens = default_max_tokens
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="generate")
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                       return_dict=False))
+
+    def text_prompt(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def budget(self, prompt_ids: list[int], max_new_tokens: int | None) -> int:
+        """New tokens to allow; RequestTooLong if the request cannot fit in a session."""
+        room = self.max_length - len(prompt_ids)
+        if max_new_tokens is None:
+            max_new_tokens = min(self.default_max_tokens, room)
+        if not prompt_ids or max_new_tokens > room or room < 1:
+            raise RequestTooLong(
+                f"this server's context is {self.max_length} tokens; the prompt has {len(prompt_ids)} and "
+                f"{max_new_tokens} more were asked for"
+            )
+        return max_new_tokens
+
+    def generate(self, prompt_ids: list[int], params: GenerationParams,
+                 on_text: Callable[[str], None] | None = None,
+                 cancelled: threading.Event | None = None) -> GenerationResult:
+        """Blocking: run on a worker thread. Raises SwarmError if the swarm cannot serve the request."""
+        max_new = self.budget(prompt_ids, params.max_new_tokens)
+        collector = TextCollector(self.tokenizer, params.stop, self.model.eos_token_ids, on_text,
+                                  cancelled or threading.Event())
+        try:
+            self.model.generate(
+                torch.tensor([prompt_ids]),
+                max_new_tokens=max_new,
+                do_sample=params.temperature > 0,
+                temperature=params.temperature if params.temperature > 0 else 1.0,
+                top_p=params.top_p,
+                streamer=collector,
+            )
+        except _Finished:  # generate() closed its session on the way out
+            pass
+        text = collector.finish()
+        generated = len(collector.tokens)
+        finish = "stop" if collector.stopped or collector.saw_eos else "length"
+        return GenerationResult(text, finish, len(prompt_ids), generated)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,47 @@
+"""Run the OpenAI-compatible API server until Ctrl+C (the body of `swarm-chat serve`)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+
+import uvicorn
+
+from swarm.api.app import create_app
+from swarm.api.backend import SwarmBackend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str  # alias, repo id or path; also the model name clients ask for
+    initial_peers: tuple[str, ...]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_length: int = 2048  # session length per request: prompt + new tokens
+    default_max_tokens: int = 256  # new tokens when a chat request gives no max_tokens
+    workers: int = 4  # requests generated at once (each in its own inference session)
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(cfg: ServeConfig) -> None:
+    from swarm.client import DistributedModelForCausalLM
+
+    # uvicorn re-raises the signal that stopped it; SIGTERM's default action would end the process before
+    # the swarm client could stop its DHT process, so SIGTERM unwinds like Ctrl+C instead.
+    signal.signal(signal.SIGTERM, _interrupt)
+    model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers)
+    backend = SwarmBackend(model, cfg.max_length, cfg.default_max_tokens, cfg.workers)
+    names = tuple(dict.fromkeys((cfg.model, model.checkpoint.manifest.name)))
+    app = create_app(backend, names)
+    logger.info(f"OpenAI-compatible API for {cfg.model} at http://{cfg.host}:{cfg.port}/v1")
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+    finally:
+        backend.shutdown()
+        model.shutdown()

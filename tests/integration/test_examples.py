@@ -1,0 +1,34 @@
+"""Every script in examples/ runs as written against the default model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def run_example(name: str, env: dict[str, str]) -> str:
+    result = subprocess.run([sys.executable, str(EXAMPLES / name)], env=env, capture_output=True, text=True,
+                            timeout=280, cwd=EXAMPLES.parent)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("name", ["python_api.py", "openai_chat.py"])
+def test_example_against_a_running_swarm(name, swarm3):
+    out = run_example(name, swarm3.env)  # $SWARM_INITIAL_PEERS names the test swarm
+    assert "A: The capital of France is Paris" in out
+
+
+@pytest.mark.parametrize("name", ["local_swarm.py", "compressed_peer.py"])
+def test_example_that_starts_its_own_swarm(name):
+    env = {k: v for k, v in os.environ.items() if k != "SWARM_INITIAL_PEERS"}
+    out = run_example(name, env)
+    assert "Paris" in out

@@ -1,0 +1,40 @@
+"""Stop sequences over streamed text, and the API's request validation (pure parts of swarm.api)."""
+
+import pytest
+from pydantic import ValidationError
+
+from swarm.api.schema import ChatCompletionRequest, CompletionRequest
+from swarm.api.text import find_stop, held_back, sendable
+
+
+def test_find_stop_takes_the_earliest_stop():
+    assert find_stop("Paris is nice. Rome too.", ("Rome", ".")) == 13
+    assert find_stop("Paris", ("Rome",)) is None
+
+
+def test_text_that_may_begin_a_stop_is_held_back():
+    assert held_back("The answer is Par", ("Paris",)) == 3
+    assert held_back("The answer", ("Paris",)) == 0
+    assert held_back("ab", ("bc", "abx")) == 2  # the longest possible start wins
+    assert sendable("The answer is Par", ("Paris",), final=False) == ("The answer is ", False)
+    assert sendable("The answer is Par", ("Paris",), final=True) == ("The answer is Par", False)
+    assert sendable("It is Paris, France", ("Paris",), final=False) == ("It is ", True)
+    assert sendable("anything", (), final=False) == ("anything", False)
+
+
+def test_requests_are_validated_like_openai():
+    ok = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                               stop="x", unknown_field=1)
+    assert ok.messages[0].text() == "hi" and ok.stop_sequences() == ("x",) and ok.temperature == 1.0
+    assert ChatCompletionRequest(model="m", messages=[{"role": "developer", "content": "be brief"}],
+                                 max_completion_tokens=5).token_limit() == 5
+    for bad in (dict(messages=[]), dict(n=2), dict(temperature=-0.1), dict(top_p=0), dict(max_tokens=0),
+                dict(stop=["a"] * 5), dict(stop=[""]), dict(messages=[{"role": "robot", "content": "x"}])):
+        fields = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **bad}
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest(**fields)
+    assert CompletionRequest(model="m", prompt=["one"]).prompt_text() == "one"
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt=["one", "two"])
+    with pytest.raises(ValidationError):
+        CompletionRequest(model="m", prompt="x", echo=True)

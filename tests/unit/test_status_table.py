@@ -1,0 +1,22 @@
+"""`swarm-peer status`: the coverage summary under the peer table."""
+
+from peers.status import PeerRow, StatusReport, coverage_ranges, render_table
+
+
+def row(peer: str, start: int, end: int, state: str = "online", rtt: float | None = 1.0) -> PeerRow:
+    return PeerRow(peer, "", start, end, state, 10.0, "float32", rtt)
+
+
+def test_coverage_counts_only_online_reachable_peers():
+    report = StatusReport("m", "m@x", 6, (row("a", 0, 4), row("b", 2, 6), row("c", 0, 6, rtt=None),
+                                          row("d", 0, 6, state="offline")), missing=())
+    assert coverage_ranges(report) == [(0, 2, 1), (2, 4, 2), (4, 6, 1)]
+    table = render_table(report)
+    assert "coverage (blocks x online peers): 0:2 x1  2:4 x2  4:6 x1" in table
+    assert "unreachable" in table and table.endswith("All 6 blocks are served.")
+
+
+def test_a_gap_shows_as_zero_and_missing():
+    report = StatusReport("m", "m@x", 4, (row("a", 0, 2),), missing=(2, 3))
+    assert coverage_ranges(report) == [(0, 2, 1), (2, 4, 0)]
+    assert "MISSING" in render_table(report)
