@@ -28,7 +28,7 @@ class PeerRow:
     throughput: float
     dtype: str
     rtt_ms: float | None  # None: did not answer
-    trust: float | None = None  # relative trust (1.0 = average) from gossiped attestations; None: unknown
+    trust: float | None = None  # relative trust (1.0 = average) from gossiped attestations; None: never checked
     blacklisted: bool = False
 
 
@@ -97,7 +97,7 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
         rtts, node = asyncio.run(ping_all())
     finally:
         dht.shutdown()
-    standings = {row.peer_id: row for row in node.standings()}
+    standings = {row.peer_id: row for row in node.standings() if row.passes or row.fails or row.blacklisted}
     rows = tuple(
         PeerRow(
             peer_id=str(s.peer_id),
