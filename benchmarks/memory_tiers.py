@@ -25,16 +25,10 @@ import torch
 ROOT = Path(__file__).resolve().parent
 
 
-def peak_rss() -> int:
-    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries the parent's peak into a
-    child across fork + exec, so a child of a big parent would report the parent's figure."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 sys.path.insert(0, str(ROOT.parent))
 
 from peers.config import PeerConfig  # noqa: E402
+from peers.memory import peak_rss  # noqa: E402
 from swarm.blocks import SpanInput  # noqa: E402
 from swarm.models import DEFAULT_MODEL, open_model  # noqa: E402
 

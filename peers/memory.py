@@ -1,4 +1,4 @@
-"""Giving freed KV-cache memory back to the operating system."""
+"""Giving freed memory back to the operating system, and reading the process's peak use."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -31,3 +32,12 @@ def release_free_memory() -> None:
     """
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM). Not ru_maxrss: Linux carries the parent's peak into
+    a child across fork + exec, so a child of a big parent would report the parent's figure."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")

@@ -227,6 +227,15 @@ class ReputationNode:
     def _relative(self, peer: str) -> float:
         return self._relative_trust.get(peer, 0.0)
 
+    def _tallies(self) -> dict[tuple[str, str], list[int]]:
+        """[passes, fails] per (checker, subject) over the stored, unexpired attestations (caller holds the lock)."""
+        tallies: dict[tuple[str, str], list[int]] = {}
+        for m in self._messages.values():
+            if m.kind == "attestation" and m.parsed.verdict != "inconclusive":
+                tally = tallies.setdefault((m.parsed.checker, m.parsed.subject), [0, 0])
+                tally[m.parsed.verdict == "fail"] += 1
+        return tallies
+
     def refresh(self, force: bool = False) -> None:
         """Recompute trust, apply low-trust bans, credit and vest rewards (at most every recompute_period)."""
         with self._lock:
@@ -234,21 +243,14 @@ class ReputationNode:
             if not force and now - self._computed_at < self.cfg.recompute_period:
                 return
             self._prune()
-            tallies: dict[tuple[str, str], list[int]] = {}
-            counts: dict[str, list[int]] = {}
-            trusted_checks: dict[str, int] = {}
             anchors = {self.peer_id, *self.cfg.seeds}
-            for m in self._messages.values():
-                if m.kind != "attestation":
-                    continue
-                att = m.parsed
-                if att.verdict == "inconclusive":
-                    continue
-                tally = tallies.setdefault((att.checker, att.subject), [0, 0])
-                tally[att.verdict == "fail"] += 1
-                if att.checker in anchors:
-                    counts.setdefault(att.subject, [0, 0])[att.verdict == "fail"] += 1
-                    trusted_checks[att.subject] = trusted_checks.get(att.subject, 0) + 1
+            tallies = self._tallies()
+            counts: dict[str, list[int]] = {}
+            for (checker, subject), (passes, fails) in tallies.items():
+                if checker in anchors:
+                    count = counts.setdefault(subject, [0, 0])
+                    count[0], count[1] = count[0] + passes, count[1] + fails
+            trusted_checks = {peer: p + f for peer, (p, f) in counts.items()}
             summary = TrustSummary(
                 opinions=tuple(Opinion(t, s, p, f) for (t, s), (p, f) in tallies.items()),
                 accusers=tuple(AccuserRecord(p, a, r) for p, (a, r) in self._accusers.items()),
@@ -282,13 +284,8 @@ class ReputationNode:
             return None
         with self._lock:
             self._prune()
-            tallies: dict[tuple[str, str], list[int]] = {}
-            for m in self._messages.values():
-                if m.kind == "attestation" and m.parsed.verdict != "inconclusive":
-                    tally = tallies.setdefault((m.parsed.checker, m.parsed.subject), [0, 0])
-                    tally[m.parsed.verdict == "fail"] += 1
             summary = TrustSummary(
-                opinions=tuple(Opinion(t, s, p, f) for (t, s), (p, f) in tallies.items()),
+                opinions=tuple(Opinion(t, s, p, f) for (t, s), (p, f) in self._tallies().items()),
                 peers=tuple(sorted(self.known_peers | {peer})),
             )
             trust = compute_trust(summary, self.cfg.seeds)
