@@ -81,6 +81,15 @@ class TerminalStreamer:
         self.out.flush()
         self._printed = text
 
+    def rewind(self, kept_new_tokens: int) -> None:
+        """The newest tokens were dropped (a peer that computed them was caught cheating): say so, then
+        print the kept part again so the answer reads on from there."""
+        self.tokens = self.tokens[:kept_new_tokens]
+        self.stats.new_tokens = len(self.tokens)
+        self._printed = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self.out.write(f"\n[a peer on the route was caught returning wrong results; answering again]\n{self._printed}")
+        self.out.flush()
+
     def end(self) -> None:
         self.out.write("\n")
         self.out.flush()

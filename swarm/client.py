@@ -11,7 +11,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from swarm.config import ClientConfig
-from swarm.generation import SamplingConfig, Streamer, decode
+from swarm.generation import Rewind, SamplingConfig, Streamer, decode
 from swarm.loop import BackgroundLoop
 from swarm.models import BlockCheckpoint, open_model
 from swarm.network import create_client_dht, load_identity, split_multiaddrs
@@ -49,6 +49,17 @@ class ClientHead(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden))  # (batch, tokens, vocab)
+
+
+def rewind_point(untrusted_from: int, start: int, prompt_length: int) -> tuple[int, int]:
+    """Where to go on after outputs from session position `untrusted_from` on proved untrustworthy, in a
+    generation whose prompt was sent at position `start`: (tokens of the sequence to keep, prompt
+    included; the session position to roll back to). The token at `keep - 1` is sent again from there,
+    or the whole prompt if nothing generated is kept."""
+    if untrusted_from < start + prompt_length:
+        return prompt_length, start
+    # steps after the prompt's run at start + prompt_length, + 1, ...; the one at p sent token p - start
+    return untrusted_from - start + 1, untrusted_from
 
 
 class SyncSession:
@@ -142,8 +153,21 @@ class DistributedModelForCausalLM:
         """An inference session whose KV caches live on the peers; close it (or use `with`) when done."""
         return SyncSession(self, max_length)
 
-    def next_logits(self, session: SyncSession, new_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    def next_logits(
+        self, session: SyncSession, new_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+        start: int = 0, prompt_length: int | None = None,
+    ):
+        """Logits for the token after `new_ids`. Raises `Rewind` if a peer of the route was blacklisted and
+        tokens generated since position `start` (where this call's prompt of `prompt_length` tokens began)
+        went through it; the session is already rolled back then."""
         hidden = session.step(self.head.embed(new_ids), attention_mask)
+        untrusted = session.inner.untrusted_from
+        if untrusted is not None and prompt_length is not None:
+            session.inner.untrusted_from = None
+            keep, resume = rewind_point(untrusted, start, prompt_length)
+            session.rollback(resume)
+            logger.warning(f"Regenerating from token {keep - prompt_length}: a peer on the route was caught cheating")
+            raise Rewind(keep, "a peer on the route was blacklisted")
         return self.head.logits(hidden[:, -1:])[:, 0]  # (batch, vocab)
 
     def generate(
@@ -193,8 +217,14 @@ class DistributedModelForCausalLM:
         own_session = session is None
         if own_session:
             session = self.inference_session(max_length=input_ids.shape[1] + max_new_tokens)
+        start, prompt_length = session.position, input_ids.shape[1]
+        session.inner.untrusted_from = None  # what went before this call is the caller's history
+
+        def next_logits(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            return self.next_logits(session, ids, mask, start, prompt_length)
+
         try:
-            return decode(lambda ids, mask: self.next_logits(session, ids, mask), input_ids, attention_mask, cfg, streamer)
+            return decode(next_logits, input_ids, attention_mask, cfg, streamer)
         finally:
             if own_session:
                 session.close()

@@ -3,6 +3,9 @@
 `decode` takes a `next_logits(new_token_ids, attention_mask) -> (batch, vocab)` function, so the same
 loop drives the swarm and a local model (tests compare the two). Sampling uses transformers' own
 logits processors, so the knobs mean what they mean in `transformers.generate`.
+
+`next_logits` may raise `Rewind` when tokens it gave earlier turn out to be untrustworthy (a peer that
+computed them was since caught cheating): the loop drops them and goes on from the last trusted token.
 """
 
 from __future__ import annotations
@@ -22,12 +25,31 @@ from transformers.generation.logits_process import (
 NextLogits = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
+MAX_REWINDS = 8  # per call: each one needs a newly blacklisted peer, so this is never reached in practice
+
+
 class Streamer(Protocol):
-    """transformers' streamer interface (`TextStreamer`, `TextIteratorStreamer`)."""
+    """transformers' streamer interface (`TextStreamer`, `TextIteratorStreamer`).
+
+    A streamer may also have `rewind(kept_new_tokens: int)`, called when the newest tokens are dropped;
+    one without it keeps what it already showed.
+    """
 
     def put(self, value: torch.Tensor) -> None: ...
 
     def end(self) -> None: ...
+
+
+class Rewind(Exception):
+    """Raised by `next_logits`: only the first `keep` tokens of the sequence (prompt included) are trusted.
+
+    The raiser has already rolled its state back, so the next call feeds the token at `keep - 1` (or the
+    whole prompt again, if `keep` is the prompt's length).
+    """
+
+    def __init__(self, keep: int, reason: str = ""):
+        super().__init__(f"rewinding to {keep} tokens" + (f": {reason}" if reason else ""))
+        self.keep, self.reason = keep, reason
 
 
 @dataclass(frozen=True)
@@ -79,14 +101,31 @@ def decode(
     Rows that produced an end-of-sequence token are padded with `pad_token_id` until all are done.
     """
     processors = logits_processors(cfg)
+    prompt_length = input_ids.shape[1]
     sequences = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     eos = torch.tensor(cfg.eos_token_ids, dtype=input_ids.dtype)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     new_ids, new_mask = input_ids, attention_mask
-    for step in range(cfg.max_new_tokens):
-        logits = next_logits(new_ids, new_mask).float()  # (batch, vocab)
+    rewinds = 0
+    while sequences.shape[1] - prompt_length < cfg.max_new_tokens:
+        step = sequences.shape[1] - prompt_length
+        try:
+            logits = next_logits(new_ids, new_mask).float()  # (batch, vocab)
+        except Rewind as rewind:
+            rewinds += 1
+            if rewinds > MAX_REWINDS:
+                raise
+            sequences, finished = _rewind_to(sequences, max(rewind.keep, prompt_length), prompt_length, eos)
+            if streamer is not None and hasattr(streamer, "rewind"):
+                streamer.rewind(sequences.shape[1] - prompt_length)
+            if sequences.shape[1] == prompt_length:
+                new_ids, new_mask = input_ids, attention_mask
+            else:
+                new_ids = sequences[:, -1:]
+                new_mask = None if attention_mask is None else torch.ones_like(new_ids)
+            continue
         if step < cfg.min_new_tokens and len(eos):
             logits[:, eos] = -float("inf")  # what MinNewTokensLengthLogitsProcessor does, without a vocab-sized copy
         scores = processors(sequences, logits)
@@ -107,3 +146,14 @@ def decode(
     if streamer is not None:
         streamer.end()
     return sequences
+
+
+def _rewind_to(
+    sequences: torch.Tensor, keep: int, prompt_length: int, eos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `keep` tokens, and which rows had already ended among them."""
+    kept = sequences[:, :keep]
+    generated = kept[:, prompt_length:]
+    if len(eos) == 0 or generated.shape[1] == 0:
+        return kept, torch.zeros(kept.shape[0], dtype=torch.bool)
+    return kept, torch.isin(generated, eos).any(dim=1)

@@ -4,6 +4,10 @@ Each hop keeps one open `rpc_inference` stream and its part of the KV cache. The
 inputs it sent to every hop, so when a peer fails mid-session it is banned for a while, its blocks
 are routed to other peers, and those peers rebuild the KV cache from the replayed inputs before the
 step goes on. The caller sees at most a pause.
+
+A peer blacklisted by the trust layer is routed around the same way, and every later hop's cache is
+rebuilt from the replacement's outputs. The outputs it gave since it joined the route cannot be trusted
+either: `untrusted_from` says from which position on, so the caller can regenerate those tokens.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class _Hop:
     stream: InferenceStream
     chunks: list[torch.Tensor] = field(default_factory=list)  # every input sent so far, (batch, new, hidden) each
     held: int = 0  # tokens those chunks hold
+    since: int = 0  # the session's position when this hop began serving its steps
 
     def record(self, hidden: torch.Tensor, position: int) -> None:
         """Remember a step's input (appending is O(1); a rollback trims the history first)."""
@@ -94,6 +99,7 @@ class InferenceSession:
         self._hops: list[_Hop] | None = None
         self._padding: torch.Tensor | None = None  # (batch, position) 0/1 mask, only if some row is padded
         self._needed_tokens = max_length  # KV-cache room each peer must hold for this session
+        self.untrusted_from: int | None = None  # outputs from this position on passed through a blacklisted peer
 
     @property
     def route(self) -> list[RouteHop]:
@@ -174,6 +180,8 @@ class InferenceSession:
             if index is None:
                 return
             bad = self._hops[index].route.peer_id
+            since = self._hops[index].since
+            self.untrusted_from = since if self.untrusted_from is None else min(self.untrusted_from, since)
             count_before = len(self._hops)
             output = await self._recover(index, RemoteError(str(bad), "blacklisted", "blacklisted by spot checks"), position, mask)
             past_mask = None if mask is None else mask[:, :position]
@@ -208,7 +216,7 @@ class InferenceSession:
                     )
                 except MissingBlocksError:
                     raise error from None
-            replacement = [_Hop(hop, InferenceStream(self.sequence.p2p, hop.peer_id)) for hop in route]
+            replacement = [_Hop(hop, InferenceStream(self.sequence.p2p, hop.peer_id), since=position) for hop in route]
             try:
                 replayed = None
                 if history is not None and history.shape[1] > 0:

@@ -71,6 +71,17 @@ class TextCollector:
         if self.stopped:
             raise _Finished()
 
+    def rewind(self, kept_new_tokens: int) -> None:
+        """The newest tokens were dropped (a peer that computed them was caught cheating). A non-streamed
+        answer loses them; text already streamed cannot be taken back, and the stream goes on from the
+        kept tokens."""
+        if self.on_text is not None and len(self.tokens) > kept_new_tokens:
+            logger.warning("Tokens already streamed came from a peer since caught cheating; the rest is regenerated")
+        self.tokens = self.tokens[:kept_new_tokens]
+        self.saw_eos = bool(self.tokens) and self.tokens[-1] in self.eos_ids
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).rstrip("\ufffd")
+        self.sent, _ = sendable(text, self.stop, False)
+
     def end(self) -> None:
         pass
 

@@ -70,6 +70,27 @@ def _honest_never_flagged(model, swarm) -> None:
         assert rows.get(peer.peer_id) is None or rows[peer.peer_id].fails == 0, f"{peer.name} was found at fault"
 
 
+def test_occasional_cheater_is_caught_as_the_formula_predicts(trust_swarm, chat_ids) -> None:
+    # first in the module, so no other adversary is running yet
+    p, q = 0.5, 0.1
+    cheater = trust_swarm.add_peer("0:30", *GOSSIP, "--adversary", f"cheat:{q}", name="cheater")
+    model = _client(trust_swarm, check_rate=p)
+    bound = responses_to_detect(p, q, confidence=0.999)
+    try:
+        stats = model.reputation.checker.stats
+        while not model.reputation.node.is_blacklisted(cheater.peer_id) and stats.responses[cheater.peer_id] < bound:
+            _answer(model, chat_ids, tokens=16)
+        assert model.reputation.node.is_blacklisted(cheater.peer_id), f"not caught within {bound} responses"
+        assert stats.caught_after[cheater.peer_id] <= bound
+        assert stats.skipped == 0  # every chosen check ran, so the check rate in use was p
+        assert _answer(model, chat_ids) == ANSWER
+        _honest_never_flagged(model, trust_swarm)
+        assert sum(n for (a, b), n in stats.pairs.items() if {a, b} == {"float32", "bfloat16"}) >= 1
+    finally:
+        model.shutdown()
+        cheater.signal(2)
+
+
 def test_random_output_peer_is_blacklisted_and_avoided(trust_swarm, checker_client, chat_ids) -> None:
     liar = trust_swarm.add_peer("0:30", *GOSSIP, "--adversary", "random", name="random-output")
     stats = checker_client.reputation.checker.stats
@@ -85,6 +106,45 @@ def test_random_output_peer_is_blacklisted_and_avoided(trust_swarm, checker_clie
         assert _answer(checker_client, chat_ids) == ANSWER
     assert stats.responses[liar.peer_id] == served
     _honest_never_flagged(checker_client, trust_swarm)
+
+
+class WaitForChecksAtFirstToken:
+    """A streamer that, at the first generated token, waits for the spot checks under way, so the verdict on
+    a cheating peer lands while the answer is being written; it records the rewinds that follow."""
+
+    def __init__(self, model: DistributedModelForCausalLM):
+        self.model, self.waiting, self.rewinds = model, False, []
+
+    def put(self, value) -> None:
+        if value.ndim == 2:  # the prompt: a new answer begins
+            self.waiting = True
+        elif self.waiting:
+            self.waiting = False
+            self.model.loop.run(self.model.reputation.checker.drain())
+
+    def rewind(self, kept_new_tokens: int) -> None:
+        self.rewinds.append(kept_new_tokens)
+
+    def end(self) -> None:
+        pass
+
+
+def test_an_answer_keeps_nothing_from_a_peer_caught_while_writing_it(trust_swarm, chat_ids) -> None:
+    liar = next(p for p in trust_swarm.processes if p.name == "random-output")
+    model = _client(trust_swarm, check_rate=1.0)  # a newcomer that has not heard of the liar
+    try:
+        stats = model.reputation.checker.stats
+        streamer = WaitForChecksAtFirstToken(model)
+        for _ in range(5):  # the liar advertises 10x throughput, so a route soon picks it
+            out = model.generate(chat_ids, max_new_tokens=16, streamer=streamer)
+            assert model.tokenizer.decode(out[0, chat_ids.shape[1]:], skip_special_tokens=True) == ANSWER
+            if stats.responses[liar.peer_id]:
+                break
+        assert stats.responses[liar.peer_id] >= 1, "no route picked the random-output peer"
+        assert model.reputation.node.is_blacklisted(liar.peer_id)
+        assert streamer.rewinds == [0]  # everything it touched was dropped and written again
+    finally:
+        model.shutdown()
 
 
 def test_blacklist_spreads_by_gossip_to_a_client_that_trusts_the_checker(trust_swarm, checker_client, chat_ids) -> None:
@@ -117,26 +177,6 @@ def test_status_and_rewards_show_trust(trust_swarm, checker_client) -> None:
     rows = {line.split()[0]: line.split() for line in rewards.stdout.splitlines()[1:] if line.startswith("Qm")}
     assert rows[liar.peer_id][-1] == "BLACKLISTED" and float(rows[liar.peer_id][5]) == 0.0  # nothing pending
     assert any(float(rows[p.peer_id][5]) > 0 for p in trust_swarm.honest if p.peer_id in rows)  # honest work credited
-
-
-def test_occasional_cheater_is_caught_as_the_formula_predicts(trust_swarm, chat_ids) -> None:
-    p, q = 0.5, 0.1
-    cheater = trust_swarm.add_peer("0:30", *GOSSIP, "--adversary", f"cheat:{q}", name="cheater")
-    model = _client(trust_swarm, check_rate=p)
-    bound = responses_to_detect(p, q, confidence=0.999)
-    try:
-        stats = model.reputation.checker.stats
-        while not model.reputation.node.is_blacklisted(cheater.peer_id) and stats.responses[cheater.peer_id] < bound:
-            _answer(model, chat_ids, tokens=16)
-        assert model.reputation.node.is_blacklisted(cheater.peer_id), f"not caught within {bound} responses"
-        assert stats.caught_after[cheater.peer_id] <= bound
-        assert stats.skipped == 0  # every chosen check ran, so the check rate in use was p
-        assert _answer(model, chat_ids) == ANSWER
-        _honest_never_flagged(model, trust_swarm)
-        assert sum(n for (a, b), n in stats.pairs.items() if {a, b} == {"float32", "bfloat16"}) >= 1
-    finally:
-        model.shutdown()
-        cheater.signal(2)
 
 
 def test_colluding_liar_accusations_are_refuted(trust_swarm, checker_client, chat_ids) -> None:

@@ -1,7 +1,12 @@
 """Stop sequences over streamed text, and the API's request validation (pure parts of swarm.api)."""
 
+import threading
+
 import pytest
+import torch
 from pydantic import ValidationError
+
+from swarm.api.backend import TextCollector
 
 from swarm.api.schema import ChatCompletionRequest, CompletionRequest
 from swarm.api.text import find_stop, held_back, sendable
@@ -38,3 +43,37 @@ def test_requests_are_validated_like_openai():
         CompletionRequest(model="m", prompt=["one", "two"])
     with pytest.raises(ValidationError):
         CompletionRequest(model="m", prompt="x", echo=True)
+
+
+class _CharTokenizer:
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def _collector(on_text=None) -> TextCollector:
+    return TextCollector(_CharTokenizer(), ("\n\n",), (0,), on_text, threading.Event())
+
+
+def _feed(collector: TextCollector, text: str) -> None:
+    for char in text:
+        collector.put(torch.tensor([ord(char)]))
+
+
+def test_a_rewind_drops_untrusted_tokens_from_a_whole_answer():
+    collector = _collector()
+    collector.put(torch.tensor([[1, 2]]))  # the prompt
+    _feed(collector, "Paxq")
+    collector.rewind(2)
+    _feed(collector, "ris")
+    assert collector.finish() == "Paris" and len(collector.tokens) == 5
+
+
+def test_a_rewind_while_streaming_goes_on_from_the_kept_tokens():
+    pieces: list[str] = []
+    collector = _collector(pieces.append)
+    collector.put(torch.tensor([[1, 2]]))
+    _feed(collector, "Paxq")
+    collector.rewind(2)  # "xq" was streamed already and cannot be taken back
+    _feed(collector, "ris")
+    collector.finish()
+    assert "".join(pieces) == "Paxq" + "ris"

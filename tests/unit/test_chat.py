@@ -83,3 +83,18 @@ def test_terminal_streamer_waits_for_a_whole_character():
     streamer.put(torch.tensor([ord("a")]))
     streamer.put(torch.tensor([0xFFFD]))  # incomplete: nothing printed yet
     assert out.getvalue() == "a"
+
+
+def test_terminal_streamer_rewind_says_so_and_reprints_the_kept_part():
+    out = io.StringIO()
+    stats = TurnStats(started=0.0)
+    streamer = TerminalStreamer(CharTokenizer(), stats, out)
+    streamer.put(torch.tensor([[1]]))
+    for char in "Paxq":
+        streamer.put(torch.tensor([ord(char)]))
+    streamer.rewind(2)  # "xq" came from a peer since caught cheating
+    for char in "ris":
+        streamer.put(torch.tensor([ord(char)]))
+    streamer.end()
+    assert out.getvalue() == "Paxq\n[a peer on the route was caught returning wrong results; answering again]\nParis\n"
+    assert streamer.tokens == [ord(c) for c in "Paris"] and stats.new_tokens == 5

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-from swarm.generation import NextLogits, SamplingConfig, decode, logits_processors
+from swarm.generation import MAX_REWINDS, NextLogits, Rewind, SamplingConfig, decode, logits_processors
 
 PAD = 0
 PROMPT = 6
@@ -242,6 +242,66 @@ def test_streamer_gets_the_prompt_then_each_token(model, prompt):
     assert len(streamer.values) == 6 and streamer.ended == 1
     assert torch.equal(streamer.values[0], ids)
     assert torch.equal(torch.cat(streamer.values[1:]), out[0, PROMPT:])
+
+
+class CaughtCheater:
+    """next_logits whose calls `bad` give garbage logits (a cheating peer); at call `caught` it rolls its
+    state back to the first `keep` tokens and raises Rewind, as the swarm client does once the cheater is
+    blacklisted."""
+
+    def __init__(self, model: PreTrainedModel, bad: range, caught: int, keep: int):
+        self.model, self.bad, self.caught, self.keep = model, bad, caught, keep
+        self.ids: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None
+        self.calls = 0
+
+    @torch.no_grad()
+    def __call__(self, new_ids: torch.Tensor, new_mask: torch.Tensor | None) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.caught:
+            fed = max(self.keep - 1, 0) if self.keep > PROMPT else 0  # the next call feeds token keep - 1
+            self.ids = self.ids[:, :fed] if fed else None
+            self.mask = None if self.mask is None or not fed else self.mask[:, :fed]
+            raise Rewind(self.keep, "caught")
+        self.ids = new_ids if self.ids is None else torch.cat([self.ids, new_ids], dim=1)
+        if new_mask is not None:
+            self.mask = new_mask if self.mask is None else torch.cat([self.mask, new_mask], dim=1)
+        positions = None if self.mask is None else (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+        logits = self.model(self.ids, attention_mask=self.mask, position_ids=positions).logits[:, -1]
+        if self.calls in self.bad:
+            return torch.randn(logits.shape, generator=torch.Generator().manual_seed(self.calls)) * 10
+        return logits
+
+
+class RewindingStreamer(RecordingStreamer):
+    def __init__(self):
+        super().__init__()
+        self.rewinds: list[int] = []
+
+    def rewind(self, kept_new_tokens: int) -> None:
+        self.rewinds.append(kept_new_tokens)
+        self.values = self.values[: 1 + kept_new_tokens]
+
+
+@pytest.mark.parametrize("keep", [PROMPT, PROMPT + 2])
+def test_a_rewind_drops_the_untrusted_tokens_and_the_answer_equals_generate(model, prompt, keep):
+    ids, mask = prompt
+    cfg = SamplingConfig(max_new_tokens=10, pad_token_id=PAD)
+    cheater = CaughtCheater(model, bad=range(3, 6), caught=6, keep=keep)  # calls 3-5 made tokens 3-5 garbage
+    streamer = RewindingStreamer()
+    out = decode(cheater, ids, mask, cfg, streamer=streamer)
+    assert torch.equal(out, hf_generate(model, ids, mask, cfg))
+    assert streamer.rewinds == [keep - PROMPT]
+    assert torch.equal(torch.cat(streamer.values[1:], dim=0).view(-1), out[:, PROMPT:].T.reshape(-1))
+
+
+def test_rewinds_are_bounded(model, prompt):
+    def always_rewinding(new_ids, new_mask):
+        raise Rewind(PROMPT)
+
+    with pytest.raises(Rewind):
+        decode(always_rewinding, prompt[0], prompt[1], SamplingConfig(max_new_tokens=4))
+    assert MAX_REWINDS >= 1
 
 
 @pytest.mark.parametrize(
