@@ -16,6 +16,7 @@ from hivemind.p2p import P2P
 
 import swarm
 from peers.config import PeerConfig, parse_block_range
+from peers.compression.footprint import block_footprint
 from peers.compression.options import compression_tag
 from peers.handler import BlockHandler, HandlerConfig
 from peers.loading import build_span
@@ -57,13 +58,16 @@ def plan_blocks(cfg: PeerConfig, checkpoint: BlockCheckpoint, model_config, dht:
     """Pick the span (given, or the least covered one of a size that fits) and the KV-cache room."""
     dtype, n = cfg.torch_dtype(), checkpoint.num_blocks
     stored_size = torch.empty(0, dtype=getattr(torch, checkpoint.manifest.torch_dtype)).element_size()
-    block_bytes = checkpoint.block_nbytes(0) * torch.empty(0, dtype=dtype).element_size() // stored_size
+    dtype_size = torch.empty(0, dtype=dtype).element_size()
+    footprint = block_footprint(model_config, checkpoint.block_nbytes(0) * dtype_size // stored_size, dtype_size, cfg)
     per_token = kv_bytes_per_token(model_config, dtype)
     free = int(available_memory(cfg.torch_device()) * MEMORY_FRACTION)
     if cfg.blocks is not None:
         start, end = parse_block_range(f"{cfg.blocks[0]}:{cfg.blocks[1]}", n)
     else:
-        count = cfg.num_blocks or choose_num_blocks(block_bytes, per_token * cfg.max_length, free, n)
+        count = cfg.num_blocks or choose_num_blocks(
+            footprint.per_block, per_token * cfg.max_length, free - footprint.fixed, n
+        )
         count = min(count, n)
         spans = records.read_spans(dht, checkpoint.dht_prefix, n)
         start = choose_span_start(spans, n, count)
@@ -73,7 +77,8 @@ def plan_blocks(cfg: PeerConfig, checkpoint: BlockCheckpoint, model_config, dht:
     elif cfg.max_cache_bytes is not None:
         cache_tokens = max(1, cfg.max_cache_bytes // max(per_token * (end - start), 1))
     else:
-        room = max(free - block_bytes * (end - start), 0) // 4  # a quarter of what is left after weights
+        weights = footprint.fixed + footprint.per_block * (end - start)
+        room = max(free - weights, 0) // 4  # a quarter of what is left after weights
         cache_tokens = max(cfg.max_length, room // max(per_token * (end - start), 1))
     return Plan(start, end, cache_tokens)
 
