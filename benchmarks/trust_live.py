@@ -3,8 +3,9 @@
 A local swarm of three honest peers serving all blocks (two float32, one bfloat16) takes in one adversary
 at a time (`swarm-peer join --adversary MODE`, which also advertises 10x its throughput to draw traffic).
 A client generates short answers with spot checks on until the adversary is blacklisted, then a few more
-to show it is no longer routed to. Printed per adversary: its responses until the fault was confirmed, and
-for the occasional cheater the formula's prediction 1-(1-pq)^N. Then the honest-vs-honest comparisons seen
+to show it is no longer routed to. Printed per adversary: its responses until the fault was confirmed, the
+answers that came out wrong meanwhile (a cheater caught mid-answer is rewound out of it; one caught only after
+the answer ended is not), and for the occasional cheater the formula's prediction 1-(1-pq)^N. Then the honest-vs-honest comparisons seen
 (fp32 vs bf16 included), their worst agreement, and the checking overhead.
 
     .venv/bin/python benchmarks/trust_live.py               # ~5 min on 2 cores
@@ -28,6 +29,7 @@ from swarm import DistributedModelForCausalLM  # noqa: E402
 from swarm.models import DEFAULT_MODEL  # noqa: E402
 
 GOSSIP = ("--gossip-period", "1")
+ANSWER = "The capital of France is Paris."
 
 
 def chat_ids(model):
@@ -37,15 +39,18 @@ def chat_ids(model):
     )["input_ids"]
 
 
-def run_until_caught(model, ids, peer_id: str, limit: int, tokens: int) -> tuple[int | None, int, float]:
-    """Generate until `peer_id` is blacklisted or served `limit` responses; (caught after, served, seconds)."""
+def run_until_caught(model, ids, peer_id: str, limit: int, tokens: int) -> tuple[int | None, int, float, str]:
+    """Generate until `peer_id` is blacklisted or served `limit` responses;
+    (caught after, served, seconds, 'wrong answers/answers')."""
     stats, node = model.reputation.checker.stats, model.reputation.node
-    began = time.perf_counter()
+    began, answers, wrong = time.perf_counter(), 0, 0
     while not node.is_blacklisted(peer_id) and stats.responses[peer_id] < limit:
-        model.generate(ids, max_new_tokens=tokens)
+        out = model.generate(ids, max_new_tokens=tokens)
+        answers += 1
+        wrong += not model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).startswith(ANSWER[:20])
         model.loop.run(model.reputation.checker.drain())
     caught = stats.caught_after.get(peer_id) if node.is_blacklisted(peer_id) else None
-    return caught, stats.responses[peer_id], time.perf_counter() - began
+    return caught, stats.responses[peer_id], time.perf_counter() - began, f"{wrong}/{answers}"
 
 
 def main() -> None:
@@ -57,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    rows: list[tuple[str, str, str, str, str]] = []
+    rows: list[tuple[str, ...]] = []
     with LocalSwarm(model=DEFAULT_MODEL) as swarm:
         honest = [
             swarm.add_peer("0:30", *GOSSIP, wait=False, name="honest-fp32-a"),
@@ -74,21 +79,21 @@ def main() -> None:
         try:
             for mode in ("random", "skip", "noise", "cheap-quant"):
                 peer = swarm.add_peer("0:30", *GOSSIP, "--adversary", mode, name=mode)
-                caught, served, seconds = run_until_caught(adaptive, ids, peer.peer_id, args.limit, tokens=8)
+                caught, served, seconds, wrong = run_until_caught(adaptive, ids, peer.peer_id, args.limit, tokens=8)
                 before = adaptive.reputation.checker.stats.responses[peer.peer_id]
                 adaptive.generate(ids, max_new_tokens=8)
                 after = adaptive.reputation.checker.stats.responses[peer.peer_id]
                 rows.append((mode, "adaptive (0.3 for newcomers)", "-", f"{caught}" if caught else f"not in {served}",
-                             f"{seconds:.0f} s; routed to it after: {after - before}"))
+                             wrong, f"{seconds:.0f} s; routed to it after: {after - before}"))
                 peer.signal(2)
             pq = args.p * args.q
             for trial in range(args.cheat_trials):
                 peer = swarm.add_peer("0:30", *GOSSIP, "--adversary", f"cheat:{args.q}", name=f"cheat{trial}")
-                caught, served, seconds = run_until_caught(fixed, ids, peer.peer_id, args.limit, tokens=16)
+                caught, served, seconds, wrong = run_until_caught(fixed, ids, peer.peer_id, args.limit, tokens=16)
                 prob = "-" if caught is None else f"{detection_probability(args.p, args.q, caught):.2f}"
                 rows.append((f"cheat:{args.q} #{trial + 1}", f"fixed p={args.p}",
                              f"mean {1 / pq:.0f}, 99% by {responses_to_detect(args.p, args.q)}",
-                             f"{caught}" if caught else f"not in {served}", f"{seconds:.0f} s; P(caught by then)={prob}"))
+                             f"{caught}" if caught else f"not in {served}", wrong, f"{seconds:.0f} s; P(caught by then)={prob}"))
                 peer.signal(2)
         finally:
             honest_ids = {p.peer_id for p in honest}
@@ -102,7 +107,7 @@ def main() -> None:
             for m in (adaptive, fixed):
                 m.shutdown()
 
-    header = ("adversary", "check rate", "predicted responses", "caught after", "notes")
+    header = ("adversary", "check rate", "predicted responses", "caught after", "wrong answers", "notes")
     widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     print("-" * (sum(widths) + 2 * (len(widths) - 1)))
