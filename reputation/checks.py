@@ -17,6 +17,7 @@ import asyncio
 import base64
 import logging
 import random
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -35,6 +36,8 @@ from swarm.session import StepRecord
 
 logger = logging.getLogger(__name__)
 
+SETTLE_TIMEOUT = 10.0  # seconds an answer waits at most for its own spot checks
+
 
 @dataclass
 class CheckStats:
@@ -51,6 +54,8 @@ class CheckStats:
     pairs: Counter = field(default_factory=Counter)  # (subject dtype, checker dtype) of completed checks
     caught_after: dict[str, int] = field(default_factory=dict)  # peer id -> its responses seen when confirmed
     comparisons: deque = field(default_factory=lambda: deque(maxlen=10_000))  # (subject, checker, cos, rel_l2, verdict)
+    settles: int = 0  # answers that waited for their own checks before being returned
+    settle_seconds: float = 0.0  # the time they waited, in all
     executions: int = 0  # extra forward passes run for checks (checkers and referees)
     extra_tokens: int = 0  # tokens those passes processed
 
@@ -104,6 +109,7 @@ class SpotChecker:
         self._running = asyncio.Semaphore(max_running)
         self.stats = CheckStats()
         self._tasks: set[asyncio.Task] = set()
+        self._session_tasks: dict[str, set[asyncio.Task]] = {}
         self._last_receipts: dict[str, dict[tuple[str, int, int], str]] = {}  # session -> hop -> receipt
 
     @property
@@ -128,12 +134,26 @@ class SpotChecker:
         task = asyncio.get_running_loop().create_task(self._check_safely(record))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        waiting = self._session_tasks.setdefault(record.session_id, set())
+        waiting.add(task)
+        task.add_done_callback(waiting.discard)
 
     def on_close(self, session_id: str) -> None:
+        self._session_tasks.pop(session_id, None)
         for receipt_text in self._last_receipts.pop(session_id, {}).values():
             receipt = decode_receipt(receipt_text)
             if receipt is not None:
                 self.node.countersign(receipt)
+
+    async def settle(self, session_id: str, timeout: float = SETTLE_TIMEOUT) -> None:
+        """Wait for the checks of this session's steps so far, at most `timeout` seconds (an answer is
+        verified before it is returned; a check held up by a slow peer does not hold the answer for long)."""
+        waiting = self._session_tasks.get(session_id)
+        if waiting:
+            began = time.perf_counter()
+            await asyncio.wait(list(waiting), timeout=timeout)
+            self.stats.settles += 1
+            self.stats.settle_seconds += time.perf_counter() - began
 
     async def drain(self) -> None:
         """Wait for the checks still running (tests and shutdown)."""

@@ -62,6 +62,19 @@ def rewind_point(untrusted_from: int, start: int, prompt_length: int) -> tuple[i
     return untrusted_from - start + 1, untrusted_from
 
 
+def _rewind_if_untrusted(session: "SyncSession", start: int, prompt_length: int) -> None:
+    """Raise `Rewind` (after rolling the session back) if outputs since the generation began at `start`
+    passed through a peer since blacklisted."""
+    untrusted = session.inner.untrusted_from
+    if untrusted is None:
+        return
+    session.inner.untrusted_from = None
+    keep, resume = rewind_point(untrusted, start, prompt_length)
+    session.rollback(resume)
+    logger.warning(f"Regenerating from token {keep - prompt_length}: a peer on the route was caught cheating")
+    raise Rewind(keep, "a peer on the route was blacklisted")
+
+
 class SyncSession:
     """A blocking handle on an `InferenceSession`, for use from ordinary (non-async) code."""
 
@@ -161,13 +174,8 @@ class DistributedModelForCausalLM:
         tokens generated since position `start` (where this call's prompt of `prompt_length` tokens began)
         went through it; the session is already rolled back then."""
         hidden = session.step(self.head.embed(new_ids), attention_mask)
-        untrusted = session.inner.untrusted_from
-        if untrusted is not None and prompt_length is not None:
-            session.inner.untrusted_from = None
-            keep, resume = rewind_point(untrusted, start, prompt_length)
-            session.rollback(resume)
-            logger.warning(f"Regenerating from token {keep - prompt_length}: a peer on the route was caught cheating")
-            raise Rewind(keep, "a peer on the route was blacklisted")
+        if prompt_length is not None:
+            _rewind_if_untrusted(session, start, prompt_length)
         return self.head.logits(hidden[:, -1:])[:, 0]  # (batch, vocab)
 
     def generate(
@@ -223,8 +231,13 @@ class DistributedModelForCausalLM:
         def next_logits(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
             return self.next_logits(session, ids, mask, start, prompt_length)
 
+        def settle() -> None:  # the answer looks complete: wait for its spot checks before returning it
+            self.loop.run(session.inner.settle())
+            _rewind_if_untrusted(session, start, prompt_length)
+
+        settles = self.reputation is not None and self.sequence.cfg.settle_checks
         try:
-            return decode(next_logits, input_ids, attention_mask, cfg, streamer)
+            return decode(next_logits, input_ids, attention_mask, cfg, streamer, settle if settles else None)
         finally:
             if own_session:
                 session.close()

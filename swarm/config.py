@@ -15,6 +15,7 @@ class ClientConfig:
     spans_ttl: float = 10.0  # seconds before the DHT is read again for a new route
     ping_ttl: float = 30.0  # seconds before a peer is pinged again
     spot_checks: bool = True  # re-run a sample of steps on other peers and keep trust scores (reputation/)
+    settle_checks: bool = True  # before an answer is returned, wait for its spot checks and redo what a cheater touched
     check_rate: float | None = None  # a fixed spot-check rate for every peer; None: more for newcomers, less for trusted
     trusted_peers: tuple[str, ...] = ()  # peer ids of pre-trusted seeds whose verdicts count as this client's own
     gossip_period: float = 5.0  # seconds between exchanges of attestations with peers

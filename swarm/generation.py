@@ -6,6 +6,7 @@ logits processors, so the knobs mean what they mean in `transformers.generate`.
 
 `next_logits` may raise `Rewind` when tokens it gave earlier turn out to be untrustworthy (a peer that
 computed them was since caught cheating): the loop drops them and goes on from the last trusted token.
+So may `settle`, called when the answer looks finished (the swarm waits there for the answer's spot checks).
 """
 
 from __future__ import annotations
@@ -95,10 +96,12 @@ def decode(
     attention_mask: torch.Tensor | None,
     cfg: SamplingConfig,
     streamer: Streamer | None = None,
+    settle: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` after `input_ids` (batch, prompt); returns (batch, prompt + new).
 
     Rows that produced an end-of-sequence token are padded with `pad_token_id` until all are done.
+    `settle()`, if given, runs when the answer is complete and may raise `Rewind` to reopen it.
     """
     processors = logits_processors(cfg)
     prompt_length = input_ids.shape[1]
@@ -109,10 +112,29 @@ def decode(
         streamer.put(input_ids.cpu())
     new_ids, new_mask = input_ids, attention_mask
     rewinds = 0
-    while sequences.shape[1] - prompt_length < cfg.max_new_tokens:
-        step = sequences.shape[1] - prompt_length
+    while True:
         try:
-            logits = next_logits(new_ids, new_mask).float()  # (batch, vocab)
+            while sequences.shape[1] - prompt_length < cfg.max_new_tokens and not bool(finished.all()):
+                step = sequences.shape[1] - prompt_length
+                logits = next_logits(new_ids, new_mask).float()  # (batch, vocab)
+                if step < cfg.min_new_tokens and len(eos):
+                    logits[:, eos] = -float("inf")  # MinNewTokensLengthLogitsProcessor, without a vocab-sized copy
+                scores = processors(sequences, logits)
+                if cfg.do_sample:
+                    tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    tokens = scores.argmax(dim=-1)
+                tokens = torch.where(finished, torch.full_like(tokens, cfg.pad_token_id), tokens)
+                sequences = torch.cat([sequences, tokens[:, None]], dim=1)
+                if streamer is not None:
+                    streamer.put(tokens.cpu())
+                if len(eos):
+                    finished |= torch.isin(tokens, eos)
+                new_ids = tokens[:, None]
+                new_mask = None if attention_mask is None else torch.ones_like(new_ids)
+            if settle is not None:
+                settle()
+            break
         except Rewind as rewind:
             rewinds += 1
             if rewinds > MAX_REWINDS:
@@ -125,24 +147,6 @@ def decode(
             else:
                 new_ids = sequences[:, -1:]
                 new_mask = None if attention_mask is None else torch.ones_like(new_ids)
-            continue
-        if step < cfg.min_new_tokens and len(eos):
-            logits[:, eos] = -float("inf")  # what MinNewTokensLengthLogitsProcessor does, without a vocab-sized copy
-        scores = processors(sequences, logits)
-        if cfg.do_sample:
-            tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        else:
-            tokens = scores.argmax(dim=-1)
-        tokens = torch.where(finished, torch.full_like(tokens, cfg.pad_token_id), tokens)
-        sequences = torch.cat([sequences, tokens[:, None]], dim=1)
-        if streamer is not None:
-            streamer.put(tokens.cpu())
-        if len(eos):
-            finished |= torch.isin(tokens, eos)
-        if bool(finished.all()):
-            break
-        new_ids = tokens[:, None]
-        new_mask = None if attention_mask is None else torch.ones_like(new_ids)
     if streamer is not None:
         streamer.end()
     return sequences

@@ -77,6 +77,9 @@ class StepObserver(Protocol):
 
     def on_close(self, session_id: str) -> None: ...
 
+    async def settle(self, session_id: str) -> None:
+        """Wait until what the observer does about this session's steps so far is done."""
+
 
 @dataclass
 class FailoverEvent:
@@ -263,6 +266,16 @@ class InferenceSession:
             return None
         ones = torch.ones(hidden.shape[0], hidden.shape[1], dtype=torch.int64)
         return torch.cat([self._padding[:, :position], ones], dim=1)
+
+    async def settle(self) -> int | None:
+        """Wait for the observer's work on the steps so far (the spot checks), then route around any peer it
+        blacklisted; returns `untrusted_from` (None: every output so far can be trusted)."""
+        if self._hops is None:
+            return self.untrusted_from
+        if self.sequence.observer is not None:
+            await self.sequence.observer.settle(self.session_id)
+        await self._evict_blacklisted(self.position, self._padding)
+        return self.untrusted_from
 
     def rollback(self, position: int) -> None:
         """Forget tokens from `position` on; the peers crop their caches at the next step."""

@@ -108,19 +108,14 @@ def test_random_output_peer_is_blacklisted_and_avoided(trust_swarm, checker_clie
     _honest_never_flagged(checker_client, trust_swarm)
 
 
-class WaitForChecksAtFirstToken:
-    """A streamer that, at the first generated token, waits for the spot checks under way, so the verdict on
-    a cheating peer lands while the answer is being written; it records the rewinds that follow."""
+class RecordRewinds:
+    """A streamer that only records the rewinds of the answers it follows."""
 
-    def __init__(self, model: DistributedModelForCausalLM):
-        self.model, self.waiting, self.rewinds = model, False, []
+    def __init__(self):
+        self.rewinds: list[int] = []
 
     def put(self, value) -> None:
-        if value.ndim == 2:  # the prompt: a new answer begins
-            self.waiting = True
-        elif self.waiting:
-            self.waiting = False
-            self.model.loop.run(self.model.reputation.checker.drain())
+        pass
 
     def rewind(self, kept_new_tokens: int) -> None:
         self.rewinds.append(kept_new_tokens)
@@ -129,20 +124,55 @@ class WaitForChecksAtFirstToken:
         pass
 
 
+class WaitForChecksAtFirstToken(RecordRewinds):
+    """At the first generated token, waits for the spot checks under way, so the verdict on a cheating peer
+    lands while the answer is being written."""
+
+    def __init__(self, model: DistributedModelForCausalLM):
+        super().__init__()
+        self.model, self.waiting = model, False
+
+    def put(self, value) -> None:
+        if value.ndim == 2:  # the prompt: a new answer begins
+            self.waiting = True
+        elif self.waiting:
+            self.waiting = False
+            self.model.loop.run(self.model.reputation.checker.drain())
+
+
+def _answers_until_routed_through(model, liar, chat_ids, streamer, tokens: int) -> list[str]:
+    """Answers (at most 5) until one went through `liar`; it advertises 10x throughput, so a route soon picks it."""
+    answers = []
+    for _ in range(5):
+        out = model.generate(chat_ids, max_new_tokens=tokens, streamer=streamer)
+        answers.append(model.tokenizer.decode(out[0, chat_ids.shape[1]:], skip_special_tokens=True))
+        if model.reputation.checker.stats.responses[liar.peer_id]:
+            break
+    assert model.reputation.checker.stats.responses[liar.peer_id] >= 1, "no route picked the random-output peer"
+    return answers
+
+
 def test_an_answer_keeps_nothing_from_a_peer_caught_while_writing_it(trust_swarm, chat_ids) -> None:
     liar = next(p for p in trust_swarm.processes if p.name == "random-output")
-    model = _client(trust_swarm, check_rate=1.0)  # a newcomer that has not heard of the liar
+    model = _client(trust_swarm, check_rate=1.0, settle_checks=False)  # a newcomer that has not heard of the liar
     try:
-        stats = model.reputation.checker.stats
         streamer = WaitForChecksAtFirstToken(model)
-        for _ in range(5):  # the liar advertises 10x throughput, so a route soon picks it
-            out = model.generate(chat_ids, max_new_tokens=16, streamer=streamer)
-            assert model.tokenizer.decode(out[0, chat_ids.shape[1]:], skip_special_tokens=True) == ANSWER
-            if stats.responses[liar.peer_id]:
-                break
-        assert stats.responses[liar.peer_id] >= 1, "no route picked the random-output peer"
+        assert set(_answers_until_routed_through(model, liar, chat_ids, streamer, tokens=16)) == {ANSWER}
         assert model.reputation.node.is_blacklisted(liar.peer_id)
         assert streamer.rewinds == [0]  # everything it touched was dropped and written again
+    finally:
+        model.shutdown()
+
+
+def test_an_answer_is_verified_before_it_is_returned(trust_swarm, chat_ids) -> None:
+    liar = next(p for p in trust_swarm.processes if p.name == "random-output")
+    model = _client(trust_swarm, check_rate=1.0)
+    try:
+        streamer = RecordRewinds()  # with one token, the liar can be caught only once the answer is complete
+        answers = _answers_until_routed_through(model, liar, chat_ids, streamer, tokens=1)
+        assert set(answers) == {ANSWER.split()[0]}
+        assert model.reputation.node.is_blacklisted(liar.peer_id)
+        assert streamer.rewinds == [0]
     finally:
         model.shutdown()
 

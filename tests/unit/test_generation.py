@@ -245,30 +245,38 @@ def test_streamer_gets_the_prompt_then_each_token(model, prompt):
 
 
 class CaughtCheater:
-    """next_logits whose calls `bad` give garbage logits (a cheating peer); at call `caught` it rolls its
-    state back to the first `keep` tokens and raises Rewind, as the swarm client does once the cheater is
-    blacklisted."""
+    """next_logits whose calls `bad` give garbage logits (a cheating peer) until it is caught: at call `caught`,
+    or when the answer settles, it rolls its state back to the first `keep` tokens and raises Rewind, as the
+    swarm client does once the cheater is blacklisted."""
 
-    def __init__(self, model: PreTrainedModel, bad: range, caught: int, keep: int):
+    def __init__(self, model: PreTrainedModel, bad: range, caught: int | None, keep: int):
         self.model, self.bad, self.caught, self.keep = model, bad, caught, keep
         self.ids: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None
-        self.calls = 0
+        self.calls, self.rewound = 0, False
+
+    def _rewind(self) -> Rewind:
+        fed = self.keep - 1 if self.keep > PROMPT else 0  # the next call feeds token keep - 1
+        self.ids = self.ids[:, :fed] if fed else None
+        self.mask = None if self.mask is None or not fed else self.mask[:, :fed]
+        self.rewound = True
+        return Rewind(self.keep, "caught")
+
+    def settle(self) -> None:
+        if not self.rewound:
+            raise self._rewind()
 
     @torch.no_grad()
     def __call__(self, new_ids: torch.Tensor, new_mask: torch.Tensor | None) -> torch.Tensor:
         self.calls += 1
         if self.calls == self.caught:
-            fed = max(self.keep - 1, 0) if self.keep > PROMPT else 0  # the next call feeds token keep - 1
-            self.ids = self.ids[:, :fed] if fed else None
-            self.mask = None if self.mask is None or not fed else self.mask[:, :fed]
-            raise Rewind(self.keep, "caught")
+            raise self._rewind()
         self.ids = new_ids if self.ids is None else torch.cat([self.ids, new_ids], dim=1)
         if new_mask is not None:
             self.mask = new_mask if self.mask is None else torch.cat([self.mask, new_mask], dim=1)
         positions = None if self.mask is None else (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
         logits = self.model(self.ids, attention_mask=self.mask, position_ids=positions).logits[:, -1]
-        if self.calls in self.bad:
+        if self.calls in self.bad and not self.rewound:
             return torch.randn(logits.shape, generator=torch.Generator().manual_seed(self.calls)) * 10
         return logits
 
@@ -293,6 +301,16 @@ def test_a_rewind_drops_the_untrusted_tokens_and_the_answer_equals_generate(mode
     assert torch.equal(out, hf_generate(model, ids, mask, cfg))
     assert streamer.rewinds == [keep - PROMPT]
     assert torch.equal(torch.cat(streamer.values[1:], dim=0).view(-1), out[:, PROMPT:].T.reshape(-1))
+
+
+def test_a_cheater_caught_when_the_answer_settles_is_rewound_too(model, prompt):
+    ids, mask = prompt
+    cfg = SamplingConfig(max_new_tokens=8, pad_token_id=PAD)
+    cheater = CaughtCheater(model, bad=range(5, 100), caught=None, keep=PROMPT + 4)  # the last tokens are garbage
+    streamer = RewindingStreamer()
+    out = decode(cheater, ids, mask, cfg, streamer=streamer, settle=cheater.settle)
+    assert torch.equal(out, hf_generate(model, ids, mask, cfg))
+    assert streamer.rewinds == [4] and streamer.ended == 1
 
 
 def test_rewinds_are_bounded(model, prompt):
