@@ -194,11 +194,13 @@ class DistributedModelForCausalLM:
         pad_token_id: int | None = None,
         streamer: Streamer | None = None,
         session: SyncSession | None = None,
+        settle_checks: bool | None = None,
     ) -> torch.LongTensor:
         """Like `transformers.GenerationMixin.generate`: returns (batch, prompt + new) token ids.
 
         With `session`, `input_ids` continue that session (only the new tokens are sent), so a chat
-        keeps its history on the peers.
+        keeps its history on the peers. `settle_checks` (default: the client's setting) waits for the
+        answer's own spot checks before returning it, and regenerates what a peer they catch computed.
         """
         if isinstance(input_ids, dict) or hasattr(input_ids, "input_ids"):  # a BatchEncoding
             attention_mask = input_ids.get("attention_mask", attention_mask)
@@ -235,7 +237,9 @@ class DistributedModelForCausalLM:
             self.loop.run(session.inner.settle())
             _rewind_if_untrusted(session, start, prompt_length)
 
-        settles = self.reputation is not None and self.sequence.cfg.settle_checks
+        if settle_checks is None:
+            settle_checks = self.sequence.cfg.settle_checks
+        settles = self.reputation is not None and settle_checks
         try:
             return decode(next_logits, input_ids, attention_mask, cfg, streamer, settle if settles else None)
         finally:

@@ -145,6 +145,7 @@ class SwarmBackend:
                 temperature=params.temperature if params.temperature > 0 else 1.0,
                 top_p=params.top_p,
                 streamer=collector,
+                settle_checks=None if on_text is None else False,  # a streamed answer is out already
             )
         except _Finished:  # generate() closed its session on the way out
             pass
