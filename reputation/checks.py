@@ -8,7 +8,8 @@ compares the blocks' update for the step's tokens under the tolerance profile of
 A disagreement goes to up to two referees; a fault is recorded only when the majority agrees, and a checker
 that the referees contradict is the one at fault. Every verdict is a signed attestation, spread by gossip.
 At the end of a session the client countersigns each peer's last receipt: the ledger's proof of work.
-Checks run as background tasks on the client's loop and never hold up generation.
+Checks run as background tasks on the client's loop and never hold up the next token; `settle` lets a
+finished answer wait for its own checks before it is returned.
 """
 
 from __future__ import annotations
