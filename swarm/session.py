@@ -210,8 +210,10 @@ class InferenceSession:
         if not reopen:
             self.sequence.ban(failed.route.peer_id)
         for _ in range(MAX_FAILOVERS_PER_STEP):
+            since = position  # the replacement serves from this step on
             if reopen:
                 route, reopen = [failed.route], False  # the peer is fine, it only lost our cache: try it once more
+                since = failed.since  # ...and its earlier outputs are still its own
             else:
                 try:
                     route = await self.sequence.make_route(
@@ -219,7 +221,7 @@ class InferenceSession:
                     )
                 except MissingBlocksError:
                     raise error from None
-            replacement = [_Hop(hop, InferenceStream(self.sequence.p2p, hop.peer_id), since=position) for hop in route]
+            replacement = [_Hop(hop, InferenceStream(self.sequence.p2p, hop.peer_id), since=since) for hop in route]
             try:
                 replayed = None
                 if history is not None and history.shape[1] > 0:
