@@ -90,13 +90,11 @@ def main() -> None:
 
     rows: list[tuple[str, ...]] = []
     with LocalSwarm(model=DEFAULT_MODEL) as swarm:
-        honest = [
-            swarm.add_peer("0:30", *GOSSIP, wait=False, name="honest-fp32-a"),
-            swarm.add_peer("0:30", *GOSSIP, "--dtype", "bfloat16", wait=False, name="honest-bf16"),
-            swarm.add_peer("0:30", *GOSSIP, wait=False, name="honest-fp32-b"),
-        ]
-        for peer in honest:
-            swarm.wait_online(peer)
+        honest = swarm.add_peers(
+            ("honest-fp32-a", "0:30", GOSSIP),
+            ("honest-bf16", "0:30", (*GOSSIP, "--dtype", "bfloat16")),
+            ("honest-fp32-b", "0:30", GOSSIP),
+        )
         adaptive = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0)
         fixed = DistributedModelForCausalLM.from_pretrained(
             DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0, check_rate=args.p

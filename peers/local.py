@@ -107,6 +107,13 @@ class LocalSwarm:
             self.wait_online(peer)
         return peer
 
+    def add_peers(self, *specs: tuple[str, str | None, Sequence[str]]) -> list[PeerProcess]:
+        """Start peers given as (name, blocks, extra args) side by side, then wait until all are online."""
+        peers = [self.add_peer(blocks, *args, wait=False, name=name) for name, blocks, args in specs]
+        for peer in peers:
+            self.wait_online(peer)
+        return peers
+
     def wait_online(self, peer: PeerProcess, timeout: float | None = None) -> str:
         deadline = time.monotonic() + (timeout or self.startup_timeout)
         while time.monotonic() < deadline:

@@ -24,14 +24,11 @@ GOSSIP = ("--gossip-period", "1")
 def trust_swarm():
     """Three honest peers serving every block: two in float32, one in bfloat16."""
     with LocalSwarm(model=DEFAULT_MODEL) as swarm:
-        honest = [
-            swarm.add_peer("0:30", *GOSSIP, wait=False, name="honest-fp32-a"),
-            swarm.add_peer("0:30", *GOSSIP, "--dtype", "bfloat16", wait=False, name="honest-bf16"),
-            swarm.add_peer("0:30", *GOSSIP, wait=False, name="honest-fp32-b"),
-        ]
-        for peer in honest:
-            swarm.wait_online(peer)
-        swarm.honest = honest
+        swarm.honest = swarm.add_peers(
+            ("honest-fp32-a", "0:30", GOSSIP),
+            ("honest-bf16", "0:30", (*GOSSIP, "--dtype", "bfloat16")),
+            ("honest-fp32-b", "0:30", GOSSIP),
+        )
         yield swarm
 
 
