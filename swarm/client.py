@@ -227,7 +227,17 @@ class DistributedModelForCausalLM:
         own_session = session is None
         if own_session:
             session = self.inference_session(max_length=input_ids.shape[1] + max_new_tokens)
-        start, prompt_length = session.position, input_ids.shape[1]
+        next_logits, settle = self._decoding_hooks(session, input_ids.shape[1], settle_checks)
+        try:
+            return decode(next_logits, input_ids, attention_mask, cfg, streamer, settle)
+        finally:
+            if own_session:
+                session.close()
+
+    def _decoding_hooks(self, session: SyncSession, prompt_length: int, settle_checks: bool | None):
+        """`decode`'s next_logits for this session, and its settle hook (None when answers do not wait for
+        their checks)."""
+        start = session.position
         session.inner.untrusted_from = None  # what went before this call is the caller's history
 
         def next_logits(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -239,12 +249,7 @@ class DistributedModelForCausalLM:
 
         if settle_checks is None:
             settle_checks = self.sequence.cfg.settle_checks
-        settles = self.reputation is not None and settle_checks
-        try:
-            return decode(next_logits, input_ids, attention_mask, cfg, streamer, settle if settles else None)
-        finally:
-            if own_session:
-                session.close()
+        return next_logits, (settle if self.reputation is not None and settle_checks else None)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

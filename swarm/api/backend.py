@@ -79,17 +79,20 @@ class TextCollector:
             logger.warning("Tokens already streamed came from a peer since caught cheating; the rest is regenerated")
         self.tokens = self.tokens[:kept_new_tokens]
         self.saw_eos = bool(self.tokens) and self.tokens[-1] in self.eos_ids
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).rstrip("\ufffd")
-        self.sent, _ = sendable(text, self.stop, False)
+        self.sent, _ = self._certain(final=False)
 
     def end(self) -> None:
         pass
 
-    def _emit(self, final: bool) -> None:
+    def _certain(self, final: bool) -> tuple[str, bool]:
+        """The text of the tokens so far that can be sent, and whether a stop sequence ended it."""
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if not final:
             text = text.rstrip("\ufffd")  # half of a multi-byte character: wait for the rest
-        certain, self.stopped = sendable(text, self.stop, final)
+        return sendable(text, self.stop, final)
+
+    def _emit(self, final: bool) -> None:
+        certain, self.stopped = self._certain(final)
         if len(certain) > len(self.sent) and certain.startswith(self.sent):
             if self.on_text is not None:
                 self.on_text(certain[len(self.sent):])
