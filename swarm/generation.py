@@ -23,6 +23,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from swarm.errors import SwarmError
+
 NextLogits = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
@@ -138,7 +140,10 @@ def decode(
         except Rewind as rewind:
             rewinds += 1
             if rewinds > MAX_REWINDS:
-                raise
+                raise SwarmError(
+                    f"gave up after {MAX_REWINDS} restarts of this answer: peers on its route kept being caught "
+                    f"returning wrong results ({rewind.reason or 'untrusted outputs'})"
+                ) from None
             sequences, finished = _rewind_to(sequences, max(rewind.keep, prompt_length), prompt_length, eos)
             if streamer is not None and hasattr(streamer, "rewind"):
                 streamer.rewind(sequences.shape[1] - prompt_length)
