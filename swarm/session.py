@@ -130,6 +130,8 @@ class InferenceSession:
         if self._hops is None:
             await self._open(hidden.shape[0])
         mask = self._session_mask(attention_mask, position, hidden)
+        for hop in self._hops:  # after a rollback, a hop serves the steps from `position` on again
+            hop.since = min(hop.since, position)
         await self._evict_blacklisted(position, mask)
         index, failures = 0, 0
         observer = self.sequence.observer
