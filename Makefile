@@ -28,7 +28,7 @@ demo: model
 	$(PY) examples/local_swarm.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check swarm peers reputation benchmarks examples tests
+	$(VENV)/bin/ruff check swarm peers reputation apps benchmarks examples tests
 
 test: model lint
 	$(PY) -m pytest $(PYTEST_ARGS)

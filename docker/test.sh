@@ -131,7 +131,7 @@ coverage() {
 }
 
 chat() {
-    "$PY" -m swarm.chat --prompt "$QUESTION" --max-new-tokens "$MAX_NEW_TOKENS" >"$WORK/answer.txt"
+    "$PY" -m apps.chat --prompt "$QUESTION" --max-new-tokens "$MAX_NEW_TOKENS" >"$WORK/answer.txt"
     log "answer through the containers: $(cat "$WORK/answer.txt")"
     "$PY" docker/compare_answer.py "$QUESTION" "$MAX_NEW_TOKENS" "$WORK/answer.txt"
 }

@@ -23,7 +23,7 @@ def main() -> None:
         print(f"3 peers online after {time.perf_counter() - began:.1f} s (logs in {swarm.log_dir})\n", flush=True)
         subprocess.run([sys.executable, "-m", "peers.cli", "status"], env=swarm.env, check=True)
         print(f"\nQ: {QUESTION}\nA: ", end="", flush=True)
-        subprocess.run([sys.executable, "-m", "swarm.chat", "--prompt", QUESTION, "--max-new-tokens", "64"],
+        subprocess.run([sys.executable, "-m", "apps.chat", "--prompt", QUESTION, "--max-new-tokens", "64"],
                        env=swarm.env, check=True)
     print("\nswarm stopped: every process it started has exited")
 

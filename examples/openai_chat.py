@@ -36,7 +36,7 @@ def main() -> None:
     with swarm_or_local() as initial_peers:
         port = free_port()
         server = subprocess.Popen(  # in a shell: swarm-chat serve --port 8000
-            [sys.executable, "-m", "swarm.chat", "serve", "--port", str(port)],
+            [sys.executable, "-m", "apps.chat", "serve", "--port", str(port)],
             env={**os.environ, "SWARM_INITIAL_PEERS": initial_peers},
         )
         try:

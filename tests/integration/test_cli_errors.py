@@ -23,10 +23,10 @@ DEAD_PEER = "/ip4/127.0.0.1/tcp/9/p2p/QmNYSDoFZc5pZDn96u4tdQYFsmjCsqHskNJ1YJm9sM
         (["peers.cli", "status", "--initial-peers", "/ip4/127.0.0.1/tcp/9"], "lacks the peer id"),
         (["peers.cli", "join", "--blocks", "0:10", "--host", "127.0.0.1", "--initial-peers", DEAD_PEER],
          "cannot reach any initial peer"),
-        (["swarm.chat", "--prompt", "hi", "--initial-peers", DEAD_PEER], "cannot reach any initial peer"),
-        (["swarm.chat", "--model", "no-such-model", "--prompt", "hi"], "unknown model 'no-such-model'"),
-        (["swarm.chat", "serve", "--initial-peers", DEAD_PEER], "cannot reach any initial peer"),
-        (["swarm.chat", "serve", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["apps.chat", "--prompt", "hi", "--initial-peers", DEAD_PEER], "cannot reach any initial peer"),
+        (["apps.chat", "--model", "no-such-model", "--prompt", "hi"], "unknown model 'no-such-model'"),
+        (["apps.chat", "serve", "--initial-peers", DEAD_PEER], "cannot reach any initial peer"),
+        (["apps.chat", "serve", "--model", "no-such-model"], "unknown model 'no-such-model'"),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, expected):

@@ -47,7 +47,7 @@ def test_peers_announce_what_they_run(compressed_swarm, checkpoint):
 
 def test_swarm_chat_answers_through_compressed_and_offloaded_peers(compressed_swarm):
     result = subprocess.run(
-        [sys.executable, "-m", "swarm.chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "12"],
+        [sys.executable, "-m", "apps.chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "12"],
         env=compressed_swarm.env, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr

@@ -45,7 +45,7 @@ def api_url(swarm3, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("api") / "serve.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "swarm.chat", "serve", "--port", str(port), "--max-length", "256"],
+            [sys.executable, "-m", "apps.chat", "serve", "--port", str(port), "--max-length", "256"],
             env=swarm3.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}/v1"
@@ -90,7 +90,7 @@ def test_streamed_chat_equals_swarm_chat_prompt(api, swarm3):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     streamed = "".join(pieces)
     cli = subprocess.run(
-        [sys.executable, "-m", "swarm.chat", "--prompt", CHAT_PROMPT, "--max-new-tokens", "24"],
+        [sys.executable, "-m", "apps.chat", "--prompt", CHAT_PROMPT, "--max-new-tokens", "24"],
         env=swarm3.env, capture_output=True, text=True, timeout=120, check=True,
     )
     assert streamed.strip() == cli.stdout.strip()

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from swarm.chat import ChatSession
+from apps.chat import ChatSession
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def test_chat_continues_the_session_without_resending_history(client, local_mode
 
 def test_swarm_chat_prompt_answers_with_paris(swarm3, local_model, tokenizer, chat_ids):
     result = subprocess.run(
-        [sys.executable, "-m", "swarm.chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "32"],
+        [sys.executable, "-m", "apps.chat", "--prompt", "What is the capital of France?", "--max-new-tokens", "32"],
         env=swarm3.env, capture_output=True, text=True, timeout=180,
     )
     assert result.returncode == 0, result.stderr
@@ -101,7 +101,7 @@ def test_swarm_chat_prompt_answers_with_paris(swarm3, local_model, tokenizer, ch
 
 def test_swarm_chat_repl_commands_and_history(swarm3):
     script = "What is the capital of France?\n/route\n/stats\nAnd of Germany?\n/reset\n/nonsense\n/exit\n"
-    result = subprocess.run([sys.executable, "-m", "swarm.chat", "--max-new-tokens", "24"], input=script,
+    result = subprocess.run([sys.executable, "-m", "apps.chat", "--max-new-tokens", "24"], input=script,
                             env=swarm3.env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout

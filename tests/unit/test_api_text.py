@@ -1,4 +1,4 @@
-"""Stop sequences over streamed text, and the API's request validation (pure parts of swarm.api)."""
+"""Stop sequences over streamed text, and the API's request validation (pure parts of apps.api)."""
 
 import threading
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from swarm.api.backend import TextCollector
+from apps.api.backend import TextCollector
 
-from swarm.api.schema import ChatCompletionRequest, CompletionRequest
-from swarm.api.text import find_stop, held_back, sendable
+from apps.api.schema import ChatCompletionRequest, CompletionRequest
+from apps.api.text import find_stop, held_back, sendable
 
 
 def test_find_stop_takes_the_earliest_stop():

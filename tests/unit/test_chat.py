@@ -1,4 +1,4 @@
-"""Tests of swarm.chat's pure parts: reusing the fed prefix, turn statistics, the terminal streamer."""
+"""Tests of apps.chat's pure parts: reusing the fed prefix, turn statistics, the terminal streamer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from swarm.chat import TerminalStreamer, TurnStats, common_prefix_length
+from apps.chat import TerminalStreamer, TurnStats, common_prefix_length
 
 
 @pytest.mark.parametrize(

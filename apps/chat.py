@@ -260,9 +260,9 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Requests generated at once.")
 def serve(model, initial_peers, host, port, max_length, default_max_tokens, workers) -> None:
     """Serve /v1/models, /v1/chat/completions and /v1/completions (OpenAI's API) backed by the swarm."""
-    from swarm.api.serve import ServeConfig, serve as run_server
+    from apps.api.serve import ServeConfig, serve as run_server
 
-    logging.getLogger("swarm.api").setLevel(logging.INFO)
+    logging.getLogger("apps.api").setLevel(logging.INFO)
     try:
         cfg = ServeConfig(model=model, initial_peers=tuple(initial_peers_from(initial_peers)), host=host, port=port,
                           max_length=max_length, default_max_tokens=default_max_tokens, workers=workers)

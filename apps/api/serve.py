@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import uvicorn
 
-from swarm.api.app import create_app
-from swarm.api.backend import SwarmBackend
+from apps.api.app import create_app
+from apps.api.backend import SwarmBackend
 
 logger = logging.getLogger(__name__)
 

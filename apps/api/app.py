@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from swarm.api import schema
-from swarm.api.backend import GenerationParams, GenerationResult, RequestTooLong, SwarmBackend
+from apps.api import schema
+from apps.api.backend import GenerationParams, GenerationResult, RequestTooLong, SwarmBackend
 from swarm.errors import SwarmError
 
 logger = logging.getLogger(__name__)

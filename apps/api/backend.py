@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from swarm.api.text import sendable
+from apps.api.text import sendable
 from swarm.errors import SwarmError
 
 logger = logging.getLogger(__name__)
