@@ -102,6 +102,11 @@ class PeerSpan:
         return self.info.end
 
 
+def online_spans(spans: list[PeerSpan]) -> list[PeerSpan]:
+    """The spans of peers announcing ONLINE (joining and leaving peers serve nobody)."""
+    return [s for s in spans if s.info.state == ServerState.ONLINE]
+
+
 def block_key(dht_prefix: str, block: int) -> str:
     return f"{dht_prefix}_block{block}"
 
