@@ -29,6 +29,7 @@ demo: model
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check swarm peers reputation apps benchmarks examples tests
+	$(VENV)/bin/lint-imports
 
 test: model lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -157,22 +157,14 @@ class ChatSession:
     def describe_route(self) -> str:
         rows = []
         for hop in self.session.route:
-            latency = self.model.sequence.latencies.get(hop.peer_id)
-            rtt = "?" if latency is None or latency.rtt is None else f"{latency.rtt * 1000:.1f} ms"
+            latency = self.model.sequence.probe.rtt(hop.peer_id)
+            rtt = "?" if latency is None else f"{latency * 1000:.1f} ms"
             rows.append(f"  blocks {hop.start}:{hop.end}  peer {hop.peer_id}  rtt {rtt}")
         return "\n".join(rows) if rows else "  (no route yet: ask something first)"
 
     def describe_trust(self) -> str:
-        reputation = self.model.reputation
-        if reputation is None:
-            return "  (spot checks are off)"
-        stats = reputation.checker.stats
-        rows = [f"  spot checks: {stats.checks} run, {stats.passes} passed, {stats.faults} faults confirmed, "
-                f"{stats.inconclusive} inconclusive, {stats.skipped} skipped"]
-        for row in reputation.node.standings():
-            state = "BLACKLISTED" if row.blacklisted else f"trust {row.trust:.2f}"
-            rows.append(f"  {row.peer_id}  {state}  passed {row.passes}  faults {row.fails}")
-        return "\n".join(rows)
+        layer = self.model.trust_layer
+        return "  (spot checks are off)" if layer is None else layer.describe()
 
 
 def run_repl(chat: ChatSession) -> None:
@@ -224,13 +216,14 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
                         format="%(levelname)s %(name)s: %(message)s")
     if ctx.invoked_subcommand is not None:
         return
+    from reputation.client import ClientTrust
     from swarm.client import DistributedModelForCausalLM
 
     model_handle = None
     try:
         model_handle = DistributedModelForCausalLM.from_pretrained(
             model, initial_peers_from(initial_peers), spot_checks=not no_spot_checks,
-            trusted_peers=trusted_peers_from(trusted_peers), identity=identity,
+            trusted_peers=trusted_peers_from(trusted_peers), identity=identity, trust_layer=ClientTrust,
         )
         chat = ChatSession(model_handle, max_length, max_new_tokens, temperature, top_p)
         if prompt is not None:

@@ -55,7 +55,7 @@ def settle_cost(swarm, ids, answers: int) -> str:
                 began = time.perf_counter()
                 model.generate(ids, max_new_tokens=8)
                 times[settles].append(time.perf_counter() - began)
-                model.loop.run(model.reputation.checker.drain())
+                model.loop.run(model.trust_layer.checker.drain())
     finally:
         for model in clients.values():
             model.shutdown()
@@ -67,13 +67,13 @@ def settle_cost(swarm, ids, answers: int) -> str:
 def run_until_caught(model, ids, peer_id: str, limit: int, tokens: int) -> tuple[int | None, int, float, str]:
     """Generate until `peer_id` is blacklisted or served `limit` responses;
     (caught after, served, seconds, 'wrong answers/answers')."""
-    stats, node = model.reputation.checker.stats, model.reputation.node
+    stats, node = model.trust_layer.checker.stats, model.trust_layer.node
     began, answers, wrong = time.perf_counter(), 0, 0
     while not node.is_blacklisted(peer_id) and stats.responses[peer_id] < limit:
         out = model.generate(ids, max_new_tokens=tokens)
         answers += 1
         wrong += not model.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).startswith(ANSWER[:20])
-        model.loop.run(model.reputation.checker.drain())
+        model.loop.run(model.trust_layer.checker.drain())
     caught = stats.caught_after.get(peer_id) if node.is_blacklisted(peer_id) else None
     return caught, stats.responses[peer_id], time.perf_counter() - began, f"{wrong}/{answers}"
 
@@ -105,9 +105,9 @@ def main() -> None:
             for mode in ("random", "skip", "noise", "cheap-quant"):
                 peer = swarm.add_peer("0:30", *GOSSIP, "--adversary", mode, name=mode)
                 caught, served, seconds, wrong = run_until_caught(adaptive, ids, peer.peer_id, args.limit, tokens=8)
-                before = adaptive.reputation.checker.stats.responses[peer.peer_id]
+                before = adaptive.trust_layer.checker.stats.responses[peer.peer_id]
                 adaptive.generate(ids, max_new_tokens=8)
-                after = adaptive.reputation.checker.stats.responses[peer.peer_id]
+                after = adaptive.trust_layer.checker.stats.responses[peer.peer_id]
                 rows.append((mode, "adaptive (0.3 for newcomers)", "-", f"{caught}" if caught else f"not in {served}",
                              wrong, f"{seconds:.0f} s; routed to it after: {after - before}"))
                 peer.signal(2)
@@ -122,11 +122,11 @@ def main() -> None:
                 peer.signal(2)
         finally:
             honest_ids = {p.peer_id for p in honest}
-            comparisons = [c for m in (adaptive, fixed) for c in m.reputation.checker.stats.comparisons
+            comparisons = [c for m in (adaptive, fixed) for c in m.trust_layer.checker.stats.comparisons
                            if c[0] in honest_ids and c[1] in honest_ids]
             flagged = [c for c in comparisons if c[4] != "pass"]
-            blacklisted = [p.name for p in honest for m in (adaptive, fixed) if m.reputation.node.is_blacklisted(p.peer_id)]
-            stats = [m.reputation.checker.stats for m in (adaptive, fixed)]
+            blacklisted = [p.name for p in honest for m in (adaptive, fixed) if m.trust_layer.node.is_blacklisted(p.peer_id)]
+            stats = [m.trust_layer.checker.stats for m in (adaptive, fixed)]
             responses = sum(sum(s.responses.values()) - s.executions for s in stats)
             executions = sum(s.executions for s in stats)
             for m in (adaptive, fixed):

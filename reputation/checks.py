@@ -23,7 +23,6 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
-from hivemind.p2p import P2P
 
 from reputation.attest import Check, Receipt, tensor_digest
 from reputation.node import ReputationNode
@@ -31,9 +30,9 @@ from reputation.spotcheck import choose_checker, referee_decision
 from reputation.errors import ReputationError
 from reputation.tolerance import DEFAULT_PROFILES, Agreement, ToleranceProfile, compare_updates, judge, profile_for
 from swarm.errors import SwarmError
-from swarm.records import PeerSpan, ServerState
-from swarm.remote import call_forward_with_receipt
-from swarm.session import StepRecord
+from swarm.hooks import StepRecord, SwarmView
+from swarm.records import PeerSpan, online_spans
+from swarm.transport import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +94,8 @@ class SpotChecker:
     def __init__(
         self,
         node: ReputationNode,
-        sequence,  # swarm.sequence.RemoteSequence (spans, bans, p2p)
+        transport: Transport,
+        swarm: SwarmView,
         rng: random.Random | None = None,
         check_rate: float | None = None,  # a fixed rate for every peer; None: the node's adaptive policy
         referees: int = 2,
@@ -103,7 +103,7 @@ class SpotChecker:
         max_queued: int = 64,  # checks waiting beyond this are dropped (counted as skipped)
         timeout: float = 60.0,
     ):
-        self.node, self.sequence = node, sequence
+        self.node, self.transport, self.swarm = node, transport, swarm
         self.rng = rng or random.Random()
         self.check_rate, self.referees = check_rate, referees
         self.max_queued, self.timeout = max_queued, timeout
@@ -112,10 +112,6 @@ class SpotChecker:
         self._tasks: set[asyncio.Task] = set()
         self._session_tasks: dict[str, set[asyncio.Task]] = {}
         self._last_receipts: dict[str, dict[tuple[str, int, int], str]] = {}  # session -> hop -> receipt
-
-    @property
-    def p2p(self) -> P2P:
-        return self.sequence.p2p
 
     # ---- observer hooks (called on the client's loop) ------------------------------------------------
 
@@ -180,10 +176,10 @@ class SpotChecker:
             logger.warning("Spot check failed to run", exc_info=True)
 
     def _candidates(self, record: StepRecord, compression: str, exclude: set[str]) -> list[PeerSpan]:
-        banned = {str(p) for p in self.sequence.banned()}
+        banned = {str(p) for p in self.swarm.banned()}
         return [
-            s for s in self.sequence.spans
-            if s.info.state == ServerState.ONLINE and s.start <= record.start and record.end <= s.end
+            s for s in online_spans(self.swarm.spans)
+            if s.start <= record.start and record.end <= s.end
             and s.info.compression == compression and str(s.peer_id) not in exclude | banned
             and not self.node.is_blacklisted(str(s.peer_id))
         ]
@@ -191,18 +187,15 @@ class SpotChecker:
     async def _run_on(self, span: PeerSpan, record: StepRecord, full: torch.Tensor) -> tuple[torch.Tensor, Receipt | None] | None:
         """The step's output as `span`'s peer computes it from the hop's whole input; None if it fails."""
         try:
-            output, receipt_text = await call_forward_with_receipt(
-                self.p2p, span.peer_id, record.start, record.end, full, timeout=self.timeout
-            )
+            reply = await self.transport.forward(span.peer_id, record.start, record.end, full, timeout=self.timeout)
         except SwarmError as e:
             logger.debug(f"Check execution on {span.peer_id} failed: {e}")
             return None
+        output = reply.output
         self.stats.responses[str(span.peer_id)] += 1
         self.stats.executions += 1
         self.stats.extra_tokens += full.shape[0] * full.shape[1]
-        if output.shape != full.shape:
-            return None
-        receipt = decode_receipt(receipt_text)
+        receipt = decode_receipt(reply.receipt)
         if receipt is not None and not _receipt_matches(receipt, str(span.peer_id), full, output):
             receipt = None
         return output[:, -record.inputs.shape[1]:], receipt
@@ -214,7 +207,7 @@ class SpotChecker:
         if receipt is None or not _receipt_matches(receipt, subject, record.inputs, record.output):
             self.stats.bad_receipts += 1
             return "skipped"
-        await self.sequence.refresh_spans()
+        await self.swarm.refresh_spans()
         full = torch.cat(record.history, dim=1)
         candidates = self._candidates(record, receipt.compression, {subject})
         checker = choose_checker(candidates, None, self.rng)
@@ -287,8 +280,3 @@ def _receipt_matches(receipt: Receipt, signer: str, inputs: torch.Tensor, output
         and receipt.input_digest == tensor_digest(inputs)
         and receipt.output_digest == tensor_digest(output)
     )
-
-
-def receipt_text(receipt: Receipt) -> str:
-    return base64.b64encode(receipt.encode()).decode()
-

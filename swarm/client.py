@@ -12,11 +12,13 @@ from transformers import GenerationConfig
 
 from swarm.config import ClientConfig
 from swarm.generation import Rewind, SamplingConfig, Streamer, decode
+from swarm.hooks import ClientContext, TrustLayer, TrustLayerFactory
 from swarm.loop import BackgroundLoop
 from swarm.models import BlockCheckpoint, open_model
 from swarm.network import create_client_dht, load_identity, split_multiaddrs
-from swarm.remote import call_forward
-from swarm.sequence import RemoteSequence
+from swarm.plugins import default_trust_layer
+from swarm.remote import HivemindTransport
+from swarm.sequence import DhtSpanSource, RemoteSequence
 from swarm.session import InferenceSession
 
 logger = logging.getLogger(__name__)
@@ -62,13 +64,11 @@ def rewind_point(untrusted_from: int, start: int, prompt_length: int) -> tuple[i
     return untrusted_from - start + 1, untrusted_from
 
 
-def _rewind_if_untrusted(session: "SyncSession", start: int, prompt_length: int) -> None:
-    """Raise `Rewind` (after rolling the session back) if outputs since the generation began at `start`
-    passed through a peer since blacklisted."""
-    untrusted = session.inner.untrusted_from
+def _rewind_if_untrusted(session: "SyncSession", untrusted: int | None, start: int, prompt_length: int) -> None:
+    """Raise `Rewind` (after rolling the session back) if outputs from position `untrusted` on passed through
+    a peer since blacklisted, in a generation that began at `start`."""
     if untrusted is None:
         return
-    session.inner.untrusted_from = None
     keep, resume = rewind_point(untrusted, start, prompt_length)
     session.rollback(resume)
     logger.warning(f"Regenerating from token {keep - prompt_length}: a peer on the route was caught cheating")
@@ -80,7 +80,8 @@ class SyncSession:
 
     def __init__(self, model: "DistributedModelForCausalLM", max_length: int):
         self.model = model
-        self.inner = InferenceSession(model.sequence, max_length)
+        observer = None if model.trust_layer is None else model.trust_layer.observer
+        self.inner = InferenceSession(model.sequence, model.transport, max_length, observer)
 
     @property
     def position(self) -> int:
@@ -91,7 +92,12 @@ class SyncSession:
         return self.inner.route
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, position: int | None = None):
+        """The last hop's output and where untrusted outputs begin (`swarm.session.StepOutput`)."""
         return self.model.loop.run(self.inner.step(hidden, attention_mask, position))
+
+    def settle(self) -> int | None:
+        """Wait for the spot checks of the steps so far; from where outputs are untrusted (None: nowhere)."""
+        return self.model.loop.run(self.inner.settle())
 
     def rollback(self, position: int) -> None:
         self.inner.rollback(position)
@@ -113,7 +119,8 @@ class DistributedModelForCausalLM:
     >>> model.generate(input_ids, max_new_tokens=32)
     """
 
-    def __init__(self, checkpoint: BlockCheckpoint, cfg: ClientConfig, dtype: torch.dtype = torch.float32):
+    def __init__(self, checkpoint: BlockCheckpoint, cfg: ClientConfig, dtype: torch.dtype = torch.float32,
+                 trust_layer: TrustLayerFactory | None = None):
         self.checkpoint = checkpoint
         self.config = checkpoint.load_config()
         self.tokenizer = checkpoint.load_tokenizer()
@@ -123,16 +130,18 @@ class DistributedModelForCausalLM:
         self.loop = BackgroundLoop()
         self.identity = load_identity(cfg.identity)
         self.dht = create_client_dht(cfg.initial_peers, checkpoint.dht_prefix, checkpoint.num_blocks, self.identity)
-        p2p = self.loop.run(self.dht.replicate_p2p())
-        self.sequence = RemoteSequence(
-            self.dht, p2p, checkpoint.dht_prefix, checkpoint.manifest.name, checkpoint.num_blocks, cfg
-        )
-        self.reputation = None  # reputation.client.ClientReputation when spot checks are on
+        self.p2p = self.loop.run(self.dht.replicate_p2p())
+        self.transport = HivemindTransport(self.p2p)
+        source = DhtSpanSource(self.dht, checkpoint.dht_prefix, checkpoint.num_blocks)
+        self.sequence = RemoteSequence(source, self.transport, checkpoint.manifest.name, checkpoint.num_blocks, cfg)
+        self.trust_layer: TrustLayer | None = None  # spot checks and the blacklist, when on
         if cfg.spot_checks:
-            # The trust layer plugs into routing and sessions through hooks (swarm never imports it elsewhere).
-            from reputation.client import ClientReputation
-
-            self.reputation = ClientReputation.attach(self.sequence, self.identity, cfg, self.loop)
+            factory = trust_layer or default_trust_layer()
+            if factory is not None:
+                context = ClientContext(self.transport, self.sequence, self.identity, self.p2p, self.dht, cfg)
+                self.trust_layer = factory(context)
+                self.sequence.use_trust(self.trust_layer.trust)
+                self.loop.run(self.trust_layer.start())
 
     @classmethod
     def from_pretrained(
@@ -142,15 +151,17 @@ class DistributedModelForCausalLM:
         *,
         dtype: torch.dtype = torch.float32,
         cache_dir: Path | None = None,
+        trust_layer: TrustLayerFactory | None = None,
         **client_options,
     ) -> "DistributedModelForCausalLM":
         """Open `model` (alias, repo id or path) and join the swarm through `initial_peers`.
 
         `client_options` are fields of `swarm.config.ClientConfig` (e.g. `missing_blocks_timeout=60`).
+        `trust_layer` builds the spot checker and blacklist (default: the installed one, `swarm.plugins`).
         """
         checkpoint = open_model(model, cache_dir=cache_dir)
         cfg = ClientConfig(initial_peers=tuple(split_multiaddrs(initial_peers)), **client_options)
-        return cls(checkpoint, cfg, dtype)
+        return cls(checkpoint, cfg, dtype, trust_layer)
 
     def _default_eos_ids(self) -> tuple[int, ...]:
         """End-of-sequence ids from the model's generation config, else the tokenizer's."""
@@ -173,10 +184,10 @@ class DistributedModelForCausalLM:
         """Logits for the token after `new_ids`. Raises `Rewind` if a peer of the route was blacklisted and
         tokens generated since position `start` (where this call's prompt of `prompt_length` tokens began)
         went through it; the session is already rolled back then."""
-        hidden = session.step(self.head.embed(new_ids), attention_mask)
+        output = session.step(self.head.embed(new_ids), attention_mask)
         if prompt_length is not None:
-            _rewind_if_untrusted(session, start, prompt_length)
-        return self.head.logits(hidden[:, -1:])[:, 0]  # (batch, vocab)
+            _rewind_if_untrusted(session, output.untrusted_from, start, prompt_length)
+        return self.head.logits(output.hidden[:, -1:])[:, 0]  # (batch, vocab)
 
     def generate(
         self,
@@ -238,18 +249,16 @@ class DistributedModelForCausalLM:
         """`decode`'s next_logits for this session, and its settle hook (None when answers do not wait for
         their checks)."""
         start = session.position
-        session.inner.untrusted_from = None  # what went before this call is the caller's history
 
         def next_logits(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
             return self.next_logits(session, ids, mask, start, prompt_length)
 
         def settle() -> None:  # the answer looks complete: wait for its spot checks before returning it
-            self.loop.run(session.inner.settle())
-            _rewind_if_untrusted(session, start, prompt_length)
+            _rewind_if_untrusted(session, session.settle(), start, prompt_length)
 
         if settle_checks is None:
             settle_checks = self.sequence.cfg.settle_checks
-        return next_logits, (settle if self.reputation is not None and settle_checks else None)
+        return next_logits, (settle if self.trust_layer is not None and settle_checks else None)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -258,7 +267,7 @@ class DistributedModelForCausalLM:
 
         async def run(hidden: torch.Tensor) -> torch.Tensor:
             for hop in await self.sequence.make_route():
-                hidden = await call_forward(self.sequence.p2p, hop.peer_id, hop.start, hop.end, hidden)
+                hidden = (await self.transport.forward(hop.peer_id, hop.start, hop.end, hidden)).output
             return hidden
 
         return self.head.logits(self.loop.run(run(hidden)))
@@ -266,9 +275,9 @@ class DistributedModelForCausalLM:
     __call__ = forward
 
     def shutdown(self) -> None:
-        if self.reputation is not None:
-            self.loop.run(self.reputation.stop(), timeout=10)
-        self.loop.run(self.sequence.p2p.shutdown(), timeout=5)
+        if self.trust_layer is not None:
+            self.loop.run(self.trust_layer.stop(), timeout=10)
+        self.loop.run(self.p2p.shutdown(), timeout=5)
         self.loop.close()
         self.dht.shutdown()
 

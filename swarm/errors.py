@@ -5,10 +5,13 @@
     │   ├── UnknownModelError       the name matches no alias, directory or cached repository
     │   └── UnsupportedModelError   found, but not a Llama-family checkpoint
     ├── ConfigError                 a bad command-line value (block range, multiaddr, dtype ...)
+    ├── ProtocolError               a message that cannot be decoded (the peer answers `bad_request`)
     ├── SwarmConnectionError        the DHT or a peer cannot be reached
     ├── MissingBlocksError          no peer serves some blocks (after waiting)
-    └── RemoteError                 a peer answered a request with an error
-        └── (carries the peer's error kind, e.g. "bad_request", "unknown_session")
+    └── PeerError                   one peer failed a request (`.peer` names it, so it is the one blamed)
+        ├── PeerUnreachableError    ...it cannot be reached, timed out or dropped the stream (also a SwarmConnectionError)
+        ├── RemoteError             ...it answered with an error (carries its kind, e.g. "bad_request", "unknown_session")
+        └── BadReplyError           ...it answered with something invalid: undecodable, the wrong shape, NaN or infinity
 
 Every message is one line meant for a user: it says what went wrong and, where it can, what to do.
 """
@@ -36,8 +39,32 @@ class ConfigError(SwarmError):
     """A user-supplied setting is invalid (block range, multiaddr, dtype, ...)."""
 
 
+class ProtocolError(SwarmError):
+    """A message that cannot be decoded."""
+
+
 class SwarmConnectionError(SwarmError):
     """The DHT or a peer cannot be reached."""
+
+
+class PeerError(SwarmError):
+    """One peer failed a request; `peer` is its id (base58), the one to blame."""
+
+    def __init__(self, peer: str, message: str):
+        self.peer = str(peer)
+        super().__init__(message)
+
+
+class PeerUnreachableError(PeerError, SwarmConnectionError):
+    """The peer cannot be reached, did not answer in time, or dropped the stream."""
+
+
+class BadReplyError(PeerError):
+    """The peer answered with something invalid: undecodable bytes, a wrong shape, NaN or infinity."""
+
+    def __init__(self, peer: str, problem: str):
+        self.problem = problem
+        super().__init__(peer, f"peer {peer} sent an invalid reply: {problem}")
 
 
 class MissingBlocksError(SwarmError):
@@ -53,14 +80,13 @@ class MissingBlocksError(SwarmError):
         )
 
 
-class RemoteError(SwarmError):
+class RemoteError(PeerError):
     """A peer answered a request with an error."""
 
     def __init__(self, peer: str, kind: str, message: str):
-        self.peer = peer
         self.kind = kind
         self.remote_message = message
-        super().__init__(f"peer {peer} refused the request ({kind}): {message}")
+        super().__init__(peer, f"peer {peer} refused the request ({kind}): {message}")
 
 
 def format_block_spans(blocks: list[int]) -> str:

@@ -20,6 +20,8 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from swarm.errors import ProtocolError
+
 PROTOCOL_VERSION = 1
 MAX_METADATA_BYTES = 64 * 1024
 
@@ -86,10 +88,6 @@ class StepReply(WireModel):
     error: ErrorInfo | None = None
     length: int = 0  # tokens the session holds after this step
     receipt: str = Field(default="", max_length=8192)  # base64 of the peer's signed reputation Receipt, or ""
-
-
-class ProtocolError(ValueError):
-    """A message that cannot be decoded; the peer answers with `bad_request`."""
 
 
 def pack(message: WireModel) -> bytes:

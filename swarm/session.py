@@ -1,13 +1,14 @@
 """An inference session over a chain of peers: hidden states stream hop by hop, token by token.
 
-Each hop keeps one open `rpc_inference` stream and its part of the KV cache. The client keeps the
-inputs it sent to every hop, so when a peer fails mid-session it is banned for a while, its blocks
-are routed to other peers, and those peers rebuild the KV cache from the replayed inputs before the
-step goes on. The caller sees at most a pause.
+Each hop keeps one open stream (from the `Transport` the session is given) and its part of the KV cache.
+The client keeps the inputs it sent to every hop, so when a peer fails mid-session it is banned for a
+while, its blocks are routed to other peers, and those peers rebuild the KV cache from the replayed inputs
+before the step goes on. The caller sees at most a pause.
 
 A peer blacklisted by the trust layer is routed around the same way, and every later hop's cache is
 rebuilt from the replacement's outputs. The outputs it gave since it joined the route cannot be trusted
-either: `untrusted_from` says from which position on, so the caller can regenerate those tokens.
+either: each `step` and `settle` returns from which position on (`untrusted_from`), once, so the caller
+can regenerate those tokens.
 """
 
 from __future__ import annotations
@@ -16,16 +17,15 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
-from swarm.errors import MissingBlocksError, RemoteError, SwarmConnectionError, SwarmError
+from swarm.errors import MissingBlocksError, PeerError, RemoteError, SwarmError
+from swarm.hooks import StepObserver, StepRecord
 from swarm.protocol import StepRequest
-from swarm.protocol import StepReply
-from swarm.remote import InferenceStream
 from swarm.routing import RouteHop
 from swarm.sequence import RemoteSequence
+from swarm.transport import PeerStream, Reply, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ REOPEN_KINDS = frozenset({"unknown_session", "bad_position"})  # the peer lost o
 @dataclass
 class _Hop:
     route: RouteHop
-    stream: InferenceStream
+    stream: PeerStream
     chunks: list[torch.Tensor] = field(default_factory=list)  # every input sent so far, (batch, new, hidden) each
     held: int = 0  # tokens those chunks hold
     since: int = 0  # the session's position when this hop began serving its steps
@@ -57,28 +57,11 @@ class _Hop:
 
 
 @dataclass(frozen=True)
-class StepRecord:
-    """One step as a hop served it: what an observer (the trust layer's spot checker) gets to see."""
+class StepOutput:
+    """What a step gives back: the last hop's output, and where untrusted outputs begin (None: nowhere)."""
 
-    session_id: str
-    peer_id: object  # hivemind PeerID
-    start: int
-    end: int
-    position: int  # tokens the hop held before this step
-    inputs: torch.Tensor  # this step's hidden states into the hop (batch, new, hidden)
-    output: torch.Tensor  # what the hop returned
-    history: tuple[torch.Tensor, ...]  # every input the hop received so far, this step's last
-    padded: bool  # some row of the batch is padded (the step depends on the attention mask)
-    receipt: str  # the peer's signed receipt, base64, or ""
-
-
-class StepObserver(Protocol):
-    def on_step(self, record: StepRecord) -> None: ...
-
-    def on_close(self, session_id: str) -> None: ...
-
-    async def settle(self, session_id: str) -> None:
-        """Wait until what the observer does about this session's steps so far is done."""
+    hidden: torch.Tensor
+    untrusted_from: int | None = None  # outputs from this session position on passed through a blacklisted peer
 
 
 @dataclass
@@ -93,8 +76,9 @@ class FailoverEvent:
 
 
 class InferenceSession:
-    def __init__(self, sequence: RemoteSequence, max_length: int):
-        self.sequence = sequence
+    def __init__(self, sequence: RemoteSequence, transport: Transport, max_length: int,
+                 observer: StepObserver | None = None):
+        self.sequence, self.transport, self.observer = sequence, transport, observer
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex
         self.position = 0  # tokens every hop holds
@@ -102,7 +86,7 @@ class InferenceSession:
         self._hops: list[_Hop] | None = None
         self._padding: torch.Tensor | None = None  # (batch, position) 0/1 mask, only if some row is padded
         self._needed_tokens = max_length  # KV-cache room each peer must hold for this session
-        self.untrusted_from: int | None = None  # outputs from this position on passed through a blacklisted peer
+        self._untrusted_from: int | None = None  # not yet reported to the caller
 
     @property
     def route(self) -> list[RouteHop]:
@@ -111,12 +95,12 @@ class InferenceSession:
     async def _open(self, batch: int) -> None:
         self._needed_tokens = batch * self.max_length
         route = await self.sequence.make_route(needed_tokens=self._needed_tokens)
-        self._hops = [_Hop(hop, InferenceStream(self.sequence.p2p, hop.peer_id)) for hop in route]
+        self._hops = [_Hop(hop, self.transport.open_stream(hop.peer_id)) for hop in route]
         logger.debug("Route: " + " -> ".join(f"{h.peer_id}[{h.start}:{h.end}]" for h in route))
 
     async def step(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, position: int | None = None
-    ) -> torch.Tensor:
+    ) -> StepOutput:
         """Send hidden states (batch, new, hidden) through every hop; returns the last hop's output.
 
         `attention_mask` (batch, position + new) is needed only when some row is left-padded.
@@ -134,32 +118,33 @@ class InferenceSession:
             hop.since = min(hop.since, position)
         await self._evict_blacklisted(position, mask)
         index, failures = 0, 0
-        observer = self.sequence.observer
         while index < len(self._hops):
             hop = self._hops[index]
             try:
-                output, reply = await self._send(hop, hidden, position, mask)
-            except (SwarmConnectionError, RemoteError) as error:
+                reply = await self._send(hop, hidden, position, mask)
+            except PeerError as error:
                 failures += 1
                 if failures > MAX_FAILOVERS_PER_STEP:
                     raise
                 await self._recover(index, error, position, mask)
                 continue  # retry this step on the replacement hop(s) at the same index
             hop.record(hidden, position)
-            if observer is not None:
-                observer.on_step(StepRecord(
-                    self.session_id, hop.route.peer_id, hop.route.start, hop.route.end, position, hidden, output,
-                    tuple(hop.chunks), mask is not None, reply.receipt,
+            if self.observer is not None:
+                self.observer.on_step(StepRecord(
+                    self.session_id, hop.route.peer_id, hop.route.start, hop.route.end, position, hidden,
+                    reply.output, tuple(hop.chunks), mask is not None, reply.receipt,
                 ))
-            hidden = output
+            hidden = reply.output
             index += 1
         self.position = position + hidden.shape[1]
         self._padding = mask
-        return hidden
+        return StepOutput(hidden, self._take_untrusted())
 
-    async def _send(
-        self, hop: _Hop, hidden: torch.Tensor, position: int, mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, StepReply]:
+    def _take_untrusted(self) -> int | None:
+        untrusted, self._untrusted_from = self._untrusted_from, None
+        return untrusted
+
+    async def _send(self, hop: _Hop, hidden: torch.Tensor, position: int, mask: torch.Tensor | None) -> Reply:
         meta = StepRequest(
             session_id=self.session_id,
             start=hop.route.start,
@@ -167,12 +152,7 @@ class InferenceSession:
             position=position,
             max_length=self.max_length,
         )
-        extra = () if mask is None else (mask,)
-        reply, tensors = await hop.stream.step(meta, hidden, *extra, timeout=self.sequence.cfg.request_timeout)
-        if len(tensors) != 1 or tensors[0].shape != hidden.shape:
-            got = [tuple(t.shape) for t in tensors]
-            raise RemoteError(str(hop.route.peer_id), "bad_request", f"reply tensors {got} do not match {tuple(hidden.shape)}")
-        return tensors[0], reply
+        return await hop.stream.step(meta, hidden, mask, timeout=self.sequence.cfg.request_timeout)
 
     async def _evict_blacklisted(self, position: int, mask: torch.Tensor | None) -> None:
         """Route around hops whose peer was blacklisted since the last step, then rebuild every later hop's
@@ -186,7 +166,7 @@ class InferenceSession:
                 return
             bad = self._hops[index].route.peer_id
             since = self._hops[index].since
-            self.untrusted_from = since if self.untrusted_from is None else min(self.untrusted_from, since)
+            self._untrusted_from = since if self._untrusted_from is None else min(self._untrusted_from, since)
             count_before = len(self._hops)
             output = await self._recover(index, RemoteError(str(bad), "blacklisted", "blacklisted by spot checks"), position, mask)
             past_mask = None if mask is None else mask[:, :position]
@@ -194,7 +174,7 @@ class InferenceSession:
                 if output is None:
                     break
                 inputs = output
-                output, _ = await self._send(later, inputs, 0, past_mask)
+                output = (await self._send(later, inputs, 0, past_mask)).output
                 later.chunks, later.held = [], 0
                 later.record(inputs, 0)
 
@@ -223,13 +203,13 @@ class InferenceSession:
                     )
                 except MissingBlocksError:
                     raise error from None
-            replacement = [_Hop(hop, InferenceStream(self.sequence.p2p, hop.peer_id), since=since) for hop in route]
+            replacement = [_Hop(hop, self.transport.open_stream(hop.peer_id), since=since) for hop in route]
             try:
                 replayed = None
                 if history is not None and history.shape[1] > 0:
                     replayed = await self._replay(replacement, history, mask)
                 break
-            except (SwarmConnectionError, RemoteError) as replay_error:
+            except PeerError as replay_error:
                 logger.debug(f"Replay failed: {replay_error}")
                 for hop in replacement:
                     await _close_quietly(hop.stream)
@@ -251,7 +231,7 @@ class InferenceSession:
         past_mask = None if mask is None else mask[:, : history.shape[1]]
         hidden = history
         for hop in hops:
-            output, _ = await self._send(hop, hidden, 0, past_mask)
+            output = (await self._send(hop, hidden, 0, past_mask)).output
             hop.record(hidden, 0)
             hidden = output
         return hidden
@@ -273,13 +253,13 @@ class InferenceSession:
 
     async def settle(self) -> int | None:
         """Wait for the observer's work on the steps so far (the spot checks), then route around any peer it
-        blacklisted; returns `untrusted_from` (None: every output so far can be trusted)."""
+        blacklisted; returns from which position outputs are untrusted (None: every output can be trusted)."""
         if self._hops is None:
-            return self.untrusted_from
-        if self.sequence.observer is not None:
-            await self.sequence.observer.settle(self.session_id)
+            return self._take_untrusted()
+        if self.observer is not None:
+            await self.observer.settle(self.session_id)
         await self._evict_blacklisted(self.position, self._padding)
-        return self.untrusted_from
+        return self._take_untrusted()
 
     def rollback(self, position: int) -> None:
         """Forget tokens from `position` on; the peers crop their caches at the next step."""
@@ -290,25 +270,21 @@ class InferenceSession:
     async def close(self) -> None:
         for hop in self._hops or []:
             await _close_quietly(hop.stream)
-        if self._hops is not None and self.sequence.observer is not None:
-            self.sequence.observer.on_close(self.session_id)
+        if self._hops is not None and self.observer is not None:
+            self.observer.on_close(self.session_id)
         self._hops = None
 
 
-def _failed_peer(error: SwarmError, hops: list[_Hop]):
-    """Which of `hops` an error came from (the first hop if it cannot be told)."""
-    text = error.peer if isinstance(error, RemoteError) else str(error)
-    for hop in hops:
-        if str(hop.route.peer_id) in text:
-            return hop.route.peer_id
-    return hops[0].route.peer_id
+def _failed_peer(error: PeerError, hops: list[_Hop]):
+    """Which of `hops` the error blames."""
+    return next((hop.route.peer_id for hop in hops if str(hop.route.peer_id) == error.peer), hops[0].route.peer_id)
 
 
 def _reason(error: SwarmError) -> str:
     return f"{error.kind}: {error.remote_message}" if isinstance(error, RemoteError) else str(error)
 
 
-async def _close_quietly(stream: InferenceStream) -> None:
+async def _close_quietly(stream: PeerStream) -> None:
     try:
         await stream.close()
     except Exception:  # closing is best effort: the peer frees the cache when the stream drops

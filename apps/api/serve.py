@@ -30,12 +30,13 @@ def _interrupt(signum: int, frame) -> None:
 
 
 def serve(cfg: ServeConfig) -> None:
+    from reputation.client import ClientTrust
     from swarm.client import DistributedModelForCausalLM
 
     # uvicorn re-raises the signal that stopped it; SIGTERM's default action would end the process before
     # the swarm client could stop its DHT process, so SIGTERM unwinds like Ctrl+C instead.
     signal.signal(signal.SIGTERM, _interrupt)
-    model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers)
+    model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers, trust_layer=ClientTrust)
     backend = SwarmBackend(model, cfg.max_length, cfg.default_max_tokens, cfg.workers)
     names = tuple(dict.fromkeys((cfg.model, model.checkpoint.manifest.name)))
     app = create_app(backend, names)

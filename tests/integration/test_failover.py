@@ -109,11 +109,11 @@ def test_busy_peer_refuses_with_a_typed_error_and_the_client_goes_elsewhere(limi
         roomy_id = next(s.peer_id for s in model.sequence.spans if str(s.peer_id) == roomy.peer_id)
 
         async def occupy_and_steer():
-            holder = InferenceStream(model.sequence.p2p, small_id)  # another client takes small's only slot
+            holder = InferenceStream(model.p2p, small_id)  # another client takes small's only slot
             await holder.step(StepRequest(session_id="holder", start=0, end=30, position=0, max_length=8),
                               torch.zeros(1, 1, 576))
-            await model.sequence.ping_all(model.sequence.spans, force=True)
-            model.sequence.latencies[roomy_id].rtt = 5.0  # make `small` the cheaper route
+            await model.sequence.probe.ping_all([s.peer_id for s in model.sequence.spans], force=True)
+            model.sequence.probe.latencies[roomy_id].rtt = 5.0  # make `small` the cheaper route
             return holder
 
         holder = model.loop.run(occupy_and_steer())
@@ -134,7 +134,7 @@ def test_idle_sessions_are_freed_and_resumed_by_replay(limited_swarm, local_mode
     model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers])
     try:
         small_id = next(s.peer_id for s in model.loop.run(model.sequence.refresh_spans()) if str(s.peer_id) == small.peer_id)
-        model.sequence.bans.clear()
+        model.sequence.cooldowns.clear()
         for other in model.sequence.spans:
             if other.peer_id != small_id:
                 model.sequence.ban(other.peer_id)  # route through `small`, whose idle timeout is 5 s
@@ -163,7 +163,7 @@ def test_peer_memory_returns_to_idle_after_sessions_end(limited_swarm):
         async def fill_caches(count: int) -> list[InferenceStream]:
             streams = []
             for i in range(count):
-                stream = InferenceStream(model.sequence.p2p, roomy_id)
+                stream = InferenceStream(model.p2p, roomy_id)
                 await stream.step(StepRequest(session_id=f"big{i}", start=0, end=30, position=0, max_length=1024),
                                   torch.randn(2, 600, 576), timeout=300)
                 streams.append(stream)
@@ -175,7 +175,7 @@ def test_peer_memory_returns_to_idle_after_sessions_end(limited_swarm):
             model.loop.run(stream.close())
         time.sleep(2)
         after = process.memory_info().rss
-        info, _ = model.loop.run(call_info(model.sequence.p2p, roomy_id))
+        info, _ = model.loop.run(call_info(model.p2p, roomy_id))
     finally:
         model.shutdown()
     kv_bytes = 3 * 30 * 2 * 600 * 2 * 3 * 64 * 4  # sessions x blocks x batch x tokens x (k, v) x heads x dim x fp32

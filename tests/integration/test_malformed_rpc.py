@@ -31,7 +31,7 @@ def run(client, coroutine):
 
 
 def forward_raw(client, peer_id, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-    stub = BlockService.get_stub(client.sequence.p2p, peer_id)
+    stub = BlockService.get_stub(client.p2p, peer_id)
     return run(client, stub.rpc_forward(request, timeout=30))
 
 
@@ -52,12 +52,12 @@ def assert_still_serving(client, first_hop, local_model, chat_ids):
         for layer in local_model.model.layers[first_hop.start : first_hop.end]:
             expected = layer(expected, None, position_ids, None, position_embeddings=embeddings)
             expected = expected[0] if isinstance(expected, tuple) else expected
-    produced = run(client, call_forward(client.sequence.p2p, first_hop.peer_id, first_hop.start, first_hop.end, hidden))
+    produced = run(client, call_forward(client.p2p, first_hop.peer_id, first_hop.start, first_hop.end, hidden)).output
     assert torch.allclose(produced, expected, atol=1e-4)
 
 
 def test_garbage_bytes_on_unary_and_stream_handlers(client, first_hop, local_model, chat_ids):
-    p2p: P2P = client.sequence.p2p
+    p2p: P2P = client.p2p
 
     async def garbage_unary():
         handle = BlockService._get_handle_name(None, "rpc_forward")
@@ -110,14 +110,14 @@ def test_bad_metadata_shapes_and_dtypes_are_refused(client, first_hop, local_mod
 
 def test_session_errors_keep_the_stream_and_the_peer_alive(client, first_hop, local_model, chat_ids):
     peer = first_hop.peer_id
-    info, _ = run(client, call_info(client.sequence.p2p, peer))
+    info, _ = run(client, call_info(client.p2p, peer))
 
     def meta(session_id: str, position: int, max_length: int = 64) -> StepRequest:
         return StepRequest(session_id=session_id, start=first_hop.start, end=first_hop.end, position=position,
                            max_length=max_length)
 
     async def scenario():
-        stream = InferenceStream(client.sequence.p2p, peer)
+        stream = InferenceStream(client.p2p, peer)
         errors = {}
         for name, (message, hidden) in {
             "unknown_session": (meta("never-opened", 5), torch.zeros(1, 1, HIDDEN)),
@@ -134,9 +134,9 @@ def test_session_errors_keep_the_stream_and_the_peer_alive(client, first_hop, lo
             await stream.step(meta("s3", 7), torch.zeros(1, 1, HIDDEN), timeout=30)
         except RemoteError as e:
             errors["bad_position"] = e.kind
-        reply, (out,) = await stream.step(meta("s3", 3), torch.zeros(1, 1, HIDDEN), timeout=30)
+        reply = await stream.step(meta("s3", 3), torch.zeros(1, 1, HIDDEN), timeout=30)
         await stream.close()
-        return errors, reply.length, out.shape
+        return errors, reply.length, reply.output.shape
 
     errors, length, shape = run(client, scenario())
     assert errors == {

@@ -46,7 +46,7 @@ def checker_client(trust_swarm):
 
 def _answer(model, chat_ids, tokens: int = 8) -> str:
     out = model.generate(chat_ids, max_new_tokens=tokens)
-    model.loop.run(model.reputation.checker.drain())
+    model.loop.run(model.trust_layer.checker.drain())
     return model.tokenizer.decode(out[0, chat_ids.shape[1]:], skip_special_tokens=True)
 
 
@@ -61,8 +61,8 @@ def _wait(condition, timeout: float = 30.0) -> bool:
 
 def _honest_never_flagged(model, swarm) -> None:
     for peer in swarm.honest:
-        assert not model.reputation.node.is_blacklisted(peer.peer_id), f"{peer.name} was blacklisted"
-    rows = {row.peer_id: row for row in model.reputation.node.standings()}
+        assert not model.trust_layer.node.is_blacklisted(peer.peer_id), f"{peer.name} was blacklisted"
+    rows = {row.peer_id: row for row in model.trust_layer.node.standings()}
     for peer in swarm.honest:
         assert rows.get(peer.peer_id) is None or rows[peer.peer_id].fails == 0, f"{peer.name} was found at fault"
 
@@ -74,10 +74,10 @@ def test_occasional_cheater_is_caught_as_the_formula_predicts(trust_swarm, chat_
     model = _client(trust_swarm, check_rate=p)
     bound = responses_to_detect(p, q, confidence=0.999)
     try:
-        stats = model.reputation.checker.stats
-        while not model.reputation.node.is_blacklisted(cheater.peer_id) and stats.responses[cheater.peer_id] < bound:
+        stats = model.trust_layer.checker.stats
+        while not model.trust_layer.node.is_blacklisted(cheater.peer_id) and stats.responses[cheater.peer_id] < bound:
             _answer(model, chat_ids, tokens=16)
-        assert model.reputation.node.is_blacklisted(cheater.peer_id), f"not caught within {bound} responses"
+        assert model.trust_layer.node.is_blacklisted(cheater.peer_id), f"not caught within {bound} responses"
         assert stats.caught_after[cheater.peer_id] <= bound
         assert stats.skipped == 0  # every chosen check ran, so the check rate in use was p
         assert _answer(model, chat_ids) == ANSWER
@@ -90,8 +90,8 @@ def test_occasional_cheater_is_caught_as_the_formula_predicts(trust_swarm, chat_
 
 def test_random_output_peer_is_blacklisted_and_avoided(trust_swarm, checker_client, chat_ids) -> None:
     liar = trust_swarm.add_peer("0:30", *GOSSIP, "--adversary", "random", name="random-output")
-    stats = checker_client.reputation.checker.stats
-    node = checker_client.reputation.node
+    stats = checker_client.trust_layer.checker.stats
+    node = checker_client.trust_layer.node
     for _ in range(20):  # it advertises 10x throughput, so routes pick it until it is caught
         _answer(checker_client, chat_ids)
         if node.is_blacklisted(liar.peer_id) or stats.responses[liar.peer_id] >= 100:
@@ -134,7 +134,7 @@ class WaitForChecksAtFirstToken(RecordRewinds):
             self.waiting = True
         elif self.waiting:
             self.waiting = False
-            self.model.loop.run(self.model.reputation.checker.drain())
+            self.model.loop.run(self.model.trust_layer.checker.drain())
 
 
 def _answer_through_a_new_liar(swarm, chat_ids, tokens: int, make_streamer, **options) -> tuple[str, RecordRewinds]:
@@ -153,10 +153,10 @@ def _answer_through_a_new_liar(swarm, chat_ids, tokens: int, make_streamer, **op
                     out = model.generate(chat_ids, max_new_tokens=tokens, streamer=streamer, session=session)
                 answer = model.tokenizer.decode(out[0, chat_ids.shape[1]:], skip_special_tokens=True)
                 if any(event.peer_id == liar.peer_id for event in session.inner.failovers):
-                    assert model.reputation.node.is_blacklisted(liar.peer_id)
+                    assert model.trust_layer.node.is_blacklisted(liar.peer_id)
                     return answer, streamer
                 assert answer == ANSWER[: len(answer)]  # not through the liar: right all the same
-                if model.reputation.node.is_blacklisted(liar.peer_id):
+                if model.trust_layer.node.is_blacklisted(liar.peer_id):
                     break  # caught as a checker: no route will use it now
         finally:
             model.shutdown()
@@ -181,20 +181,20 @@ def test_an_answer_is_verified_before_it_is_returned(trust_swarm, chat_ids) -> N
 
 def test_blacklist_spreads_by_gossip_to_a_client_that_trusts_the_checker(trust_swarm, checker_client, chat_ids) -> None:
     liar = next(p for p in trust_swarm.processes if p.name == "random-output")
-    assert checker_client.reputation.node.is_blacklisted(liar.peer_id)
-    other = _client(trust_swarm, spot_checks=True, trusted_peers=(checker_client.reputation.node.peer_id,))
+    assert checker_client.trust_layer.node.is_blacklisted(liar.peer_id)
+    other = _client(trust_swarm, spot_checks=True, trusted_peers=(checker_client.trust_layer.node.peer_id,))
     try:
-        assert _wait(lambda: other.reputation.node.is_blacklisted(liar.peer_id)), "the verdict did not arrive by gossip"
+        assert _wait(lambda: other.trust_layer.node.is_blacklisted(liar.peer_id)), "the verdict did not arrive by gossip"
         assert _answer(other, chat_ids) == ANSWER
-        assert other.reputation.checker.stats.responses[liar.peer_id] == 0  # never routed to it
+        assert other.trust_layer.checker.stats.responses[liar.peer_id] == 0  # never routed to it
     finally:
         other.shutdown()
 
 
 def test_status_and_rewards_show_trust(trust_swarm, checker_client) -> None:
     liar = next(p for p in trust_swarm.processes if p.name == "random-output")
-    checker_client.loop.run(checker_client.reputation.sync())  # push this client's verdicts and work now
-    env = {**trust_swarm.env, "SWARM_TRUSTED_PEERS": checker_client.reputation.node.peer_id}
+    checker_client.loop.run(checker_client.trust_layer.sync())  # push this client's verdicts and work now
+    env = {**trust_swarm.env, "SWARM_TRUSTED_PEERS": checker_client.trust_layer.node.peer_id}
     status = subprocess.run([sys.executable, "-m", "peers.cli", "status"], env=env, capture_output=True, text=True, timeout=120)
     assert status.returncode == 0, status.stderr
     header = next(line for line in status.stdout.splitlines() if line.startswith("blocks"))
@@ -214,7 +214,7 @@ def test_status_and_rewards_show_trust(trust_swarm, checker_client) -> None:
 def test_colluding_liar_accusations_are_refuted(trust_swarm, checker_client, chat_ids) -> None:
     liar = next(p for p in trust_swarm.processes if p.name == "random-output")
     colluder = trust_swarm.add_peer("0:30", *GOSSIP, "--adversary", "collude", "--fellows", liar.peer_id, name="colluder")
-    node = checker_client.reputation.node
+    node = checker_client.trust_layer.node
     assert _wait(lambda: node.accuser_record(colluder.peer_id).accusations >= 1, timeout=60), "no accusation arrived"
     for _ in range(10):
         _answer(checker_client, chat_ids)

@@ -1,4 +1,4 @@
-"""Bans of failing peers: growing on repeats, expiring, and keeping peers out of routes."""
+"""Cooldowns of failing peers: growing on repeats, expiring, and keeping peers out of routes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from hivemind.p2p import PeerID
 from swarm import routing
 from swarm.config import ClientConfig
 from swarm.records import PeerSpan, ServerInfo, ServerState
-from swarm.sequence import BAN_SECONDS, MAX_BAN_SECONDS, RemoteSequence
+from swarm.cooldowns import FIRST_COOLDOWN as BAN_SECONDS, MAX_COOLDOWN as MAX_BAN_SECONDS
+from swarm.sequence import RemoteSequence
 
 
 def peer(name: str) -> PeerID:
@@ -18,7 +19,7 @@ def peer(name: str) -> PeerID:
 
 
 def sequence() -> RemoteSequence:
-    return RemoteSequence(None, None, "m@0", "m", 30, ClientConfig(initial_peers=()))
+    return RemoteSequence(None, None, "m", 30, ClientConfig(initial_peers=()))
 
 
 def test_ban_doubles_on_repeat_up_to_a_limit():
