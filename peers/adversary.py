@@ -95,16 +95,16 @@ async def collude_loop(node, p2p, read_spans, fellows: tuple[str, ...], hidden_s
     from reputation.checks import decode_receipt
     from reputation.tolerance import Agreement
     from swarm.errors import SwarmError
-    from swarm.remote import call_forward_with_receipt
+    from swarm.remote import call_forward
 
     while not stop.is_set():
         for span in await read_spans():
             if span.peer_id == p2p.peer_id:
                 continue
             try:
-                _, text = await call_forward_with_receipt(
+                text = (await call_forward(
                     p2p, span.peer_id, span.start, span.start + 1, torch.randn(1, 4, hidden_size), timeout=30
-                )
+                )).receipt
             except SwarmError:
                 continue
             receipt = decode_receipt(text)
