@@ -14,7 +14,7 @@ from typing import Collection, Mapping
 
 from hivemind.p2p import PeerID
 
-from swarm.records import PeerSpan, ServerState
+from swarm.records import PeerSpan, online_spans
 
 PING_SMOOTHING = 0.2  # weight of a new ping in the moving average
 NO_ROOM_PENALTY = 10.0  # seconds added to a hop whose peer announced too little KV-cache room
@@ -28,15 +28,13 @@ class RouteHop:
 
 
 def usable_spans(spans: Collection[PeerSpan], excluded: Collection[PeerID] = ()) -> list[PeerSpan]:
-    return [s for s in spans if s.info.state == ServerState.ONLINE and s.peer_id not in excluded]
+    return [s for s in online_spans(spans) if s.peer_id not in excluded]
 
 
 def missing_blocks(spans: Collection[PeerSpan], start: int, end: int) -> list[int]:
     """Blocks in [start, end) that no online span covers."""
     covered = [False] * (end - start)
-    for span in spans:
-        if span.info.state != ServerState.ONLINE:
-            continue
+    for span in online_spans(spans):
         for block in range(max(span.start, start), min(span.end, end)):
             covered[block - start] = True
     return [start + i for i, ok in enumerate(covered) if not ok]
