@@ -137,15 +137,22 @@ class WaitForChecksAtFirstToken(RecordRewinds):
             self.model.loop.run(self.model.trust_layer.checker.drain())
 
 
-def _answer_through_a_new_liar(swarm, chat_ids, tokens: int, make_streamer, **options) -> tuple[str, RecordRewinds]:
+def _answer_through_a_new_liar(swarm, checker_client, chat_ids, tokens: int, make_streamer,
+                               **options) -> tuple[str, RecordRewinds]:
     """Start a random-output peer nobody has heard of and a new client that checks every step, and answer until
     an answer's route went through the liar (it advertises 10x throughput, so the first route should); returns
     that answer and its streamer. The liar may instead be caught as a checker of another peer's step before any
     route used it; then it is tried once more with a fresh liar and client."""
+    others = [p for p in swarm.processes if p.name == "random-output"]  # the module's other liar, if running
+    if others:  # learn of it from the checking client (as a seed), so the new liar is the only one routes pick
+        checker_client.loop.run(checker_client.trust_layer.sync())
+        options["trusted_peers"] = (checker_client.trust_layer.node.peer_id,)
     for attempt in range(2):
         liar = swarm.add_peer("0:30", *GOSSIP, "--adversary", "random", name=f"random-output-{tokens}-{attempt}")
         model = _client(swarm, check_rate=1.0, **options)
         try:
+            for other in others:
+                assert _wait(lambda: model.trust_layer.node.is_blacklisted(other.peer_id)), "no verdict by gossip"
             for _ in range(3):
                 streamer = make_streamer(model)
                 session = model.inference_session(max_length=chat_ids.shape[1] + tokens)
@@ -164,17 +171,17 @@ def _answer_through_a_new_liar(swarm, chat_ids, tokens: int, make_streamer, **op
     raise AssertionError("no route went through a random-output peer before it was caught")
 
 
-def test_an_answer_keeps_nothing_from_a_peer_caught_while_writing_it(trust_swarm, chat_ids) -> None:
-    answer, streamer = _answer_through_a_new_liar(trust_swarm, chat_ids, 16, WaitForChecksAtFirstToken,
+def test_an_answer_keeps_nothing_from_a_peer_caught_while_writing_it(trust_swarm, checker_client, chat_ids) -> None:
+    answer, streamer = _answer_through_a_new_liar(trust_swarm, checker_client, chat_ids, 16, WaitForChecksAtFirstToken,
                                                   settle_checks=False)
     assert answer == ANSWER
     # everything a liar touched was dropped and written again (the module's other liar may be the replacement)
     assert streamer.rewinds and set(streamer.rewinds) == {0}
 
 
-def test_an_answer_is_verified_before_it_is_returned(trust_swarm, chat_ids) -> None:
+def test_an_answer_is_verified_before_it_is_returned(trust_swarm, checker_client, chat_ids) -> None:
     # with one token, the liar can be caught only once the answer is complete
-    answer, streamer = _answer_through_a_new_liar(trust_swarm, chat_ids, 1, lambda model: RecordRewinds())
+    answer, streamer = _answer_through_a_new_liar(trust_swarm, checker_client, chat_ids, 1, lambda model: RecordRewinds())
     assert answer == ANSWER.split()[0]
     assert streamer.rewinds and set(streamer.rewinds) == {0}
 
