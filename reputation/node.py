@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from hivemind.utils.crypto import RSAPrivateKey
 
 from reputation.attest import Attestation, Check, Countersigned, Receipt, verify_attestation
-from reputation.errors import AttestationError
+from reputation.errors import MalformedMessageError
 from reputation.ledger import Ledger, credit_receipts, forfeit, standings, vest
 from reputation.spotcheck import check_probability
 from reputation.tolerance import Agreement
@@ -116,33 +116,40 @@ class ReputationNode:
     # ---- messages ------------------------------------------------------------------------------------
 
     def ingest(self, kind: str, data: bytes) -> bool:
-        """Verify and store one message (own or gossiped); False if it is a duplicate or invalid."""
+        """Verify and store one message (own or gossiped); False if it is a duplicate or invalid.
+
+        Decoding validates every field's type and size (reputation.attest), so a message that reaches the store,
+        and from there `refresh`, is well-formed; anything else is dropped here and logged at DEBUG.
+        """
+        if kind not in KINDS or not isinstance(data, bytes):
+            logger.debug(f"Dropped a message of unknown kind {kind!r:.40}")
+            return False
         mid = message_id(kind, data)
         with self._lock:
             if mid in self._messages:
                 return False
             now = self.clock()
             try:
-                if kind == "attestation":
-                    att = Attestation.decode(data)
-                    result = verify_attestation(att, now, self._nonces)
-                    if result is not Check.OK:
-                        logger.debug(f"Dropped an attestation by {att.checker}: {result.value}")
-                        return False
-                    self._nonces.add(att.nonce)
-                    self._store(mid, StoredMessage(kind, data, att.expires_at, att))
-                    self._absorb(att)
-                elif kind == "work":
-                    work = Countersigned.decode(data)
-                    if work.verify() is not Check.OK or work.client == work.receipt.signer:
-                        return False
-                    self._store(mid, StoredMessage(kind, data, now + self.cfg.work_ttl, work))
-                    self._work.append(work)
-                else:
-                    return False
-            except (AttestationError, TypeError, ValueError) as e:
+                message = (Attestation if kind == "attestation" else Countersigned).decode(data)
+            except MalformedMessageError as e:
                 logger.debug(f"Dropped a malformed {kind} message: {e}")
                 return False
+            if isinstance(message, Attestation):
+                result = verify_attestation(message, now, self._nonces)
+                if result is not Check.OK:
+                    logger.debug(f"Dropped an attestation by {message.checker}: {result.value}")
+                    return False
+                self._nonces.add(message.nonce)
+                self._store(mid, StoredMessage(kind, data, message.expires_at, message))
+                self._absorb(message)
+            else:
+                result = message.verify()
+                if result is not Check.OK or message.client == message.receipt.signer:
+                    reason = result.value if result is not Check.OK else "a peer cannot countersign its own work"
+                    logger.debug(f"Dropped work countersigned by {message.client}: {reason}")
+                    return False
+                self._store(mid, StoredMessage(kind, data, now + self.cfg.work_ttl, message))
+                self._work.append(message)
             return True
 
     def _store(self, mid: str, message: StoredMessage) -> None:

@@ -15,7 +15,10 @@ from reputation.tolerance import Agreement
 
 
 def _attest(node: ReputationNode, server: RSAPrivateKey, session: str):
-    r = Receipt(session, 0, "m", 0, 2, 4, "float32", "none", "i", "o", peer_id_of_key(server), 0.0).sign(server)
+    r = Receipt(
+        session_id=session, step=0, dht_prefix="m", block_start=0, block_end=2, tokens=4, dtype="float32",
+        compression="none", input_digest="1" * 64, output_digest="2" * 64, signer=peer_id_of_key(server), signed_at=0.0,
+    ).sign(server)
     return node.attest(r, Agreement(1.0, 0.0), "pass", "fp32")
 
 
