@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -43,7 +44,8 @@ from swarm.records import peer_id_of_public_key
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("attestation", "work")
+Kind = Literal["attestation", "work"]  # what a stored or gossiped message is
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class ReputationConfig:
 
 @dataclass(frozen=True)
 class StoredMessage:
-    kind: str  # "attestation" | "work"
+    kind: Kind
     data: bytes
     expires_at: float
     parsed: Attestation | Countersigned | None = None  # decoded once, on arrival
@@ -115,7 +117,7 @@ class ReputationNode:
 
     # ---- messages ------------------------------------------------------------------------------------
 
-    def ingest(self, kind: str, data: bytes) -> bool:
+    def ingest(self, kind: Kind, data: bytes) -> bool:
         """Verify and store one message (own or gossiped); False if it is a duplicate or invalid.
 
         Decoding validates every field's type and size (reputation.attest), so a message that reaches the store,
@@ -162,7 +164,7 @@ class ReputationNode:
             self._prune()
             return list(self._messages)
 
-    def messages(self, ids: list[str] | None = None, limit: int = 2000) -> list[tuple[str, bytes]]:
+    def messages(self, ids: list[str] | None = None, limit: int = 2000) -> list[tuple[Kind, bytes]]:
         """Stored messages by id (all when ids is None), newest last, at most `limit`."""
         with self._lock:
             self._prune()
