@@ -5,40 +5,47 @@ A `Receipt` is a serving peer's signed statement "I computed blocks [start, end)
 a checker's signed verdict about such a receipt, carrying the receipt itself as evidence (TRUST.md: a negative
 verdict must carry evidence anyone can re-check).
 
-Wire form: msgpack of a list of [field, value] pairs sorted by field name, with a "version" pair; the signature
-and the body digest travel beside the body. Unknown fields or versions are rejected (decided explicitly: a
-verdict we cannot fully read is a verdict we must not count). Signatures are hivemind RSA (PSS, SHA-256); the
-signer's public key travels in the signed body and must hash to the signer's libp2p peer id.
+All three messages are strict, frozen pydantic models (swarm.schema): every field typed and capped, so decoding
+either yields a message whose every field is usable as is, or raises MalformedMessageError.
+
+Wire form: msgpack of a list of [field, value] pairs sorted by field name, with a "version" pair; an embedded
+receipt travels as its own encoding (bytes). The signature and the body digest travel beside the body, which is
+signed in the same canonical form. Unknown or missing fields and unknown versions are rejected (decided
+explicitly: a verdict we cannot fully read is a verdict we must not count). Signatures are hivemind RSA (PSS,
+SHA-256); the signer's public key travels in the signed body and must hash to the signer's libp2p peer id.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import hashlib
 import logging
 from collections.abc import Set
-from dataclasses import dataclass
+from typing import Annotated, Any, Literal, NamedTuple, Self
 
 import msgpack
 import torch
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+from pydantic import Field, StrictInt, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
-from reputation.errors import (
-    AlteredError,
-    AttestationError,
-    ExpiredError,
-    ForgedError,
-    MalformedMessageError,
-    ReplayedError,
-)
+from reputation.errors import MalformedMessageError
 from swarm.records import peer_id_of_public_key
+from swarm.schema import Count, FiniteFloat, Float, StrictModel, first_error
 
 logger = logging.getLogger(__name__)
 
 WIRE_VERSION = 1
-VERDICTS = ("pass", "fail", "inconclusive")
+MAX_MESSAGE_BYTES = 16 * 1024  # an attestation with its receipt is about 2 KiB
 _UNSIGNED = ("signature", "digest")  # travel beside the signed body
+
+Verdict = Literal["pass", "fail", "inconclusive"]
+Digest = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # sha256 hex
+BodyDigest = Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")]  # "" until signed
+PeerIdText = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[1-9A-HJ-NP-Za-km-z]+$")]  # base58
+Name = Annotated[str, Field(max_length=64)]  # a dtype, compression or tolerance profile
+PublicKey = Annotated[bytes, Field(max_length=2048)]  # RSA, OpenSSH form (a 4096-bit key is about 720 bytes)
+Signature = Annotated[bytes, Field(max_length=1024)]
+Nonce = Annotated[bytes, Field(min_length=8, max_length=64)]
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -51,17 +58,40 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+class _Pair(NamedTuple):
+    name: Annotated[str, Field(max_length=64)]
+    value: Any
+
+
+_PAIRS = TypeAdapter(Annotated[list[_Pair], Field(max_length=32)])
+_VERSION = TypeAdapter(StrictInt)
+
+
+def _pack(fields: dict[str, object]) -> bytes:
+    return msgpack.packb([["version", WIRE_VERSION], *sorted([k, v] for k, v in fields.items())], use_bin_type=True)
+
+
 def _canonical(fields: dict[str, object]) -> bytes:
-    pairs = sorted([name, value] for name, value in fields.items() if name not in _UNSIGNED)
-    return msgpack.packb([["version", WIRE_VERSION], *pairs], use_bin_type=True)
+    return _pack({name: value for name, value in fields.items() if name not in _UNSIGNED})
 
 
-def _body_fields(message: object) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for f in dataclasses.fields(message):  # type: ignore[arg-type]
-        value = getattr(message, f.name)
-        out[f.name] = value.encode() if isinstance(value, Receipt) else value
-    return out
+def _unpack(data: object) -> dict[str, object]:
+    """The fields of one encoded message, not yet validated; ValueError if it is not one."""
+    if not isinstance(data, bytes):
+        raise ValueError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ValueError(f"{len(data)} bytes, more than {MAX_MESSAGE_BYTES}")
+    try:
+        raw = msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ValueError(f"not msgpack: {type(e).__name__}") from None
+    pairs = _PAIRS.validate_python(raw, strict=True)
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        raise ValueError("a field appears twice")
+    if _VERSION.validate_python(fields.pop("version", None)) != WIRE_VERSION:
+        raise ValueError("unknown version; upgrade this peer")
+    return fields
 
 
 def _peer_id_of(public_key: bytes) -> str | None:
@@ -83,126 +113,127 @@ class Check(enum.Enum):
     BAD_EVIDENCE = "bad_evidence"  # the embedded receipt is invalid or is not the subject's
 
 
-_ERRORS: dict[Check, type[AttestationError]] = {
-    Check.FORGED: ForgedError,
-    Check.IMPERSONATED: ForgedError,
-    Check.ALTERED: AlteredError,
-    Check.EXPIRED: ExpiredError,
-    Check.REPLAYED: ReplayedError,
-    Check.BAD_EVIDENCE: ForgedError,
-}
+class _Message(StrictModel):
+    """The wire form shared by receipts, attestations and countersigned receipts."""
 
-
-def _check_signature(message: Receipt | Attestation, signer: str) -> Check:
-    body = _canonical(_body_fields(message))
-    if hashlib.sha256(body).hexdigest() != message.digest:
-        return Check.ALTERED
-    try:
-        key = RSAPublicKey.from_bytes(message.public_key)
-    except Exception:  # unparsable key: nothing it signed can verify
-        return Check.FORGED
-    if not key.verify(body, message.signature):
-        return Check.FORGED
-    if _peer_id_of(message.public_key) != signer:
-        return Check.IMPERSONATED
-    return Check.OK
-
-
-def _signed(message: Receipt | Attestation, private_key: RSAPrivateKey):
-    unsigned = dataclasses.replace(message, public_key=private_key.get_public_key().to_bytes())
-    body = _canonical(_body_fields(unsigned))
-    return dataclasses.replace(unsigned, digest=hashlib.sha256(body).hexdigest(), signature=private_key.sign(body))
-
-
-@dataclass(frozen=True)
-class Receipt:
-    """A serving peer's signed statement of the work it returned for one step."""
-
-    session_id: str  # client's inference session
-    step: int  # position of the step within the session
-    dht_prefix: str  # model the blocks belong to
-    block_start: int  # first block served (inclusive)
-    block_end: int  # last block served (exclusive)
-    tokens: int  # batch x tokens processed for the session so far, this step included (the unit of reward, x blocks)
-    dtype: str  # declared compute dtype, e.g. "bfloat16"
-    compression: str  # declared wire/weight compression, e.g. "none", "int8"
-    input_digest: str  # tensor_digest of the hidden states received
-    output_digest: str  # tensor_digest of the hidden states returned
-    signer: str  # base58 peer id of the serving peer
-    signed_at: float  # unix seconds
-    public_key: bytes = b""  # signer's RSA key (OpenSSH form); set by sign()
-    digest: str = ""  # sha256 hex of the canonical body; set by sign()
-    signature: bytes = b""  # over the canonical body; set by sign()
-
-    def sign(self, private_key: RSAPrivateKey) -> Receipt:
-        return _signed(self, private_key)
-
-    def verify(self) -> Check:
-        return _check_signature(self, self.signer)
+    def _fields(self) -> dict[str, object]:
+        """Every field as it travels: an embedded receipt as its own encoding."""
+        out: dict[str, object] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            out[name] = value.encode() if isinstance(value, Receipt) else value
+        return out
 
     def encode(self) -> bytes:
-        return _encode(_body_fields(self))
+        return _pack(self._fields())
 
     @classmethod
-    def decode(cls, data: bytes) -> Receipt:
-        return cls(**_decode(data, cls))
+    def decode(cls, data: bytes) -> Self:
+        """The message `data` encodes; MalformedMessageError for anything else (garbage, a wrong type, a size
+        over its cap, a missing or unknown field, another version)."""
+        try:
+            message = cls.model_validate(_unpack(data), context={"wire": True})
+        except ValidationError as e:
+            raise MalformedMessageError(f"cannot decode {cls.__name__}: {first_error(e)}") from None
+        except ValueError as e:
+            raise MalformedMessageError(f"cannot decode {cls.__name__}: {e}") from None
+        missing = set(cls.model_fields) - message.model_fields_set
+        if missing:
+            raise MalformedMessageError(f"{cls.__name__} lacks fields of version {WIRE_VERSION}: {sorted(missing)}")
+        return message
+
+    @field_validator("receipt", mode="before", check_fields=False)
+    @classmethod
+    def _receipt_from_wire(cls, value: object, info: ValidationInfo) -> object:
+        if not (info.context and info.context.get("wire")):
+            return value
+        if not isinstance(value, bytes):  # on the wire a receipt is its own encoding, nothing else
+            raise ValueError(f"an embedded receipt must be bytes, not {type(value).__name__}")
+        try:
+            return Receipt.decode(value)
+        except MalformedMessageError as e:
+            raise ValueError(str(e)) from None
 
 
-@dataclass(frozen=True)
-class Attestation:
+class _SignedMessage(_Message):
+    """A message its signer signs over the canonical body (everything but the digest and signature)."""
+
+    def _signer(self) -> str:
+        raise NotImplementedError
+
+    def sign(self, private_key: RSAPrivateKey) -> Self:
+        unsigned = self.model_copy(update={"public_key": private_key.get_public_key().to_bytes()})
+        body = _canonical(unsigned._fields())
+        return unsigned.model_copy(update={"digest": hashlib.sha256(body).hexdigest(), "signature": private_key.sign(body)})
+
+    def verify(self) -> Check:
+        """Signature, integrity and signer binding."""
+        body = _canonical(self._fields())
+        if hashlib.sha256(body).hexdigest() != self.digest:
+            return Check.ALTERED
+        try:
+            key = RSAPublicKey.from_bytes(self.public_key)
+        except Exception:  # unparsable key: nothing it signed can verify
+            return Check.FORGED
+        if not key.verify(body, self.signature):
+            return Check.FORGED
+        if _peer_id_of(self.public_key) != self._signer():
+            return Check.IMPERSONATED
+        return Check.OK
+
+
+class Receipt(_SignedMessage):
+    """A serving peer's signed statement of the work it returned for one step."""
+
+    session_id: str = Field(min_length=1, max_length=128)  # client's inference session
+    step: Count  # position of the step within the session
+    dht_prefix: str = Field(min_length=1, max_length=256)  # model the blocks belong to
+    block_start: Count  # first block served (inclusive)
+    block_end: Count  # last block served (exclusive)
+    tokens: Count  # batch x tokens processed for the session so far, this step included (the unit of reward, x blocks)
+    dtype: Name  # declared compute dtype, e.g. "bfloat16"
+    compression: Name  # declared wire/weight compression, e.g. "none", "int8"
+    input_digest: Digest  # tensor_digest of the hidden states received
+    output_digest: Digest  # tensor_digest of the hidden states returned
+    signer: PeerIdText  # base58 peer id of the serving peer
+    signed_at: FiniteFloat  # unix seconds
+    public_key: PublicKey = b""  # signer's RSA key (OpenSSH form); set by sign()
+    digest: BodyDigest = ""  # sha256 hex of the canonical body; set by sign()
+    signature: Signature = b""  # over the canonical body; set by sign()
+
+    @model_validator(mode="after")
+    def _span_not_empty(self) -> Receipt:
+        if not self.block_start < self.block_end:
+            raise ValueError(f"blocks {self.block_start}:{self.block_end} are an empty span")
+        return self
+
+    def _signer(self) -> str:
+        return self.signer
+
+
+class Attestation(_SignedMessage):
     """A checker's signed verdict on a subject's receipt (the receipt is the evidence)."""
 
-    checker: str  # base58 peer id of the signer
-    subject: str  # base58 peer id of the peer whose work was checked
+    checker: PeerIdText  # base58 peer id of the signer
+    subject: PeerIdText  # base58 peer id of the peer whose work was checked
     receipt: Receipt  # the subject's own signed receipt
-    cosine: float  # minimum per-token cosine of the block update
-    rel_l2: float  # relative L2 of the span's block update
-    verdict: str  # "pass" | "fail" | "inconclusive"
-    profile: str  # tolerance profile name used to judge
-    issued_at: float  # unix seconds
-    expires_at: float  # unix seconds; dropped after this
-    nonce: bytes  # random, unique per attestation (replay protection)
-    public_key: bytes = b""
-    digest: str = ""
-    signature: bytes = b""
+    cosine: Float  # minimum per-token cosine of the block update (NaN when the output was: evidence too)
+    rel_l2: Float  # relative L2 of the span's block update (may be NaN or infinite, as cosine)
+    verdict: Verdict
+    profile: Name  # tolerance profile name used to judge
+    issued_at: FiniteFloat  # unix seconds
+    expires_at: FiniteFloat  # unix seconds; dropped after this
+    nonce: Nonce  # random, unique per attestation (replay protection)
+    public_key: PublicKey = b""
+    digest: BodyDigest = ""
+    signature: Signature = b""
 
-    def __post_init__(self) -> None:
-        if self.verdict not in VERDICTS:
-            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
-
-    def sign(self, private_key: RSAPrivateKey) -> Attestation:
-        return _signed(self, private_key)
+    def _signer(self) -> str:
+        return self.checker
 
     def verify(self) -> Check:
         """Signature, integrity and signer binding only; see verify_attestation for time and replay."""
-        return _check_signature(self, self.checker)
-
-    def encode(self) -> bytes:
-        return _encode(_body_fields(self))
-
-    @classmethod
-    def decode(cls, data: bytes) -> Attestation:
-        fields = _decode(data, cls)
-        fields["receipt"] = Receipt.decode(fields["receipt"])
-        return cls(**fields)
-
-
-def _encode(fields: dict[str, object]) -> bytes:
-    return msgpack.packb([["version", WIRE_VERSION], *sorted([k, v] for k, v in fields.items())], use_bin_type=True)
-
-
-def _decode(data: bytes, cls: type) -> dict:
-    try:
-        pairs = msgpack.unpackb(data, raw=False)
-        fields = {name: value for name, value in pairs}
-    except Exception as e:  # anything undecodable is malformed by definition
-        raise MalformedMessageError(f"cannot decode {cls.__name__}: {e}") from e
-    if fields.pop("version", None) != WIRE_VERSION:
-        raise MalformedMessageError(f"{cls.__name__} has an unknown version; upgrade this peer")
-    expected = {f.name for f in dataclasses.fields(cls)}
-    if set(fields) != expected:
-        raise MalformedMessageError(f"{cls.__name__} fields differ from version {WIRE_VERSION}: {sorted(fields)}")
-    return fields
+        return super().verify()
 
 
 def verify_attestation(att: Attestation, now: float, seen_nonces: Set[bytes]) -> Check:
@@ -224,26 +255,18 @@ def verify_attestation(att: Attestation, now: float, seen_nonces: Set[bytes]) ->
     return result
 
 
-def require_valid(att: Attestation, now: float, seen_nonces: Set[bytes]) -> None:
-    """verify_attestation, raising the matching AttestationError subclass instead of returning it."""
-    result = verify_attestation(att, now, seen_nonces)
-    if result is not Check.OK:
-        raise _ERRORS[result](f"attestation by {att.checker} about {att.subject} rejected: {result.value}")
-
-
-@dataclass(frozen=True)
-class Countersigned:
+class Countersigned(_Message):
     """A client's signature over a receipt's digest: the client accepted this work (the ledger's input)."""
 
     receipt: Receipt
-    client: str  # base58 peer id of the client
-    public_key: bytes  # client's RSA key (OpenSSH form)
-    signature: bytes  # over the receipt's digest
+    client: PeerIdText  # base58 peer id of the client
+    public_key: PublicKey  # client's RSA key (OpenSSH form)
+    signature: Signature  # over the receipt's digest
 
     @classmethod
     def make(cls, receipt: Receipt, client: str, private_key: RSAPrivateKey) -> Countersigned:
         key = private_key.get_public_key().to_bytes()
-        return cls(receipt, client, key, private_key.sign(receipt.digest.encode()))
+        return cls(receipt=receipt, client=client, public_key=key, signature=private_key.sign(receipt.digest.encode()))
 
     def verify(self) -> Check:
         if self.receipt.verify() is not Check.OK:
@@ -255,13 +278,3 @@ class Countersigned:
         if not ok:
             return Check.FORGED
         return Check.OK if _peer_id_of(self.public_key) == self.client else Check.IMPERSONATED
-
-    def encode(self) -> bytes:
-        return _encode({"receipt": self.receipt.encode(), "client": self.client,
-                        "public_key": self.public_key, "signature": self.signature})
-
-    @classmethod
-    def decode(cls, data: bytes) -> Countersigned:
-        fields = _decode(data, cls)
-        fields["receipt"] = Receipt.decode(fields["receipt"])
-        return cls(**fields)

@@ -2,14 +2,11 @@
 
     ReputationError
     ├── AttestationError            a receipt or attestation must not be believed
-    │   ├── MalformedMessageError   bytes that do not decode to a known, versioned message
-    │   ├── ForgedError             the signature does not verify, or the key is not the signer's
-    │   ├── AlteredError            a field changed after signing (content does not match its signed digest)
-    │   ├── ExpiredError            outside its validity window
-    │   └── ReplayedError           its nonce was seen before
+    │   └── MalformedMessageError   bytes that do not decode to a known, versioned, well-typed message
     └── UnknownProfileError         no tolerance profile for a declared (dtype, quantisation, SVD rank)
 
-Every message is one line that says what went wrong.
+Every message is one line that says what went wrong. A message that decodes but does not verify (forged, altered,
+expired, replayed) is not an exception: `verify()` and `verify_attestation` return a `Check` saying which.
 """
 
 from __future__ import annotations
@@ -24,23 +21,7 @@ class AttestationError(ReputationError):
 
 
 class MalformedMessageError(AttestationError):
-    """The bytes are not a receipt/attestation of a version this code understands."""
-
-
-class ForgedError(AttestationError):
-    """The signature is invalid or made with a key that does not belong to the claimed signer."""
-
-
-class AlteredError(AttestationError):
-    """The signed content was changed after signing."""
-
-
-class ExpiredError(AttestationError):
-    """The attestation is expired (or not yet valid)."""
-
-
-class ReplayedError(AttestationError):
-    """The attestation's nonce was already accepted once."""
+    """The bytes are not a receipt/attestation of a version this code understands, with every field well-typed."""
 
 
 class UnknownProfileError(ReputationError):

@@ -5,7 +5,8 @@ their stores in pairs instead. Every `period` a node picks a few random peers an
 other side answers with the messages the caller lacks and its own ids; the caller pushes back what the other
 side lacks. Messages are verified by the receiving node (`ReputationNode.ingest`) before they are stored or
 passed on; duplicates are dropped by id; each sender gets a token bucket of messages and is ignored for a
-while after sending too many invalid ones. A newcomer catches up with one exchange as soon as it starts.
+while after sending too many invalid ones (an exchange that does not validate, say one with a message of an
+unknown kind or over its size, is one invalid message, whichever side sent it). A newcomer catches up with one exchange as soon as it starts.
 Peers serve the RPC; clients (which cannot be dialled) only call it, which push-pull makes enough.
 """
 
@@ -16,28 +17,40 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Annotated, Callable, Iterable, NamedTuple
 
 import msgpack
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from reputation.node import KINDS, ReputationNode
+from reputation.attest import MAX_MESSAGE_BYTES
+from reputation.node import Kind, ReputationNode
+from swarm.periodic import run_periodically
+from swarm.protocol import WireModel
+from swarm.schema import first_error
 
 logger = logging.getLogger(__name__)
 
 MAX_EXCHANGE_BYTES = 16 * 2**20
 MAX_MESSAGES_PER_EXCHANGE = 2000
+MAX_IDS_PER_EXCHANGE = 200_000
+
+MessageId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # reputation.node.message_id
 
 
-class Exchange(BaseModel):
+class Pushed(NamedTuple):
+    """One message pushed to the other side; travels as a [kind, data] pair."""
+
+    kind: Kind
+    data: Annotated[bytes, Field(max_length=MAX_MESSAGE_BYTES)]  # its encoding, verified by the receiving node
+
+
+class Exchange(WireModel):
     """One push-pull message, both ways: ids the sender holds, messages for the receiver, whether to reply with ours."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
-
-    have: list[str] = Field(default_factory=list, max_length=200_000)
-    push: list[tuple[str, bytes]] = Field(default_factory=list, max_length=MAX_MESSAGES_PER_EXCHANGE)
+    have: list[MessageId] = Field(default_factory=list, max_length=MAX_IDS_PER_EXCHANGE)
+    push: list[Pushed] = Field(default_factory=list, max_length=MAX_MESSAGES_PER_EXCHANGE)
     pull: bool = False
 
 
@@ -46,17 +59,17 @@ def pack_exchange(message: Exchange) -> bytes:
 
 
 def unpack_exchange(data: bytes) -> Exchange:
+    """The Exchange `data` encodes; ValueError for anything else (the sender is then charged one invalid message)."""
     if len(data) > MAX_EXCHANGE_BYTES:
         raise ValueError(f"gossip message of {len(data)} bytes is over the {MAX_EXCHANGE_BYTES} limit")
     try:
         fields = msgpack.unpackb(data, raw=False)
-        if isinstance(fields, dict) and isinstance(fields.get("push"), list):
-            fields["push"] = [tuple(item) if isinstance(item, list) else item for item in fields["push"]]
-        return Exchange.model_validate(fields)
-    except (ValidationError, ValueError, TypeError) as e:
-        raise ValueError(f"malformed gossip message: {type(e).__name__}") from None
     except Exception as e:  # msgpack raises several unrelated types on garbage
         raise ValueError(f"gossip message is not msgpack: {type(e).__name__}") from None
+    try:
+        return Exchange.model_validate(fields)
+    except ValidationError as e:
+        raise ValueError(f"malformed gossip message: {first_error(e)}") from None
 
 
 @dataclass
@@ -89,17 +102,10 @@ class SenderBudget:
             self._invalid[sender] = 0
 
 
-def receive(node: ReputationNode, budget: SenderBudget, sender: str, push: list[tuple[str, bytes]]) -> int:
+def receive(node: ReputationNode, budget: SenderBudget, sender: str, push: list[Pushed]) -> int:
     """Ingest pushed messages within the sender's budget; returns how many were new and valid."""
-    now = time.monotonic()
-    allowed = budget.allow(sender, len(push), now)
-    accepted = 0
-    for kind, data in push[:allowed]:
-        if kind not in KINDS:
-            budget.invalid(sender, now)
-        elif node.ingest(kind, data):
-            accepted += 1
-    return accepted
+    allowed = budget.allow(sender, len(push), time.monotonic())
+    return sum(node.ingest(kind, data) for kind, data in push[:allowed])
 
 
 class GossipService(ServicerBase):
@@ -139,7 +145,11 @@ async def exchange(node: ReputationNode, p2p: P2P, peer_id: PeerID, budget: Send
     stub = GossipService.get_stub(p2p, peer_id)
     request = runtime_pb2.ExpertRequest(uid="", metadata=pack_exchange(Exchange(have=node.inventory(), pull=True)))
     reply = await stub.rpc_exchange(request, timeout=timeout)
-    answer = unpack_exchange(reply.metadata)
+    try:
+        answer = unpack_exchange(reply.metadata)
+    except ValueError:
+        budget.invalid(str(peer_id), time.monotonic())
+        raise
     loop = asyncio.get_running_loop()
     accepted = await loop.run_in_executor(None, receive, node, budget, str(peer_id), answer.push)
     theirs = set(answer.have)
@@ -185,12 +195,5 @@ class GossipAgent:
         return received
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.round()
-            except Exception:  # the loop must outlive any single bad round
-                logger.warning("Gossip round failed", exc_info=True)
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.period * self.rng.uniform(0.8, 1.2))
-            except asyncio.TimeoutError:
-                pass
+        """Rounds every `period` seconds (+-20 %, so nodes started together do not gossip in step) until `stop`."""
+        await run_periodically(self.round, lambda: self.period, stop, name="Gossip round", jitter=0.2, rng=self.rng)

@@ -19,11 +19,12 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from hivemind.utils.crypto import RSAPrivateKey
 
 from reputation.attest import Attestation, Check, Countersigned, Receipt, verify_attestation
-from reputation.errors import AttestationError
+from reputation.errors import MalformedMessageError
 from reputation.ledger import Ledger, credit_receipts, forfeit, standings, vest
 from reputation.spotcheck import check_probability
 from reputation.tolerance import Agreement
@@ -43,7 +44,8 @@ from swarm.records import peer_id_of_public_key
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("attestation", "work")
+Kind = Literal["attestation", "work"]  # what a stored or gossiped message is
+KINDS: tuple[str, ...] = get_args(Kind)
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class ReputationConfig:
 
 @dataclass(frozen=True)
 class StoredMessage:
-    kind: str  # "attestation" | "work"
+    kind: Kind
     data: bytes
     expires_at: float
     parsed: Attestation | Countersigned | None = None  # decoded once, on arrival
@@ -115,34 +117,41 @@ class ReputationNode:
 
     # ---- messages ------------------------------------------------------------------------------------
 
-    def ingest(self, kind: str, data: bytes) -> bool:
-        """Verify and store one message (own or gossiped); False if it is a duplicate or invalid."""
+    def ingest(self, kind: Kind, data: bytes) -> bool:
+        """Verify and store one message (own or gossiped); False if it is a duplicate or invalid.
+
+        Decoding validates every field's type and size (reputation.attest), so a message that reaches the store,
+        and from there `refresh`, is well-formed; anything else is dropped here and logged at DEBUG.
+        """
+        if kind not in KINDS or not isinstance(data, bytes):
+            logger.debug(f"Dropped a message of unknown kind {kind!r:.40}")
+            return False
         mid = message_id(kind, data)
         with self._lock:
             if mid in self._messages:
                 return False
             now = self.clock()
             try:
-                if kind == "attestation":
-                    att = Attestation.decode(data)
-                    result = verify_attestation(att, now, self._nonces)
-                    if result is not Check.OK:
-                        logger.debug(f"Dropped an attestation by {att.checker}: {result.value}")
-                        return False
-                    self._nonces.add(att.nonce)
-                    self._store(mid, StoredMessage(kind, data, att.expires_at, att))
-                    self._absorb(att)
-                elif kind == "work":
-                    work = Countersigned.decode(data)
-                    if work.verify() is not Check.OK or work.client == work.receipt.signer:
-                        return False
-                    self._store(mid, StoredMessage(kind, data, now + self.cfg.work_ttl, work))
-                    self._work.append(work)
-                else:
-                    return False
-            except (AttestationError, TypeError, ValueError) as e:
+                message = (Attestation if kind == "attestation" else Countersigned).decode(data)
+            except MalformedMessageError as e:
                 logger.debug(f"Dropped a malformed {kind} message: {e}")
                 return False
+            if isinstance(message, Attestation):
+                result = verify_attestation(message, now, self._nonces)
+                if result is not Check.OK:
+                    logger.debug(f"Dropped an attestation by {message.checker}: {result.value}")
+                    return False
+                self._nonces.add(message.nonce)
+                self._store(mid, StoredMessage(kind, data, message.expires_at, message))
+                self._absorb(message)
+            else:
+                result = message.verify()
+                if result is not Check.OK or message.client == message.receipt.signer:
+                    reason = result.value if result is not Check.OK else "a peer cannot countersign its own work"
+                    logger.debug(f"Dropped work countersigned by {message.client}: {reason}")
+                    return False
+                self._store(mid, StoredMessage(kind, data, now + self.cfg.work_ttl, message))
+                self._work.append(message)
             return True
 
     def _store(self, mid: str, message: StoredMessage) -> None:
@@ -155,7 +164,7 @@ class ReputationNode:
             self._prune()
             return list(self._messages)
 
-    def messages(self, ids: list[str] | None = None, limit: int = 2000) -> list[tuple[str, bytes]]:
+    def messages(self, ids: list[str] | None = None, limit: int = 2000) -> list[tuple[Kind, bytes]]:
         """Stored messages by id (all when ids is None), newest last, at most `limit`."""
         with self._lock:
             self._prune()

@@ -18,7 +18,9 @@ import msgpack
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
+
+from swarm.schema import StrictModel, first_error
 
 from swarm.errors import ProtocolError
 
@@ -26,11 +28,11 @@ PROTOCOL_VERSION = 1
 MAX_METADATA_BYTES = 64 * 1024
 
 
-class WireModel(BaseModel):
-    """Base for wire messages: frozen, strictly typed (no "5" for 5), unknown fields ignored (a newer
+class WireModel(StrictModel):
+    """Base for RPC messages: frozen, strictly typed (no "5" for 5), unknown fields ignored (a newer
     sender may add some)."""
 
-    model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
+    model_config = ConfigDict(extra="ignore")
 
 
 class PeerInfo(WireModel):
@@ -106,9 +108,7 @@ def unpack(data: bytes, model: type[WireModel]) -> WireModel:
     try:
         return model.model_validate(fields)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "message"
-        raise ProtocolError(f"invalid {model.__name__}: {where}: {first['msg']}") from None
+        raise ProtocolError(f"invalid {model.__name__}: {first_error(e)}") from None
 
 
 def serialize_tensors(*tensors: torch.Tensor) -> list[runtime_pb2.Tensor]:

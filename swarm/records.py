@@ -4,7 +4,7 @@ Key:    "{dht_prefix}_block{i}"   (dht_prefix = model name @ digest of its weigh
                                     or tampered checkpoint can never pose as the same model)
 Subkey: "{peer id}[owner:{RSA public key}]"  (hivemind's RSASignatureValidator: only that key's
                                     holder can write it; the key is the peer's identity key)
-Value:  ServerInfo, checked against a strict schema by hivemind's SchemaValidator on every node.
+Value:  ServerInfo as a map, checked against that same strict model by `ServerInfoValidator` on every node.
 
 Records expire after `RECORD_TTL` seconds unless the peer refreshes them, so a peer that dies
 without saying goodbye disappears on its own.
@@ -15,27 +15,30 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from functools import partial
-from typing import Dict, Optional
+from typing import Annotated
 
-import pydantic.v1 as pydantic_v1
+from cryptography.hazmat.primitives import serialization
 from hivemind import DHT
-from hivemind.p2p import PeerID
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.node import DHTNode
 from hivemind.dht.protocol import DHTProtocol
-from hivemind.dht.schema import BytesWithPublicKey, SchemaValidator
+from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
-from cryptography.hazmat.primitives import serialization
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
+
+from swarm.schema import Count, FiniteFloat, StrictModel, first_error
 
 logger = logging.getLogger(__name__)
 
 RECORD_TTL = 60.0  # seconds a record lives without a refresh
-REFRESH_PERIOD = 20.0  # a peer re-announces this often
+MAX_BLOCKS = 2**16  # no model has more blocks; a record claiming more is malformed
 
 
 class ServerState(str, enum.Enum):
@@ -44,46 +47,41 @@ class ServerState(str, enum.Enum):
     ONLINE = "online"
 
 
-class ServerInfoRecord(pydantic_v1.BaseModel):
-    """The DHT value schema. Strict types: hivemind rejects any record that would need a conversion."""
-
-    state: pydantic_v1.StrictStr
-    start: pydantic_v1.StrictInt
-    end: pydantic_v1.StrictInt
-    throughput: pydantic_v1.StrictFloat  # block-steps per second
-    dtype: pydantic_v1.StrictStr
-    compression: pydantic_v1.StrictStr
-    cache_tokens_left: pydantic_v1.StrictInt
-    version: pydantic_v1.StrictStr
-    public_name: pydantic_v1.StrictStr
-
-    @pydantic_v1.validator("state")
-    def _known_state(cls, value: str) -> str:
-        ServerState(value)
-        return value
+def _known_state(value: object) -> object:
+    # the record carries the state's name as a string; nothing else converts (strict mode takes only members)
+    return ServerState(value) if type(value) is str else value
 
 
-@dataclass(frozen=True)
-class ServerInfo:
-    """A peer's announcement, as the rest of the code sees it."""
+Block = Annotated[int, Field(ge=0, le=MAX_BLOCKS)]
 
-    state: ServerState
-    start: int
-    end: int
-    throughput: float
-    dtype: str
-    compression: str = "none"
-    cache_tokens_left: int = 0
-    version: str = ""
-    public_name: str = ""
+
+class ServerInfo(StrictModel):
+    """A peer's announcement: in code, and (as `to_record()`) the DHT value every node validates."""
+
+    state: Annotated[ServerState, BeforeValidator(_known_state)]
+    start: Block
+    end: Block
+    throughput: Annotated[FiniteFloat, Field(ge=0.0)]  # block-steps per second
+    dtype: str = Field(max_length=32)
+    compression: str = Field(default="none", max_length=64)
+    cache_tokens_left: Count = 0
+    version: str = Field(default="", max_length=64)
+    public_name: str = Field(default="", max_length=128)
+
+    @model_validator(mode="after")
+    def _span_not_empty(self) -> ServerInfo:
+        if not self.start < self.end:
+            raise ValueError(f"blocks {self.start}:{self.end} are an empty span")
+        return self
 
     def to_record(self) -> dict:
-        return ServerInfoRecord(**{**self.__dict__, "state": self.state.value}).dict()
+        """The DHT value: a map of plain msgpack types (the state by name)."""
+        return self.model_dump(mode="json")
 
     @classmethod
-    def from_record(cls, value: dict) -> "ServerInfo":
-        record = ServerInfoRecord.parse_obj(value)
-        return cls(**{**record.dict(), "state": ServerState(record.state)})
+    def from_record(cls, value: object) -> ServerInfo:
+        """Parse a DHT value; raises pydantic.ValidationError for anything but a well-formed record."""
+        return cls.model_validate(value)
 
 
 @dataclass(frozen=True)
@@ -151,11 +149,51 @@ def peer_id_of_public_key(ssh_public_key: bytes) -> PeerID:
     return PeerID(b"\x12\x20" + hashlib.sha256(encoded).digest())  # multihash: sha2-256, 32 bytes
 
 
+class ServerInfoValidator(RecordValidatorBase):
+    """Records under this model's block keys must be {owner subkey: ServerInfo}; other keys are let through.
+
+    The owner subkey ("...[owner:{key}]") is what makes RSASignatureValidator demand a signature, so a block
+    record without one is rejected here. The value must validate as a `ServerInfo` and serialise back to
+    itself (nothing converted). Block keys hold one record per peer, never a plain value.
+    """
+
+    _OWNER = re.compile(b".*" + RSASignatureValidator.PUBLIC_KEY_REGEX + b".*")
+
+    def __init__(self, dht_prefix: str, num_blocks: int):
+        self._keys = {DHTID.generate(source=block_key(dht_prefix, i)).to_bytes() for i in range(num_blocks)}
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key not in self._keys:
+            return True
+        if record.subkey in DHTProtocol.RESERVED_SUBKEYS:
+            logger.debug("Rejected a block record without a subkey")
+            return False
+        try:
+            subkey = DHTProtocol.serializer.loads(record.subkey)
+            value = DHTProtocol.serializer.loads(record.value)
+        except Exception:  # msgpack raises several unrelated types on garbage
+            logger.debug("Rejected a block record that is not msgpack")
+            return False
+        if not isinstance(subkey, bytes) or self._OWNER.match(subkey) is None:
+            logger.debug(f"Rejected a block record under a subkey without an owner key: {subkey!r:.100}")
+            return False
+        try:
+            info = ServerInfo.from_record(value)
+        except ValidationError as e:
+            logger.debug(f"Rejected a malformed block record: {first_error(e)}")
+            return False
+        return info.to_record() == value
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        if not isinstance(other, ServerInfoValidator):
+            return False
+        self._keys |= other._keys
+        return True
+
+
 def make_validators(dht_prefix: str, num_blocks: int, signer: RSASignatureValidator) -> list:
     """The record validators every node of this model's swarm installs."""
-    fields = {f"block{i}": (Optional[Dict[BytesWithPublicKey, ServerInfoRecord]], None) for i in range(num_blocks)}
-    schema = pydantic_v1.create_model("BlockRecords", **fields)
-    return [SchemaValidator(schema, allow_extra_keys=True, prefix=dht_prefix), signer, PeerIdOwnerValidator()]
+    return [ServerInfoValidator(dht_prefix, num_blocks), signer, PeerIdOwnerValidator()]
 
 
 def owner_subkey(peer_id: PeerID, signer: RSASignatureValidator) -> bytes:
@@ -226,7 +264,7 @@ def spans_from_records(values) -> list[PeerSpan]:
                 continue
             try:
                 latest[peer_id] = (entry.expiration_time, ServerInfo.from_record(entry.value))
-            except (pydantic_v1.ValidationError, ValueError, TypeError):
+            except ValidationError:
                 logger.debug(f"Skipping a malformed record from {peer_id}")
     by_id = sorted(latest.items(), key=lambda item: item[0].to_base58())
     return [PeerSpan(peer_id, info) for peer_id, (_, info) in by_id]

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import pickle
 
-import pydantic.v1 as pydantic_v1
 import pytest
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer, ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
+from pydantic import ValidationError
 
 from swarm.records import (
     PeerSpan,
     ServerInfo,
+    ServerInfoValidator,
     ServerState,
     block_key,
     make_validators,
@@ -92,19 +95,36 @@ def test_server_info_round_trip():
         {"state": "sleeping"},
         {"state": 2},
         {"dtype": None},
+        {"start": "1"},
+        {"start": True},
+        {"cache_tokens_left": -1},
+        {"throughput": float("nan")},
+        {"throughput": -1.0},
+        {"start": 3},  # start == end: an empty span
+        {"end": 2**20},
+        {"public_name": "x" * 129},
+        {"surprise": 1},
     ],
     ids=str,
 )
 def test_from_record_rejects_wrong_types(change):
-    with pytest.raises(pydantic_v1.ValidationError):
+    with pytest.raises(ValidationError):
         ServerInfo.from_record({**INFO.to_record(), **change})
 
 
 def test_from_record_rejects_missing_fields():
     value = INFO.to_record()
     del value["end"]
-    with pytest.raises(pydantic_v1.ValidationError):
+    with pytest.raises(ValidationError):
         ServerInfo.from_record(value)
+
+
+def test_server_info_is_frozen_and_takes_only_exact_types_in_code_too():
+    with pytest.raises(ValidationError):
+        INFO.start = 2
+    assert ServerInfo(state="online", start=0, end=1, throughput=1.0, dtype="float32").state is ServerState.ONLINE
+    with pytest.raises(ValidationError):
+        ServerInfo(state=ServerState.ONLINE, start=0, end=1, throughput=1, dtype="float32")
 
 
 def test_block_key():
@@ -218,6 +238,61 @@ def test_keys_of_other_applications_are_left_alone(validator):
     assert validator.validate(record({"anything": 1}, b"subkey", key="some_other_key"))
 
 
+# --- the schema validator on its own (records as they reach it, signature already stripped) ---
+
+
+@pytest.fixture(scope="module")
+def schema() -> ServerInfoValidator:
+    return ServerInfoValidator(PREFIX, NUM_BLOCKS)
+
+
+def test_schema_validator_accepts_a_well_formed_record_on_every_block(schema, signer):
+    for block in range(NUM_BLOCKS):
+        assert schema.validate(record(INFO.to_record(), owner_subkey(peer("a"), signer), block))
+
+
+def test_schema_validator_rejects_a_string_where_an_int_belongs(schema, signer):
+    assert not schema.validate(record({**INFO.to_record(), "start": "1"}, owner_subkey(peer("a"), signer)))
+    assert not schema.validate(record({**INFO.to_record(), "cache_tokens_left": "8192"}, owner_subkey(peer("a"), signer)))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"end": 1.5}, {"cache_tokens_left": -5}, {"dtype": "f" * 33}, {"state": b"online"}, {"start": 5, "end": 2}],
+    ids=str,
+)
+def test_schema_validator_rejects_out_of_range_and_oversized_fields(schema, signer, change):
+    assert not schema.validate(record({**INFO.to_record(), **change}, owner_subkey(peer("a"), signer)))
+
+
+def test_schema_validator_requires_an_owner_subkey_and_a_record_per_peer(schema, signer):
+    good = INFO.to_record()
+    assert not schema.validate(record(good, b"no owner here"))
+    assert not schema.validate(record(good, owner_subkey(peer("a"), signer).decode()))  # a str subkey
+    regular = DHTRecord(
+        key=DHTID.generate(source=block_key(PREFIX, 0)).to_bytes(), subkey=DHTProtocol.IS_REGULAR_VALUE,
+        value=MSGPackSerializer.dumps(good), expiration_time=get_dht_time() + 60,
+    )
+    assert not schema.validate(regular)
+    garbage = dataclasses.replace(record(good, owner_subkey(peer("a"), signer)), value=b"\xc1")
+    assert not schema.validate(garbage)
+
+
+def test_schema_validator_checks_only_this_models_block_keys(schema, signer):
+    subkey = owner_subkey(peer("a"), signer)
+    assert schema.validate(record("anything", subkey, key=block_key(PREFIX, NUM_BLOCKS)))  # past the last block
+    assert schema.validate(record("anything", subkey, key=block_key("other-model@0000", 0)))
+
+
+def test_schema_validators_merge_and_survive_pickling(signer):
+    """The DHT runs in a process of its own: validators travel there pickled."""
+    merged = CompositeValidator([ServerInfoValidator(PREFIX, 1), ServerInfoValidator("other@00", 1)])
+    [schema] = pickle.loads(pickle.dumps(merged))._validators
+    bad = {**INFO.to_record(), "start": "1"}
+    assert not schema.validate(record(bad, owner_subkey(peer("a"), signer), 0))
+    assert not schema.validate(record(bad, owner_subkey(peer("a"), signer), key=block_key("other@00", 0)))
+
+
 # --- reading spans back ---
 
 
@@ -227,7 +302,7 @@ def entry(value: object) -> ValueWithExpiration:
 
 def test_spans_from_records_merges_a_peer_announced_on_several_blocks(signer, other_signer):
     alice, bob = owner_subkey(peer("alice"), signer), owner_subkey(peer("bob"), other_signer)
-    bob_info = dataclasses.replace(INFO, start=2, end=4, public_name="bob")
+    bob_info = INFO.model_copy(update={"start": 2, "end": 4, "public_name": "bob"})
     values = [
         None,  # block 0: nobody
         {alice: entry(INFO.to_record())},
@@ -275,8 +350,8 @@ def test_spans_from_records_of_nothing():
 
 def test_a_moved_peer_is_shown_by_its_latest_announcement(signer):
     subkey = owner_subkey(peer("mover"), signer)
-    old = ServerInfo(ServerState.OFFLINE, 0, 10, 5.0, "float32")
-    new = ServerInfo(ServerState.ONLINE, 10, 20, 5.0, "float32")
+    old = ServerInfo(state=ServerState.OFFLINE, start=0, end=10, throughput=5.0, dtype="float32")
+    new = ServerInfo(state=ServerState.ONLINE, start=10, end=20, throughput=5.0, dtype="float32")
     values = [
         {subkey: ValueWithExpiration(old.to_record(), get_dht_time() + 50)},  # block 0, announced earlier
         {subkey: ValueWithExpiration(new.to_record(), get_dht_time() + 60)},  # block 10, announced later

@@ -3,32 +3,97 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import msgpack
 import pytest
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
 from reputation.attest import Receipt
-from reputation.gossip import Exchange, GossipService, SenderBudget, exchange, pack_exchange, receive, unpack_exchange
-from reputation.node import ReputationNode, peer_id_of_key
+from reputation.attest import MAX_MESSAGE_BYTES
+from reputation.gossip import (
+    MAX_MESSAGES_PER_EXCHANGE,
+    Exchange,
+    GossipAgent,
+    GossipService,
+    Pushed,
+    SenderBudget,
+    exchange,
+    pack_exchange,
+    receive,
+    unpack_exchange,
+)
+from reputation.node import ReputationNode, message_id, peer_id_of_key
 from reputation.tolerance import Agreement
 
 
 def _attest(node: ReputationNode, server: RSAPrivateKey, session: str):
-    r = Receipt(session, 0, "m", 0, 2, 4, "float32", "none", "i", "o", peer_id_of_key(server), 0.0).sign(server)
+    r = Receipt(
+        session_id=session, step=0, dht_prefix="m", block_start=0, block_end=2, tokens=4, dtype="float32",
+        compression="none", input_digest="1" * 64, output_digest="2" * 64, signer=peer_id_of_key(server), signed_at=0.0,
+    ).sign(server)
     return node.attest(r, Agreement(1.0, 0.0), "pass", "fp32")
 
 
 def test_exchange_round_trip_and_malformed() -> None:
-    message = Exchange(have=["a", "b"], push=[("attestation", b"\x01\x02")], pull=True)
+    ids = [message_id("work", b"a"), message_id("work", b"b")]
+    message = Exchange(have=ids, push=[("attestation", b"\x01\x02")], pull=True)
+    assert message.push == [Pushed("attestation", b"\x01\x02")]
     assert unpack_exchange(pack_exchange(message)) == message
     for garbage in (b"\xc1", b"\x93\x01\x02\x03", pack_exchange(Exchange())[:-1]):
         with pytest.raises(ValueError):
             unpack_exchange(garbage)
-    import msgpack
+    for fields in (
+        {"have": "notalist"},
+        {"have": ["not an id"]},
+        {"push": [["rumour", b"x"]]},  # an unknown kind
+        {"push": [["work", "not bytes"]]},
+        {"push": [["work", b"x", b"extra"]]},
+        {"push": [["work", b"x" * (MAX_MESSAGE_BYTES + 1)]]},  # over the size of any message
+        {"push": [["work", b"x"]] * (MAX_MESSAGES_PER_EXCHANGE + 1)},
+        {"pull": 1},
+    ):
+        with pytest.raises(ValueError):
+            unpack_exchange(msgpack.packb(fields, use_bin_type=True))
+    assert unpack_exchange(msgpack.packb({"pull": True, "newer": 1})).pull  # a newer sender's extra field is ignored
 
-    with pytest.raises(ValueError):
-        unpack_exchange(msgpack.packb({"have": "notalist"}))
+
+def test_a_peer_answering_garbage_is_charged_for_it() -> None:
+    async def scenario() -> tuple[int, int]:
+        class Liar(GossipService):
+            async def rpc_exchange(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+                return runtime_pb2.ExpertResponse(metadata=msgpack.packb({"push": [["rumour", b"x"]]}))
+
+        server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs())
+        try:
+            await Liar(ReputationNode(RSAPrivateKey())).add_p2p_handlers(server)
+            budget = SenderBudget(max_invalid=2)
+            for _ in range(2):
+                with pytest.raises(ValueError):
+                    await exchange(ReputationNode(RSAPrivateKey()), client, server.peer_id, budget)
+            return budget.allow(str(server.peer_id), 1, time.monotonic()), budget.allow("someone else", 1, time.monotonic())
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    assert asyncio.run(scenario()) == (0, 1)  # ignored after max_invalid bad answers
+
+
+def test_agent_runs_rounds_until_stopped() -> None:
+    async def scenario() -> int:
+        agent = GossipAgent(ReputationNode(RSAPrivateKey()), None, lambda: [], period=0.01)  # type: ignore[arg-type]
+        agent.p2p = type("P2P", (), {"peer_id": "me"})()
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, timeout=1.0)
+        return agent.rounds
+
+    assert asyncio.run(scenario()) >= 3
 
 
 def test_sender_budget_limits_and_ignores_invalid_senders() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -22,7 +20,10 @@ def keys() -> tuple[RSAPrivateKey, RSAPrivateKey]:
 
 
 def _receipt(server: RSAPrivateKey, step: int, tokens: int = 8, blocks: int = 4) -> Receipt:
-    return Receipt("s", step, "m", 2, 2 + blocks, tokens, "bfloat16", "none", "i", "o", _peer(server), 0.0).sign(server)
+    return Receipt(
+        session_id="s", step=step, dht_prefix="m", block_start=2, block_end=2 + blocks, tokens=tokens, dtype="bfloat16",
+        compression="none", input_digest="1" * 64, output_digest="2" * 64, signer=_peer(server), signed_at=0.0,
+    ).sign(server)
 
 
 def test_work_units_and_trust_weight(keys) -> None:
@@ -35,7 +36,7 @@ def test_countersigned_receipts_are_credited_once_by_trust(keys) -> None:
     sid, cid = _peer(server), _peer(client)
     # one session, tokens cumulative: 8, 16, 24 -> 24 tokens x 4 blocks of work in all
     good = [Countersigned.make(_receipt(server, step, tokens=8 * (step + 1)), cid, client) for step in range(3)]
-    forged = dataclasses.replace(Countersigned.make(_receipt(server, 9), cid, client), signature=b"AAAA")
+    forged = Countersigned.make(_receipt(server, 9), cid, client).model_copy(update={"signature": b"AAAA"})
     self_signed = Countersigned.make(_receipt(server, 10), sid, server)  # a server cannot vouch for itself
     ledger = credit_receipts(Ledger(), [*good, good[0], forged, self_signed], {sid: 0.5}, now=0.0, vesting_s=10.0)
     assert standings(ledger)[0].pending == pytest.approx(24 * 4 * 0.5)

@@ -3,8 +3,10 @@ strangers are verified by own checks and refuted accusers lose weight; countersi
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import logging
 
+import msgpack
 import pytest
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -29,7 +31,10 @@ def keys() -> list[RSAPrivateKey]:
 
 
 def receipt(server: RSAPrivateKey, session: str = "s", tokens: int = 10) -> Receipt:
-    return Receipt(session, 0, "m", 0, 4, tokens, "float32", "none", "i", "o", peer_id_of_key(server), 0.0).sign(server)
+    return Receipt(
+        session_id=session, step=0, dht_prefix="m", block_start=0, block_end=4, tokens=tokens, dtype="float32",
+        compression="none", input_digest="1" * 64, output_digest="2" * 64, signer=peer_id_of_key(server), signed_at=0.0,
+    ).sign(server)
 
 
 def node(key: RSAPrivateKey, clock: Clock, **cfg) -> ReputationNode:
@@ -43,7 +48,7 @@ def test_messages_are_verified_deduplicated_and_expire(keys) -> None:
     data = att.encode()
     assert me.ingest("attestation", data)
     assert not me.ingest("attestation", data)  # duplicate
-    assert not me.ingest("attestation", dataclasses.replace(att, verdict="fail").encode())  # altered
+    assert not me.ingest("attestation", att.model_copy(update={"verdict": "fail"}).encode())  # altered
     assert not me.ingest("attestation", b"\x00garbage")
     assert not me.ingest("rumour", data)
     assert me.inventory() == [message_id("attestation", data)]
@@ -123,3 +128,68 @@ def test_countersigned_work_is_credited_by_trust_and_vests(keys) -> None:
     clock.now += 61
     row = next(r for r in me.standings() if r.peer_id == server)
     assert (row.vested, row.pending) == (pytest.approx(200.0), 0.0)
+
+
+# --- malformed messages never reach the store (nor refresh, nor is_blacklisted) ---
+
+
+def _pack(pairs: list) -> bytes:
+    return msgpack.packb(pairs, use_bin_type=True)
+
+
+def _signed(fields: dict, key: RSAPrivateKey) -> bytes:
+    """A receipt or attestation carrying `fields`, with a genuine signature and digest by `key`."""
+    fields = {**fields, "public_key": key.get_public_key().to_bytes()}
+    body = _pack([["version", 1], *sorted([k, v] for k, v in fields.items() if k not in ("digest", "signature"))])
+    fields.update(digest=hashlib.sha256(body).hexdigest(), signature=key.sign(body))
+    return _pack([["version", 1], *sorted([k, v] for k, v in fields.items())])
+
+
+def _countersigned(receipt_bytes: bytes, client: RSAPrivateKey) -> bytes:
+    digest = dict(msgpack.unpackb(receipt_bytes, raw=False))["digest"]
+    return _pack([
+        ["version", 1], ["client", peer_id_of_key(client)], ["public_key", client.get_public_key().to_bytes()],
+        ["receipt", receipt_bytes], ["signature", client.sign(digest.encode())],
+    ])
+
+
+def test_work_with_a_wrong_typed_field_is_dropped_and_the_blacklist_keeps_working(keys, caplog) -> None:
+    """A countersigned receipt with tokens="x": server and client signatures are genuine, only the type is wrong.
+    It used to pass verification and then raise inside refresh, so inside every client's is_blacklisted()."""
+    clock = Clock()
+    me = node(keys[0], clock)
+    server, client = keys[2], keys[1]
+    fields = receipt(server)._fields()
+    good = _countersigned(_signed(fields, server), client)
+    bad = _countersigned(_signed({**fields, "tokens": "x"}, server), client)
+    with caplog.at_level(logging.DEBUG, logger="reputation.node"):
+        assert not me.ingest("work", bad)
+    assert "tokens" in caplog.text
+    assert me.inventory() == []
+    assert not me.is_blacklisted(peer_id_of_key(server))  # refresh runs, and does not raise
+    assert me.ingest("work", good)  # the same work with the right type is taken
+    clock.now += 3600
+    me.refresh(force=True)
+    assert len(me.inventory()) == 1 and not me.is_blacklisted(peer_id_of_key(server))
+
+
+def test_an_attestation_with_a_wrong_typed_or_oversized_field_is_dropped(keys) -> None:
+    clock = Clock()
+    me, other = node(keys[0], clock), node(keys[1], clock)
+    att = other.attest(receipt(keys[2]), GOOD, "pass", "fp32")
+    fields = att._fields()
+    assert me.ingest("attestation", _signed(dict(fields), keys[1]))  # signed by hand, well-formed: accepted
+    for change in ({"cosine": "1.0"}, {"expires_at": 10**12}, {"verdict": "PASS"}, {"profile": "p" * 1000}, {"nonce": b"n" * 100}):
+        data = _signed({**fields, **change, "nonce": change.get("nonce", bytes(16))}, keys[1])
+        assert not me.ingest("attestation", data), change
+    assert len(me.inventory()) == 1
+    assert not me.is_blacklisted(peer_id_of_key(keys[2]))
+    assert me.score(peer_id_of_key(keys[2])) >= 0.0
+
+
+def test_messages_of_unknown_kinds_or_types_are_dropped(keys) -> None:
+    me = node(keys[0], Clock())
+    assert not me.ingest("rumour", b"")
+    assert not me.ingest("work", "not bytes")  # type: ignore[arg-type]
+    assert not me.ingest("work", b"\x00" * 100_000)
+    assert me.inventory() == []

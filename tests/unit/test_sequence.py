@@ -40,7 +40,7 @@ def test_expired_bans_are_not_in_force(monkeypatch):
 
 def test_route_prefers_peers_with_cache_room():
     def span(name: str, room: int) -> PeerSpan:
-        return PeerSpan(peer(name), ServerInfo(ServerState.ONLINE, 0, 30, 100.0, "float32", cache_tokens_left=room))
+        return PeerSpan(peer(name), ServerInfo(state=ServerState.ONLINE, start=0, end=30, throughput=100.0, dtype="float32", cache_tokens_left=room))
 
     full, roomy = span("full", 10), span("roomy", 100_000)
     latencies = {full.peer_id: 0.001, roomy.peer_id: 0.050}
