@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 import torch
 
+from apps.streaming import StreamedText
 from swarm.errors import SwarmError
 from swarm.models import DEFAULT_MODEL
 from swarm.network import initial_peers_from, trusted_peers_from
@@ -55,43 +56,34 @@ class TurnStats:
         )
 
 
-class TerminalStreamer:
-    """Prints tokens as they arrive (transformers' streamer interface), and times them."""
+class TerminalStreamer(StreamedText):
+    """Prints the answer as its tokens arrive (transformers' streamer interface), and times them."""
 
     def __init__(self, tokenizer, stats: TurnStats, out=sys.stdout):
-        self.tokenizer, self.stats, self.out = tokenizer, stats, out
-        self.tokens: list[int] = []
-        self._printed = ""
-        self._seen_prompt = False
+        super().__init__(tokenizer, on_text=self._print)
+        self.stats, self.out = stats, out
 
     def put(self, value: torch.Tensor) -> None:
-        if not self._seen_prompt:  # the first call carries the prompt
-            self._seen_prompt = True
-            return
-        now = time.perf_counter()
-        if self.stats.first_token_at is None:
-            self.stats.first_token_at = now
-        self.stats.last_token_at = now
-        self.stats.new_tokens += 1
-        self.tokens.extend(value.view(-1).tolist())
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return
-        self.out.write(text[len(self._printed) :])
-        self.out.flush()
-        self._printed = text
+        if self._seen_prompt:  # the first call carries the prompt
+            now = time.perf_counter()
+            if self.stats.first_token_at is None:
+                self.stats.first_token_at = now
+            self.stats.last_token_at = now
+            self.stats.new_tokens += value.numel()
+        super().put(value)
 
     def rewind(self, kept_new_tokens: int) -> None:
         """The newest tokens were dropped (a peer that computed them was caught cheating): say so, then
         print the kept part again so the answer reads on from there."""
-        self.tokens = self.tokens[:kept_new_tokens]
+        super().rewind(kept_new_tokens)
         self.stats.new_tokens = len(self.tokens)
-        self._printed = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self.out.write(f"\n[a peer on the route was caught returning wrong results; answering again]\n{self._printed}")
-        self.out.flush()
+        self._print(f"\n[a peer on the route was caught returning wrong results; answering again]\n{self.sent}")
 
     def end(self) -> None:
-        self.out.write("\n")
+        self._print("\n")
+
+    def _print(self, text: str) -> None:
+        self.out.write(text)
         self.out.flush()
 
 
