@@ -23,6 +23,7 @@ from apps.streaming import StreamedText
 from swarm.errors import SwarmError
 from swarm.models import DEFAULT_MODEL
 from swarm.network import initial_peers_from, trusted_peers_from
+from swarm.routing import usable_spans
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +168,26 @@ class ChatSession:
         return "\n".join(rows)
 
 
+def progress(message: str) -> None:
+    """What swarm-chat is doing, on stderr (stdout carries only answers and command output)."""
+    click.echo(message, err=True)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def connect(model) -> str:
+    """Find a route over all the model's blocks (waiting for missing ones, as a first question would), and
+    say who serves them. Raises MissingBlocksError if the swarm cannot serve the model."""
+    sequence = model.sequence
+    route = model.loop.run(sequence.make_route())
+    reachable = {s.peer_id for s in usable_spans(sequence.spans, sequence.banned())
+                 if (latency := sequence.latencies.get(s.peer_id)) is not None and latency.rtt is not None}
+    return (f"Connected: {sequence.num_blocks} blocks served by {plural(len(reachable), 'peer')} "
+            f"(route: {plural(len(route), 'hop')})")
+
+
 def run_repl(chat: ChatSession) -> None:
     click.echo("Type a message; /route, /stats, /trust, /reset, /exit.", err=True)
     while True:
@@ -220,10 +241,16 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
 
     model_handle = None
     try:
+        peers = initial_peers_from(initial_peers)
+        progress(f"Loading {model} (tokenizer, embeddings, head) and joining the swarm " + (
+            f"through {plural(len(peers), 'initial peer')}..." if peers else
+            "with no initial peers (see --initial-peers)..."))
         model_handle = DistributedModelForCausalLM.from_pretrained(
-            model, initial_peers_from(initial_peers), spot_checks=not no_spot_checks,
+            model, peers, spot_checks=not no_spot_checks,
             trusted_peers=trusted_peers_from(trusted_peers), identity=identity,
         )
+        progress(f"Looking for peers serving its {model_handle.sequence.num_blocks} blocks...")
+        progress(connect(model_handle))
         chat = ChatSession(model_handle, max_length, max_new_tokens, temperature, top_p)
         if prompt is not None:
             chat.ask(prompt)
