@@ -19,9 +19,11 @@ from pathlib import Path
 import click
 import torch
 
+from apps.streaming import StreamedText
 from swarm.errors import SwarmError
 from swarm.models import DEFAULT_MODEL
 from swarm.network import initial_peers_from, trusted_peers_from
+from swarm.routing import usable_spans
 
 logger = logging.getLogger(__name__)
 
@@ -55,43 +57,34 @@ class TurnStats:
         )
 
 
-class TerminalStreamer:
-    """Prints tokens as they arrive (transformers' streamer interface), and times them."""
+class TerminalStreamer(StreamedText):
+    """Prints the answer as its tokens arrive (transformers' streamer interface), and times them."""
 
     def __init__(self, tokenizer, stats: TurnStats, out=sys.stdout):
-        self.tokenizer, self.stats, self.out = tokenizer, stats, out
-        self.tokens: list[int] = []
-        self._printed = ""
-        self._seen_prompt = False
+        super().__init__(tokenizer, on_text=self._print)
+        self.stats, self.out = stats, out
 
     def put(self, value: torch.Tensor) -> None:
-        if not self._seen_prompt:  # the first call carries the prompt
-            self._seen_prompt = True
-            return
-        now = time.perf_counter()
-        if self.stats.first_token_at is None:
-            self.stats.first_token_at = now
-        self.stats.last_token_at = now
-        self.stats.new_tokens += 1
-        self.tokens.extend(value.view(-1).tolist())
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-            return
-        self.out.write(text[len(self._printed) :])
-        self.out.flush()
-        self._printed = text
+        if self._seen_prompt:  # the first call carries the prompt
+            now = time.perf_counter()
+            if self.stats.first_token_at is None:
+                self.stats.first_token_at = now
+            self.stats.last_token_at = now
+            self.stats.new_tokens += value.numel()
+        super().put(value)
 
     def rewind(self, kept_new_tokens: int) -> None:
         """The newest tokens were dropped (a peer that computed them was caught cheating): say so, then
         print the kept part again so the answer reads on from there."""
-        self.tokens = self.tokens[:kept_new_tokens]
+        super().rewind(kept_new_tokens)
         self.stats.new_tokens = len(self.tokens)
-        self._printed = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self.out.write(f"\n[a peer on the route was caught returning wrong results; answering again]\n{self._printed}")
-        self.out.flush()
+        self._print(f"\n[a peer on the route was caught returning wrong results; answering again]\n{self.sent}")
 
     def end(self) -> None:
-        self.out.write("\n")
+        self._print("\n")
+
+    def _print(self, text: str) -> None:
+        self.out.write(text)
         self.out.flush()
 
 
@@ -167,6 +160,26 @@ class ChatSession:
         return "  (spot checks are off)" if layer is None else layer.describe()
 
 
+def progress(message: str) -> None:
+    """What swarm-chat is doing, on stderr (stdout carries only answers and command output)."""
+    click.echo(message, err=True)
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def connect(model) -> str:
+    """Find a route over all the model's blocks (waiting for missing ones, as a first question would), and
+    say who serves them. Raises MissingBlocksError if the swarm cannot serve the model."""
+    sequence = model.sequence
+    route = model.loop.run(sequence.make_route())
+    reachable = {s.peer_id for s in usable_spans(sequence.spans, sequence.banned())
+                 if sequence.probe.rtt(s.peer_id) is not None}
+    return (f"Connected: {sequence.num_blocks} blocks served by {plural(len(reachable), 'peer')} "
+            f"(route: {plural(len(route), 'hop')})")
+
+
 def run_repl(chat: ChatSession) -> None:
     click.echo("Type a message; /route, /stats, /trust, /reset, /exit.", err=True)
     while True:
@@ -221,10 +234,16 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
 
     model_handle = None
     try:
+        peers = initial_peers_from(initial_peers)
+        progress(f"Loading {model} (tokenizer, embeddings, head) and joining the swarm " + (
+            f"through {plural(len(peers), 'initial peer')}..." if peers else
+            "with no initial peers (see --initial-peers)..."))
         model_handle = DistributedModelForCausalLM.from_pretrained(
-            model, initial_peers_from(initial_peers), spot_checks=not no_spot_checks,
+            model, peers, spot_checks=not no_spot_checks,
             trusted_peers=trusted_peers_from(trusted_peers), identity=identity, trust_layer=ClientTrust,
         )
+        progress(f"Looking for peers serving its {model_handle.sequence.num_blocks} blocks...")
+        progress(connect(model_handle))
         chat = ChatSession(model_handle, max_length, max_new_tokens, temperature, top_p)
         if prompt is not None:
             chat.ask(prompt)

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from torch import nn
 from transformers import GenerationConfig
 
 from swarm.config import ClientConfig
 from swarm.generation import Rewind, SamplingConfig, Streamer, decode
+from swarm.head import ClientHead
 from swarm.hooks import ClientContext, TrustLayer, TrustLayerFactory
 from swarm.loop import BackgroundLoop
 from swarm.models import BlockCheckpoint, open_model
@@ -22,35 +22,6 @@ from swarm.sequence import DhtSpanSource, RemoteSequence
 from swarm.session import InferenceSession
 
 logger = logging.getLogger(__name__)
-
-
-def _rms_norm_class(model_type: str) -> type[nn.Module]:
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    return LlamaRMSNorm  # Mistral and Qwen2 use the same RMSNorm
-
-
-class ClientHead(nn.Module):
-    """The model's local parts: token embeddings, final norm, LM head."""
-
-    def __init__(self, checkpoint: BlockCheckpoint, config, dtype: torch.dtype):
-        super().__init__()
-        state = checkpoint.load_client_state()
-        self.embed_tokens = nn.Embedding.from_pretrained(state["embed_tokens.weight"].to(dtype), freeze=True)
-        self.norm = _rms_norm_class(config.model_type)(config.hidden_size, eps=config.rms_norm_eps)
-        self.norm.load_state_dict({"weight": state["norm.weight"].to(dtype)})
-        head = state.get("lm_head.weight", state["embed_tokens.weight"]).to(dtype)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
-        self.lm_head.weight = nn.Parameter(head, requires_grad=False)
-        self.eval()
-
-    @torch.inference_mode()
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)  # (batch, tokens, hidden)
-
-    @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))  # (batch, tokens, vocab)
 
 
 def rewind_point(untrusted_from: int, start: int, prompt_length: int) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from apps.api.text import sendable
+from apps.streaming import StreamedText
 from swarm.errors import SwarmError
 
 logger = logging.getLogger(__name__)
@@ -46,28 +46,21 @@ class _Finished(Exception):
     """Raised inside the decoding loop to end it early (a stop sequence, or the client went away)."""
 
 
-class TextCollector:
-    """A streamer (transformers' interface) that decodes new tokens and passes on the certain text."""
+class TextCollector(StreamedText):
+    """A streamer (transformers' interface) that decodes new tokens and passes on the certain text; it ends
+    generation (raising `_Finished`) at a stop sequence or once `cancelled` is set."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...], eos_ids: tuple[int, ...],
                  on_text: Callable[[str], None] | None, cancelled: threading.Event):
-        self.tokenizer, self.stop, self.eos_ids = tokenizer, stop, eos_ids
-        self.on_text, self.cancelled = on_text, cancelled
-        self.tokens: list[int] = []
-        self.sent = ""
-        self.stopped = self.saw_eos = False
-        self._seen_prompt = False
+        super().__init__(tokenizer, stop, on_text)
+        self.eos_ids, self.cancelled = eos_ids, cancelled
+        self.saw_eos = False
 
     def put(self, value: torch.Tensor) -> None:
-        if not self._seen_prompt:  # the first call carries the prompt
-            self._seen_prompt = True
-            return
-        if self.cancelled.is_set():
+        if self._seen_prompt and self.cancelled.is_set():
             raise _Finished()
-        token = int(value.view(-1)[0])
-        self.tokens.append(token)
-        self.saw_eos = token in self.eos_ids
-        self._emit(final=False)
+        super().put(value)
+        self.saw_eos = bool(self.tokens) and self.tokens[-1] in self.eos_ids
         if self.stopped:
             raise _Finished()
 
@@ -77,31 +70,8 @@ class TextCollector:
         kept tokens."""
         if self.on_text is not None and len(self.tokens) > kept_new_tokens:
             logger.warning("Tokens already streamed came from a peer since caught cheating; the rest is regenerated")
-        self.tokens = self.tokens[:kept_new_tokens]
+        super().rewind(kept_new_tokens)
         self.saw_eos = bool(self.tokens) and self.tokens[-1] in self.eos_ids
-        self.sent, _ = self._certain(final=False)
-
-    def end(self) -> None:
-        pass
-
-    def _certain(self, final: bool) -> tuple[str, bool]:
-        """The text of the tokens so far that can be sent, and whether a stop sequence ended it."""
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if not final:
-            text = text.rstrip("\ufffd")  # half of a multi-byte character: wait for the rest
-        return sendable(text, self.stop, final)
-
-    def _emit(self, final: bool) -> None:
-        certain, self.stopped = self._certain(final)
-        if len(certain) > len(self.sent) and certain.startswith(self.sent):
-            if self.on_text is not None:
-                self.on_text(certain[len(self.sent):])
-            self.sent = certain
-
-    def finish(self) -> str:
-        if not self.stopped:
-            self._emit(final=True)
-        return self.sent
 
 
 class SwarmBackend:

@@ -38,6 +38,15 @@ def test_bad_input_gives_one_clear_line(args, expected):
     assert expected in error_lines[0]
 
 
+def test_swarm_chat_says_what_it_is_doing_on_stderr_only():
+    result = subprocess.run([sys.executable, "-m", "apps.chat", "--prompt", "hi", "--initial-peers", DEAD_PEER],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "Loading smollm2-135m (tokenizer, embeddings, head) and joining the swarm through 1 initial peer..."
+    assert lines[-1].startswith("error: cannot reach any initial peer")
+
+
 def test_unreachable_bootstrap_fails_fast_with_env_variable():
     env = {**__import__("os").environ, "SWARM_INITIAL_PEERS": DEAD_PEER}
     result = subprocess.run([sys.executable, "-m", "peers.cli", "status"], capture_output=True, text=True, timeout=120,

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from apps.chat import ChatSession
+from swarm.network import split_multiaddrs
 
 pytestmark = pytest.mark.slow
 
@@ -95,8 +96,17 @@ def test_swarm_chat_prompt_answers_with_paris(swarm3, local_model, tokenizer, ch
     assert result.returncode == 0, result.stderr
     expected = local_greedy(local_model, chat_ids, max_new_tokens=32)
     expected_text = tokenizer.decode(expected[0, chat_ids.shape[1]:], skip_special_tokens=True).strip()
-    assert result.stdout.strip() == expected_text == "The capital of France is Paris."
+    assert result.stdout == expected_text + "\n" and expected_text == "The capital of France is Paris."
     assert "route:" in result.stderr and "tokens/s" in result.stderr
+    # What it did while connecting, on stderr, in order, before the answer's statistics
+    progress = [line for line in result.stderr.splitlines() if line.startswith(("Loading", "Looking", "Connected"))]
+    bootstrap = len(split_multiaddrs([swarm3.initial_peers]))
+    assert progress == [
+        "Loading smollm2-135m (tokenizer, embeddings, head) and joining the swarm through "
+        f"{bootstrap} initial peer{'' if bootstrap == 1 else 's'}...",
+        "Looking for peers serving its 30 blocks...",
+        "Connected: 30 blocks served by 3 peers (route: 3 hops)",
+    ], result.stderr
 
 
 def test_swarm_chat_repl_commands_and_history(swarm3):
@@ -111,3 +121,4 @@ def test_swarm_chat_repl_commands_and_history(swarm3):
     assert "tokens/s" in out and "time to first token" in out  # /stats
     assert "(conversation cleared)" in out and "unknown command /nonsense" in out
     assert "Traceback" not in result.stderr
+    assert "Connected: 30 blocks served by 3 peers" in result.stderr and "Connected" not in out

@@ -75,7 +75,7 @@ class FakePeer:
         output = run_blocks(start, end, full)[:, -new:]
         return self.corrupt(output) if self.corrupt is not None else output
 
-    def receipt(self, inputs: torch.Tensor, output: torch.Tensor, start: int, end: int, session: str = "",
+    def receipt(self, inputs: torch.Tensor, output: torch.Tensor, start: int, end: int, session: str = "forward",
                 step: int = 0) -> str:
         if self.key is None:
             return ""

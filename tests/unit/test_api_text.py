@@ -6,7 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from apps.api.backend import TextCollector
+from apps.api.backend import TextCollector, _Finished
 
 from apps.api.schema import ChatCompletionRequest, CompletionRequest
 from apps.api.text import find_stop, held_back, sendable
@@ -77,3 +77,69 @@ def test_a_rewind_while_streaming_goes_on_from_the_kept_tokens():
     _feed(collector, "ris")
     collector.finish()
     assert "".join(pieces) == "Paxq" + "ris"
+
+
+class _PieceTokenizer:
+    PIECES = ["", "The answer", " is Pa", "r", "is.", "\n", "\nmore", "\xc3", "\xa9"]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return "".join(self.PIECES[i] for i in ids).encode("latin-1").decode("utf-8", errors="replace")
+
+
+def _put_pieces(collector: TextCollector, *pieces: str) -> None:
+    for piece in pieces:
+        collector.put(torch.tensor([_PieceTokenizer.PIECES.index(piece)]))
+
+
+def test_a_stop_sequence_across_tokens_is_never_streamed():
+    pieces: list[str] = []
+    collector = TextCollector(_PieceTokenizer(), ("Paris",), (0,), pieces.append, threading.Event())
+    collector.put(torch.tensor([[1, 2]]))
+    _put_pieces(collector, "The answer", " is Pa", "r")
+    assert "".join(pieces) == "The answer is " and not collector.stopped
+    with pytest.raises(_Finished):
+        _put_pieces(collector, "is.")
+    assert collector.stopped
+    assert collector.finish() == "The answer is " == "".join(pieces)
+
+
+def test_a_stop_sequence_split_over_newline_tokens():
+    pieces: list[str] = []
+    collector = TextCollector(_PieceTokenizer(), ("\n\n",), (0,), pieces.append, threading.Event())
+    collector.put(torch.tensor([[1]]))
+    _put_pieces(collector, "The answer", "\n")
+    assert "".join(pieces) == "The answer"  # the newline may begin "\n\n"
+    with pytest.raises(_Finished):
+        _put_pieces(collector, "\nmore")
+    assert collector.finish() == "The answer" and collector.stopped
+
+
+def test_a_character_split_across_tokens_is_streamed_whole():
+    pieces: list[str] = []
+    collector = TextCollector(_PieceTokenizer(), (), (0,), pieces.append, threading.Event())
+    collector.put(torch.tensor([[1]]))
+    _put_pieces(collector, "r", "\xc3")
+    assert pieces == ["r"]
+    _put_pieces(collector, "\xa9")
+    assert pieces == ["r", "é"] and collector.finish() == "ré"
+
+
+def test_an_unfinished_last_character_ends_a_whole_answer():
+    collector = TextCollector(_PieceTokenizer(), (), (0,), None, threading.Event())
+    collector.put(torch.tensor([[1]]))
+    _put_pieces(collector, "r", "\xc3")
+    assert collector.finish() == "r\ufffd"
+
+
+def test_eos_and_cancellation():
+    cancelled = threading.Event()
+    collector = TextCollector(_PieceTokenizer(), (), (0,), None, cancelled)
+    collector.put(torch.tensor([[1]]))
+    _put_pieces(collector, "r", "")
+    assert collector.saw_eos
+    collector.rewind(1)
+    assert not collector.saw_eos
+    cancelled.set()
+    with pytest.raises(_Finished):
+        _put_pieces(collector, "r")
+    assert collector.tokens == [3]

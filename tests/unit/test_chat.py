@@ -98,3 +98,52 @@ def test_terminal_streamer_rewind_says_so_and_reprints_the_kept_part():
     streamer.end()
     assert out.getvalue() == "Paxq\n[a peer on the route was caught returning wrong results; answering again]\nParis\n"
     assert streamer.tokens == [ord(c) for c in "Paris"] and stats.new_tokens == 5
+
+
+class ByteTokenizer:
+    """Token i is byte i, so characters beyond ASCII arrive in several tokens; counts the ids decoded."""
+
+    decoded_ids = 0
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        self.decoded_ids += len(ids)
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_terminal_streamer_prints_characters_split_across_tokens_whole():
+    out = io.StringIO()
+    streamer = TerminalStreamer(ByteTokenizer(), TurnStats(), out)
+    streamer.put(torch.tensor([[1]]))
+    printed = []
+    for byte in "é😀!".encode():
+        streamer.put(torch.tensor([byte]))
+        printed.append(out.getvalue())
+    assert printed == ["", "é", "é", "é", "é", "é😀", "é😀!"]
+    assert "\ufffd" not in out.getvalue()
+
+
+def test_terminal_streamer_rewind_inside_a_character():
+    out = io.StringIO()
+    stats = TurnStats()
+    streamer = TerminalStreamer(ByteTokenizer(), stats, out)
+    streamer.put(torch.tensor([[1]]))
+    for byte in "aé".encode():
+        streamer.put(torch.tensor([byte]))
+    streamer.rewind(2)  # "a" and the first byte of "é"
+    for byte in (0xA8, ord("!")):  # the second byte of "è" (C3 A8), then "!"
+        streamer.put(torch.tensor([byte]))
+    streamer.end()
+    assert out.getvalue() == "aé\n[a peer on the route was caught returning wrong results; answering again]\naè!\n"
+    assert stats.new_tokens == 4
+
+
+def test_terminal_streamer_decodes_a_few_tokens_per_step():
+    tokenizer = ByteTokenizer()
+    out = io.StringIO()
+    streamer = TerminalStreamer(tokenizer, TurnStats(), out)
+    streamer.put(torch.tensor([[1]]))
+    answer = ("Streaming ünïcödé 😀, token by token. " * 20).encode()[:500]
+    for byte in answer:
+        streamer.put(torch.tensor([byte]))
+    assert out.getvalue() == answer.decode(errors="ignore")
+    assert tokenizer.decoded_ids <= 8 * len(answer)  # decoding from the start each time: ~125,000

@@ -1,0 +1,69 @@
+"""Bad replies from real peers reach a real client as one typed error that blames (and bans) the sender.
+
+The misbehaving peers are `peers.testing` handlers (`--adversary junk-info|nan|wrong-shape`); each advertises 10x
+its throughput, so the client routes to it first. An honest peer serves every block for the fail-over, and
+another serves 15:30, so the hop after a bad one is honest and must not be blamed.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from peers.local import LocalSwarm
+from swarm import DistributedModelForCausalLM
+from swarm.models import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+
+BAD_MODES = ("junk-info", "nan", "wrong-shape")
+
+
+@pytest.fixture(scope="module")
+def bad_swarm():
+    with LocalSwarm(model=DEFAULT_MODEL) as swarm:
+        peers = swarm.add_peers(
+            ("honest-all", "0:30", ()),
+            ("honest-tail", "15:30", ()),
+            *((mode, "0:15", ("--adversary", mode)) for mode in BAD_MODES),
+        )
+        swarm.by_name = {peer.name: peer for peer in peers}
+        yield swarm
+
+
+def _generate_past(swarm, bad_mode: str, chat_ids):
+    """Generate with a fresh client that may route only to the honest peers and to `bad_mode`'s peer."""
+    model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], spot_checks=False)
+    try:
+        spans = model.loop.run(model.sequence.refresh_spans(force=True))
+        for span in spans:
+            if str(span.peer_id) in {swarm.by_name[m].peer_id for m in BAD_MODES if m != bad_mode}:
+                model.sequence.ban(span.peer_id)  # keep the other misbehaving peers out of this test
+        with model.inference_session(max_length=64) as session:
+            output = model.generate(chat_ids, max_new_tokens=8, session=session)
+            events = list(session.inner.failovers)
+            route = [str(hop.peer_id) for hop in session.route]
+        banned = {str(peer_id) for peer_id in model.sequence.banned()}
+    finally:
+        model.shutdown()
+    return output, events, route, banned
+
+
+@pytest.mark.parametrize("mode, problem", [("nan", "NaN or infinity"), ("wrong-shape", "does not match")])
+def test_a_bad_hidden_state_reply_is_blamed_on_its_sender(bad_swarm, local_model, chat_ids, mode, problem):
+    output, events, route, banned = _generate_past(bad_swarm, mode, chat_ids)
+    bad, tail = bad_swarm.by_name[mode].peer_id, bad_swarm.by_name["honest-tail"].peer_id
+    assert [e.peer_id for e in events] == [bad]  # one typed error, naming the sender
+    assert events[0].reason.startswith(f"peer {bad} sent an invalid reply") and problem in events[0].reason
+    assert bad in banned and tail not in banned  # the honest next hop is not the one blamed
+    assert bad not in route
+    expected = local_model.generate(chat_ids, max_new_tokens=8, do_sample=False)
+    assert output.tolist() == expected.tolist()
+
+
+def test_a_peer_answering_info_with_junk_is_banned_and_routing_goes_on(bad_swarm, local_model, chat_ids):
+    output, events, route, banned = _generate_past(bad_swarm, "junk-info", chat_ids)
+    junk = bad_swarm.by_name["junk-info"].peer_id
+    assert junk in banned and junk not in route
+    assert events == []  # found at the ping, before any route used it
+    expected = local_model.generate(chat_ids, max_new_tokens=8, do_sample=False)
+    assert output.tolist() == expected.tolist()
