@@ -208,15 +208,18 @@ class BlockHandler(BlockService):
     async def _step(
         self, request: runtime_pb2.ExpertRequest, sessions: dict[str, Session], context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
+        opening: str | None = None  # the id of the session this step opens, until the step succeeds
         try:
             meta = protocol.unpack(request.metadata, StepRequest)
             if meta.close:
                 sessions.pop(meta.session_id, None)
                 return protocol.make_reply(StepReply())
+            if meta.session_id not in sessions:
+                opening = meta.session_id
             session = self._session_for(meta, sessions)
             hidden, padding = self._read_tensors(request, expected_length=meta.position)
             self._check_step(session, meta, hidden)
-            self._reserve_cache(session, hidden.shape[0], sessions)
+            self._reserve_cache(session, hidden.shape[0])
             session.last_used = time.monotonic()
             if meta.position < session.length:
                 session.cache.crop(meta.position)  # the client rolled back
@@ -228,6 +231,7 @@ class BlockHandler(BlockService):
             session.batch, session.padding = hidden.shape[0], padding
             session.steps, session.work = session.steps + 1, session.work + tokens
             self.stats.tokens_served += tokens
+            opening = None
             return protocol.make_reply(StepReply(length=session.length, receipt=receipt), output)
         except ProtocolError as e:
             return protocol.error_reply("bad_request", str(e))
@@ -236,6 +240,9 @@ class BlockHandler(BlockService):
         except Exception as e:  # loop boundary: one bad step must not end the peer or the stream
             logger.warning(f"inference step from {context.remote_id} failed", exc_info=True)
             return protocol.error_reply("internal", f"{type(e).__name__}: {e}")
+        finally:
+            if opening is not None:  # a refused first step opens nothing (nor holds a slot or cache room)
+                sessions.pop(opening, None)
 
     def _session_for(self, meta: StepRequest, sessions: dict[str, Session]) -> Session:
         session = sessions.get(meta.session_id)
@@ -262,13 +269,12 @@ class BlockHandler(BlockService):
             raise RequestRejected("bad_span", f"session covers blocks {session.start}:{session.end}, not {meta.start}:{meta.end}")
         return session
 
-    def _reserve_cache(self, session: Session, batch: int, sessions: dict[str, Session]) -> None:
+    def _reserve_cache(self, session: Session, batch: int) -> None:
         """Refuse a session's first step if its batch x max_length does not fit the cache budget."""
         if session.batch is not None:
             return
         others = self.reserved_tokens() - session.reserved_tokens
         if others + batch * session.max_length > self.cache_tokens:
-            sessions.pop(session.session_id, None)
             raise RequestRejected(
                 "busy",
                 f"no KV-cache room for {batch} x {session.max_length} tokens "
