@@ -31,9 +31,12 @@ from torch import nn
 
 from peers.handler import BlockHandler, HandlerConfig, HandlerFactory
 from peers.reputation_service import PeerReputation
+from reputation.checks import decode_receipt
+from reputation.tolerance import Agreement
 from swarm.blocks import BlockSpan
-from swarm.errors import ConfigError
+from swarm.errors import ConfigError, SwarmError
 from swarm.periodic import run_periodically
+from swarm.remote import call_forward_with_receipt
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +123,6 @@ class Colluder(Adversary):
         """Ask every other peer for one small forward through its first block, so each lie carries the
         victim's genuine signed receipt; only referees re-running the work can tell the verdict is false.
         Returns the verdicts signed."""
-        from reputation.checks import decode_receipt
-        from reputation.tolerance import Agreement
-        from swarm.errors import SwarmError
-        from swarm.remote import call_forward_with_receipt
-
         signed = 0
         for span in await reputation.read_spans():
             if span.peer_id == p2p.peer_id:

@@ -214,7 +214,7 @@ def test_colluder_vouches_for_fellows_and_accuses_everyone_else(make_handler, mo
         signer = ReceiptSigner(keys[name], str(peer_id), "tiny@test", "float32", "none")
         return x, signer.sign("s", 0, start, end, 4, x, x)
 
-    monkeypatch.setattr("swarm.remote.call_forward_with_receipt", fake_forward)
+    monkeypatch.setattr("peers.testing.adversaries.call_forward_with_receipt", fake_forward)
 
     class FakeP2P:
         peer_id = ids["self"]
