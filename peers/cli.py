@@ -120,7 +120,8 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
               help="Keep weights in host RAM (GPU peer) or on disk; bring them in block by block.")
 @click.option("--trusted-peers", multiple=True, help=TRUSTED_HELP)
 @click.option("--gossip-period", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between exchanges of attestations with other peers.")
-@click.option("--adversary", hidden=True, help="Misbehave on purpose, for tests: random, skip, noise, cheap-quant, cheat:Q, collude.")
+@click.option("--adversary", hidden=True, help="Misbehave on purpose, for tests: random, skip, noise, cheap-quant, cheat:Q, "
+              "collude, junk-info, nan, wrong-shape (peers.testing.adversaries).")
 @click.option("--fellows", hidden=True, default="", help="Comma-separated peer ids a colluding adversary vouches for.")
 @click.option("--status-interval", default=60.0, show_default=True, type=click.FloatRange(min=0), help="Seconds between status lines in the log (0: none).")
 def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, max_sessions,
@@ -129,6 +130,7 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
          adversary, fellows, status_interval) -> None:
     """Load a span of blocks and serve it until Ctrl+C or SIGTERM."""
     from peers.compression import check_options
+    from peers.handler import BlockHandler
     from peers.server import run_peer
 
     if blocks and num_blocks:
@@ -160,13 +162,15 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
         offload=offload,
         trusted_peers=trusted_peers_from(trusted_peers),
         gossip_period=gossip_period,
-        adversary_mode=adversary,
-        fellows=tuple(f for f in fellows.replace(",", " ").split() if f),
         status_interval=status_interval,
     )
     check_options(cfg)
-    cfg.adversary()  # a bad --adversary fails here, before the model loads
-    run_peer(cfg)
+    handler_factory = BlockHandler
+    if adversary is not None:  # a bad --adversary fails here, before the model loads
+        from peers.testing.adversaries import parse_adversary
+
+        handler_factory = parse_adversary(adversary, tuple(f for f in fellows.replace(",", " ").split() if f))
+    run_peer(cfg, handler_factory)
 
 
 @main.command(cls=SwarmCommand)

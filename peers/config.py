@@ -35,8 +35,6 @@ class PeerConfig:
     drain_timeout: float = 60.0  # when moving, how long to let running sessions finish
     trusted_peers: tuple[str, ...] = ()  # peer ids of the pre-trusted seeds (bootstrap operators)
     gossip_period: float = 5.0  # seconds between gossip rounds
-    adversary_mode: str | None = None  # misbehave on purpose, for tests of the trust layer (hidden option)
-    fellows: tuple[str, ...] = ()  # peer ids a colluding adversary vouches for
     svd_rank: int | None = None  # factorise every linear layer at this rank (peers.compression.svd)
     svd_energy: float | None = None  # ...or keep the singular values holding this fraction of the energy
     svd_params: float | None = None  # ...or keep this fraction of each layer's parameters
@@ -45,13 +43,6 @@ class PeerConfig:
     offload: str = "none"  # none | cpu | disk: where block weights live between uses (peers.offload)
 
     status_interval: float = 60.0  # seconds between status lines in the log (0: none)
-    def adversary(self):
-        """The parsed adversary behaviour, or None for an honest peer."""
-        if self.adversary_mode is None:
-            return None
-        from peers.adversary import parse_adversary
-
-        return parse_adversary(self.adversary_mode, self.fellows)
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

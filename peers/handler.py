@@ -9,23 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Coroutine
 
 import torch
-from hivemind.p2p import P2PContext
+from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
-from peers.adversary import Adversary, corrupt
 from peers.memory import release_free_memory
 from peers.receipts import ReceiptSigner
 from swarm import protocol
 from swarm.blocks import BlockSpan, SpanCache, SpanInput
 from swarm.protocol import PeerInfo, ProtocolError, SpanRequest, StepReply, StepRequest
 from swarm.remote import BlockService
+
+if TYPE_CHECKING:
+    from peers.reputation_service import PeerReputation
 
 logger = logging.getLogger(__name__)
 
@@ -82,18 +83,44 @@ class PeerStats:
 
 
 class BlockHandler(BlockService):
+    """Serves a span of blocks. Subclasses may change what it serves through four extension points:
+    `prepare_span` (each span before it is served), `transform_output` (each computed output),
+    `advertised_throughput` (what the peer announces) and `background_work` (coroutines the peer runs
+    while it serves)."""
+
     def __init__(self, span: BlockSpan, config: HandlerConfig, throughput: float, cache_tokens: int):
-        self.span = span
         self.config = config
-        self.throughput = throughput
+        self.span = self.prepare_span(span)
+        self.throughput = throughput  # measured block-steps per second
         self.cache_tokens = cache_tokens  # KV-cache budget in tokens (batch x max_length, summed over sessions)
         self.stats = PeerStats()
         self.draining = False  # while moving to other blocks: no new sessions
         self._live: dict[int, dict[str, Session]] = {}  # stream id -> its sessions
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.receipts: ReceiptSigner | None = None  # signs a receipt for every reply when set
-        self.adversary: Adversary | None = None  # misbehaves on purpose (tests of the trust layer)
-        self._rng = random.Random()
+
+    # Extension points: the defaults serve honestly.
+
+    def prepare_span(self, span: BlockSpan) -> BlockSpan:
+        """The span to serve, given one just loaded (at construction and on `replace_span`). Default: as is.
+        Called from `__init__` before the rest of the handler's state exists: it may use `self.config` only."""
+        return span
+
+    def transform_output(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The output to send for the blocks' `output` on `inputs` (both on the compute device and dtype,
+        called on the compute thread, before the receipt is signed). Default: as is."""
+        return output
+
+    def advertised_throughput(self) -> float:
+        """Block-steps per second this peer announces and reports. Default: the measured throughput."""
+        return self.throughput
+
+    def background_work(
+        self, p2p: P2P, reputation: PeerReputation, stop: asyncio.Event
+    ) -> list[tuple[str, Coroutine]]:
+        """(name, coroutine) pairs the peer runs while it serves; each must end when `stop` is set,
+        and is cancelled and awaited on shutdown. Default: none."""
+        return []
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -121,7 +148,7 @@ class BlockHandler(BlockService):
         """Serve other blocks: drop every session (their clients re-route and replay), then swap."""
         for sessions in self._live.values():
             sessions.clear()
-        self.span, self.throughput = span, throughput
+        self.span, self.throughput = self.prepare_span(span), throughput
         release_free_memory()
 
     def info(self) -> PeerInfo:
@@ -131,7 +158,7 @@ class BlockHandler(BlockService):
             start=self.span.start,
             end=self.span.end,
             dtype=str(self.config.dtype).removeprefix("torch."),
-            throughput=self.throughput,
+            throughput=self.advertised_throughput(),
             max_length=self.config.max_length,
             cache_tokens_left=max(self.cache_tokens - used, 0),
             sessions=len(self.sessions()),
@@ -181,15 +208,18 @@ class BlockHandler(BlockService):
     async def _step(
         self, request: runtime_pb2.ExpertRequest, sessions: dict[str, Session], context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
+        opening: str | None = None  # the id of the session this step opens, until the step succeeds
         try:
             meta = protocol.unpack(request.metadata, StepRequest)
             if meta.close:
                 sessions.pop(meta.session_id, None)
                 return protocol.make_reply(StepReply())
+            if meta.session_id not in sessions:
+                opening = meta.session_id
             session = self._session_for(meta, sessions)
             hidden, padding = self._read_tensors(request, expected_length=meta.position)
             self._check_step(session, meta, hidden)
-            self._reserve_cache(session, hidden.shape[0], sessions)
+            self._reserve_cache(session, hidden.shape[0])
             session.last_used = time.monotonic()
             if meta.position < session.length:
                 session.cache.crop(meta.position)  # the client rolled back
@@ -201,6 +231,7 @@ class BlockHandler(BlockService):
             session.batch, session.padding = hidden.shape[0], padding
             session.steps, session.work = session.steps + 1, session.work + tokens
             self.stats.tokens_served += tokens
+            opening = None
             return protocol.make_reply(StepReply(length=session.length, receipt=receipt), output)
         except ProtocolError as e:
             return protocol.error_reply("bad_request", str(e))
@@ -209,6 +240,9 @@ class BlockHandler(BlockService):
         except Exception as e:  # loop boundary: one bad step must not end the peer or the stream
             logger.warning(f"inference step from {context.remote_id} failed", exc_info=True)
             return protocol.error_reply("internal", f"{type(e).__name__}: {e}")
+        finally:
+            if opening is not None:  # a refused first step opens nothing (nor holds a slot or cache room)
+                sessions.pop(opening, None)
 
     def _session_for(self, meta: StepRequest, sessions: dict[str, Session]) -> Session:
         session = sessions.get(meta.session_id)
@@ -235,13 +269,12 @@ class BlockHandler(BlockService):
             raise RequestRejected("bad_span", f"session covers blocks {session.start}:{session.end}, not {meta.start}:{meta.end}")
         return session
 
-    def _reserve_cache(self, session: Session, batch: int, sessions: dict[str, Session]) -> None:
+    def _reserve_cache(self, session: Session, batch: int) -> None:
         """Refuse a session's first step if its batch x max_length does not fit the cache budget."""
         if session.batch is not None:
             return
         others = self.reserved_tokens() - session.reserved_tokens
         if others + batch * session.max_length > self.cache_tokens:
-            sessions.pop(session.session_id, None)
             raise RequestRejected(
                 "busy",
                 f"no KV-cache room for {batch} x {session.max_length} tokens "
@@ -322,11 +355,13 @@ class BlockHandler(BlockService):
 
         def run() -> tuple[torch.Tensor, str]:
             inputs = hidden.to(self.config.device, self.config.dtype)
-            output = self.span(inputs, cache, span_input, start, end)
-            if self.adversary is not None and self.adversary.corrupts_outputs:
-                output = corrupt(self.adversary, inputs, output, self._rng)
+            output = self.transform_output(inputs, self.span(inputs, cache, span_input, start, end))
             output = output.to("cpu", wire_dtype)
             receipt = "" if self.receipts is None else self.receipts.sign(work[0], work[1], start, end, work[2], hidden, output)
             return output, receipt
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+
+# What the peer builds its handler with: BlockHandler itself, or a subclass (or a factory of one).
+HandlerFactory = Callable[[BlockSpan, HandlerConfig, float, int], BlockHandler]

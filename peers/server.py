@@ -18,15 +18,16 @@ import swarm
 from peers.config import PeerConfig, parse_block_range
 from peers.compression.footprint import block_footprint
 from peers.compression.options import compression_tag
-from peers.handler import BlockHandler, HandlerConfig
+from peers.handler import BlockHandler, HandlerConfig, HandlerFactory
 from peers.loading import build_span
 from peers.selection import choose_num_blocks, choose_span_start, rebalance_target
-from peers.trust import PeerReputation
+from peers.reputation_service import PeerReputation
 from peers.status_log import TrustProvider, log_status
 from swarm import records
 from swarm.blocks import BlockSpan, SpanInput
 from swarm.models import BlockCheckpoint, open_model
 from swarm.network import Identity, create_dht, load_identity, signer_for
+from swarm.periodic import BackgroundTasks, run_periodically, wait_or_stop
 from swarm.records import ServerInfo, ServerState
 
 logger = logging.getLogger(__name__)
@@ -83,11 +84,6 @@ def plan_blocks(cfg: PeerConfig, checkpoint: BlockCheckpoint, model_config, dht:
     return Plan(start, end, cache_tokens)
 
 
-def load_span(checkpoint: BlockCheckpoint, model_config, start: int, end: int, cfg: PeerConfig) -> BlockSpan:
-    """Blocks [start, end) as the peer's options ask: dense, SVD-factorised, quantised or offloaded."""
-    return build_span(checkpoint, model_config, start, end, cfg)
-
-
 def measure_throughput(span: BlockSpan, hidden_size: int, cfg: PeerConfig, steps: int = 8, rounds: int = 3) -> float:
     """Block-steps per second for single-token decoding after a short prompt (best of a few rounds,
     so a neighbour's burst of work while this peer starts does not stick to its announcement)."""
@@ -106,8 +102,9 @@ def measure_throughput(span: BlockSpan, hidden_size: int, cfg: PeerConfig, steps
 
 
 class Peer:
-    def __init__(self, cfg: PeerConfig):
+    def __init__(self, cfg: PeerConfig, handler_factory: HandlerFactory = BlockHandler):
         self.cfg = cfg
+        self.handler_factory = handler_factory  # BlockHandler, or a subclass that serves differently
         self.checkpoint = open_model(cfg.model, cache_dir=cfg.cache_dir)
         self.model_config = self.checkpoint.load_config()
         self.identity: Identity = load_identity(cfg.identity)
@@ -119,6 +116,7 @@ class Peer:
         self.subkey = records.owner_subkey(self.dht.peer_id, self.signer)
         self.handler: BlockHandler | None = None
         self.plan: Plan | None = None
+        self.tasks = BackgroundTasks()  # what the peer runs beside its upkeep; all awaited on shutdown
         self.reputation = PeerReputation(cfg, self.identity, self.dht, self.checkpoint.dht_prefix, self.checkpoint.num_blocks)
         # this peer's trust as the seeds' view has it, for the status line (n/a without --trusted-peers)
         self.trust_provider: TrustProvider | None = lambda: self.reputation.node.trust_from_seeds(self.reputation.node.peer_id)
@@ -133,7 +131,7 @@ class Peer:
             state=state,
             start=self.plan.start,
             end=self.plan.end,
-            throughput=float(self.handler.throughput if self.handler else 0.0),
+            throughput=float(self.handler.advertised_throughput() if self.handler else 0.0),
             dtype=str(self.cfg.torch_dtype()).removeprefix("torch."),
             compression=compression_tag(self.cfg),
             cache_tokens_left=self.handler.info().cache_tokens_left if self.handler else self.plan.cache_tokens,
@@ -149,16 +147,9 @@ class Peer:
         await loop.run_in_executor(None, self.announce, ServerState.JOINING)
         logger.info(f"Joining as {self.dht.peer_id} with blocks {self.plan.start}:{self.plan.end} of {self.name}")
         span = await loop.run_in_executor(
-            None, load_span, self.checkpoint, self.model_config, self.plan.start, self.plan.end, self.cfg
+            None, build_span, self.checkpoint, self.model_config, self.plan.start, self.plan.end, self.cfg
         )
-        adversary = self.reputation.adversary
-        if adversary is not None and adversary.mode == "cheap-quant":
-            from peers.adversary import fake_quantise_
-
-            fake_quantise_(span)
         throughput = measure_throughput(span, self.model_config.hidden_size, self.cfg)
-        if adversary is not None and adversary.mode != "collude":
-            throughput *= 10  # a cheater advertises more than it has, to draw traffic
         handler_cfg = HandlerConfig(
             dht_prefix=self.checkpoint.dht_prefix,
             dtype=self.cfg.torch_dtype(),
@@ -168,41 +159,60 @@ class Peer:
             max_sessions=self.cfg.max_sessions,
             session_idle_timeout=self.cfg.session_idle_timeout,
         )
-        self.handler = BlockHandler(span, handler_cfg, throughput, self.plan.cache_tokens)
+        self.handler = self.handler_factory(span, handler_cfg, throughput, self.plan.cache_tokens)
         self.reputation.equip(self.handler, compression=compression_tag(self.cfg))
         p2p: P2P = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(p2p)
-        await self.reputation.start(p2p, self.model_config.hidden_size, stop)
-        status = asyncio.create_task(log_status(self.handler, stop, self.cfg.status_interval, self.trust_provider))
+        await self.reputation.start(p2p, stop)
         try:
+            self.tasks.start(log_status(self.handler, stop, self.cfg.status_interval, self.trust_provider), name="status line")
+            for name, work in self.handler.background_work(p2p, self.reputation, stop):
+                self.tasks.start(work, name=name)
             await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
             logger.info(
                 f"ONLINE: serving blocks {self.plan.start}:{self.plan.end} of {self.name} as {self.dht.peer_id} "
-                f"({throughput:.1f} block-steps/s, {self.cfg.torch_dtype()}) at "
+                f"({self.handler.advertised_throughput():.1f} block-steps/s, {self.cfg.torch_dtype()}) at "
                 f"{' '.join(str(a) for a in self.dht.get_visible_maddrs())}"
             )
-            announced = checked = time.monotonic()
-            rebalances = self.cfg.blocks is None and self.cfg.rebalance_period > 0
-            next_check = self._jittered(self.cfg.rebalance_period)
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=min(5.0, self.cfg.refresh_period, next_check))
-                except asyncio.TimeoutError:
-                    self.handler.expire_idle_sessions()
-                    if rebalances and time.monotonic() - checked >= next_check:
-                        await self.maybe_move(stop)
-                        checked, next_check = time.monotonic(), self._jittered(self.cfg.rebalance_period)
-                    if time.monotonic() - announced >= self.cfg.refresh_period:
-                        await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
-                        announced = time.monotonic()
+            await self.keep_serving(stop)
         finally:
-            status.cancel()
+            await self.tasks.close()
             logger.info("Shutting down: announcing OFFLINE")
             # Same TTL as ONLINE: the DHT keeps whichever record of a subkey expires last.
             await loop.run_in_executor(None, self.announce, ServerState.OFFLINE)
             await self.reputation.stop(p2p)
             await self.handler.remove_p2p_handlers(p2p)
             self.handler.shutdown()
+
+    async def keep_serving(self, stop: asyncio.Event) -> None:
+        """Until `stop`: free idle sessions, re-announce every refresh period, and (unless pinned to
+        --blocks) move now and then to where the swarm needs blocks most. A failed move ends the peer."""
+        loop = asyncio.get_running_loop()
+        rebalances = self.cfg.blocks is None and self.cfg.rebalance_period > 0
+        announced = checked = time.monotonic()
+        next_check = self._jittered(self.cfg.rebalance_period)
+        failure: Exception | None = None
+
+        async def upkeep() -> None:
+            nonlocal announced, checked, next_check, failure
+            self.handler.expire_idle_sessions()
+            if rebalances and time.monotonic() - checked >= next_check:
+                try:
+                    await self.maybe_move(stop)
+                except Exception as e:  # half-moved: the old blocks are gone, so the peer cannot serve on
+                    failure = e
+                    stop.set()
+                    return
+                checked, next_check = time.monotonic(), self._jittered(self.cfg.rebalance_period)
+            if time.monotonic() - announced >= self.cfg.refresh_period:
+                await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
+                announced = time.monotonic()
+
+        await run_periodically(
+            upkeep, lambda: min(5.0, self.cfg.refresh_period, next_check), stop, name="peer upkeep", immediately=False
+        )
+        if failure is not None:
+            raise failure
 
     @staticmethod
     def _jittered(period: float) -> float:
@@ -221,18 +231,18 @@ class Peer:
         logger.info(f"Moving from blocks {old.start}:{old.end} to {new.start}:{new.end}: the swarm needs them more")
         self.handler.draining = True
         deadline = time.monotonic() + self.cfg.drain_timeout
-        while self.handler.sessions() and time.monotonic() < deadline and not stop.is_set():
-            await asyncio.sleep(0.5)
+        while self.handler.sessions() and time.monotonic() < deadline:
+            if await wait_or_stop(stop, 0.5):
+                break
         await loop.run_in_executor(None, self.announce, ServerState.OFFLINE)
         self.plan = new
         self.handler.span.release()  # free the old blocks before loading the new ones
-        span = await loop.run_in_executor(None, load_span, self.checkpoint, self.model_config, new.start, new.end, self.cfg)
-        throughput = measure_throughput(span, self.model_config.hidden_size, self.cfg)
-        self.handler.replace_span(span, throughput)
+        span = await loop.run_in_executor(None, build_span, self.checkpoint, self.model_config, new.start, new.end, self.cfg)
+        self.handler.replace_span(span, measure_throughput(span, self.model_config.hidden_size, self.cfg))
         self.handler.draining = False
         await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
         logger.info(f"ONLINE: serving blocks {new.start}:{new.end} of {self.name} as {self.dht.peer_id} "
-                    f"({throughput:.1f} block-steps/s) after moving")
+                    f"({self.handler.advertised_throughput():.1f} block-steps/s) after moving")
 
     def shutdown(self) -> None:
         self.dht.shutdown()
@@ -240,9 +250,9 @@ class Peer:
             self.identity.path.unlink(missing_ok=True)
 
 
-def run_peer(cfg: PeerConfig) -> None:
+def run_peer(cfg: PeerConfig, handler_factory: HandlerFactory = BlockHandler) -> None:
     """Run until SIGINT or SIGTERM, then leave the swarm cleanly."""
-    peer = Peer(cfg)
+    peer = Peer(cfg, handler_factory)
 
     async def main() -> None:
         stop = asyncio.Event()

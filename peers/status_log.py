@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from swarm.periodic import run_periodically
+
 logger = logging.getLogger(__name__)
 
 TrustProvider = Callable[[], "float | None"]  # this peer's current trust score, None if not known
@@ -53,12 +55,11 @@ async def log_status(handler, stop: asyncio.Event, period: float, trust: TrustPr
     if period <= 0:
         return
     previous = handler.stats.tokens_served
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=period)
-            return
-        except asyncio.TimeoutError:
-            pass
+
+    async def one_line() -> None:
+        nonlocal previous
         current = snapshot(handler, previous, trust)
         previous = current.tokens_served
         logger.info(format_status(current, period))
+
+    await run_periodically(one_line, period, stop, name="status line", immediately=False)

@@ -1,45 +1,243 @@
-"""Adversary modes (for testing the trust layer) and the live checker's pure helpers."""
+"""Misbehaving handlers (peers.testing.adversaries, for tests of the trust layer and of clients), the live
+checker's pure helpers, and the rule that production code never imports the testing package."""
 
 from __future__ import annotations
 
+import ast
+import asyncio
+
+from swarm.transport import Reply
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from torch import nn
 
-from peers.adversary import Adversary, corrupt, fake_quantise_, parse_adversary
+from handler_kit import NUM_BLOCKS, Stream, forward, hidden
+from peers.handler import BlockHandler
 from peers.receipts import ReceiptSigner
+from peers.testing.adversaries import (
+    ADVERSARIES,
+    CheapQuant,
+    Cheater,
+    Colluder,
+    JunkInfo,
+    NaNOutput,
+    NoisyOutput,
+    RandomOutput,
+    SkipBlocks,
+    WrongShape,
+    fake_quantise_,
+    parse_adversary,
+)
 from reputation.attest import Check, tensor_digest
 from reputation.checks import decode_receipt, profile_between
 from reputation.node import peer_id_of_key
 from reputation.tolerance import compare_updates, judge, profile_for
+from swarm import protocol
+from swarm.blocks import SpanInput
 from swarm.errors import ConfigError
+from swarm.protocol import ProtocolError
+from swarm.records import PeerSpan, ServerInfo, ServerState
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def imported_modules(nodes) -> set[str]:
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_production_code_never_imports_the_testing_package() -> None:
+    """Only the CLI may, and only inside the command that got the hidden --adversary option."""
+    offenders = []
+    for package in ("peers", "swarm", "reputation", "apps"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.is_relative_to(ROOT / "peers" / "testing"):
+                continue
+            tree = ast.parse(path.read_text())
+            nodes = tree.body if path == ROOT / "peers" / "cli.py" else ast.walk(tree)
+            if any(name.split(".")[:2] == ["peers", "testing"] for name in imported_modules(nodes)):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+    cli = ast.parse((ROOT / "peers" / "cli.py").read_text())
+    assert "peers.testing.adversaries" in imported_modules(ast.walk(cli))  # lazily, inside `join`
 
 
 def test_parse_adversary() -> None:
-    assert parse_adversary("random") == Adversary("random")
-    assert parse_adversary("cheat:0.1", ("x",)) == Adversary("cheat", 0.1, ("x",))
-    for bad in ("evil", "cheat", "cheat:2", "cheat:abc", "random:1"):
+    assert parse_adversary("random") is RandomOutput
+    assert {mode: parse_adversary(mode) for mode in ("skip", "noise", "cheap-quant", "junk-info", "nan", "wrong-shape")} \
+        == {"skip": SkipBlocks, "noise": NoisyOutput, "cheap-quant": CheapQuant, "junk-info": JunkInfo,
+            "nan": NaNOutput, "wrong-shape": WrongShape}
+    cheat = parse_adversary("cheat:0.1", ("x",))
+    assert (cheat.func, cheat.keywords) == (Cheater, {"fraction": 0.1})
+    collude = parse_adversary("collude", ("x", "y"))
+    assert (collude.func, collude.keywords) == (Colluder, {"fellows": ("x", "y")})
+    assert all(issubclass(cls, BlockHandler) for cls in ADVERSARIES.values())
+    for bad in ("evil", "cheat", "cheat:2", "cheat:0", "cheat:abc", "random:1", "collude:x"):
         with pytest.raises(ConfigError):
             parse_adversary(bad)
 
 
-def test_each_corrupting_mode_fails_the_tolerance_and_honest_passes() -> None:
+def test_each_corrupting_mode_fails_the_tolerance_and_honest_passes(make_handler) -> None:
     torch.manual_seed(0)
     x = torch.randn(1, 6, 64)
     honest = x + 0.5 * torch.randn(1, 6, 64)
     fp32 = profile_for("float32")
     assert judge(compare_updates(x, honest, honest.clone()), fp32) == "pass"
-    for mode in ("random", "skip", "noise"):
-        bad = corrupt(parse_adversary(mode), x, honest, random.Random(0))
-        assert judge(compare_updates(x, honest, bad), fp32) == "fail", mode
-    cheater = parse_adversary("cheat:0.1")
-    outputs = [corrupt(cheater, x, honest, random.Random(seed)) for seed in range(200)]
+    for cls in (RandomOutput, SkipBlocks, NoisyOutput):
+        bad = make_handler(cls).transform_output(x, honest)
+        assert judge(compare_updates(x, honest, bad), fp32) == "fail", cls.mode
+    cheater = make_handler(lambda *args: Cheater(*args, fraction=0.1, rng=random.Random(0)))
+    outputs = [cheater.transform_output(x, honest) for _ in range(200)]
     skipped = sum(torch.equal(out, x) for out in outputs)
     assert 5 <= skipped <= 40  # about 10% of 200
     assert all(torch.equal(out, honest) or torch.equal(out, x) for out in outputs)
+
+
+def test_cheaters_advertise_ten_times_their_throughput_but_the_colluder_does_not(make_handler) -> None:
+    for mode in ADVERSARIES:
+        handler = make_handler(parse_adversary("cheat:0.5" if mode == "cheat" else mode), throughput=7.0)
+        expected = 7.0 if mode == "collude" else 70.0
+        assert handler.advertised_throughput() == expected and handler.info().throughput == expected, mode
+        handler.replace_span(handler.span, throughput=3.0)
+        assert handler.advertised_throughput() == expected * 3 / 7, mode
+    assert make_handler(throughput=7.0).info().throughput == 7.0
+
+
+def honest_output(handler: BlockHandler, x: torch.Tensor) -> torch.Tensor:
+    return handler.span(x, None, SpanInput(None, 0))
+
+
+def test_output_transformations_on_a_tiny_span(make_handler) -> None:
+    x = hidden(2, 5)
+    honest = honest_output(make_handler(), x)
+
+    def served(factory) -> torch.Tensor:
+        reply, tensors = forward(make_handler(factory), x)
+        assert reply.error is None
+        return tensors[0]
+
+    torch.testing.assert_close(served(BlockHandler), honest)
+    torch.testing.assert_close(served(SkipBlocks), x)
+    random_out = served(RandomOutput)
+    assert random_out.shape == honest.shape and not torch.allclose(random_out, honest, atol=1e-2)
+    assert 0.5 < float(random_out.std() / honest.std()) < 2.0
+    noisy = served(NoisyOutput)
+    assert noisy.shape == honest.shape and not torch.allclose(noisy, honest, atol=1e-3)
+    assert float((noisy - honest).norm() / (honest - x).norm()) < 1.5  # noise on the update's scale
+    torch.testing.assert_close(served(parse_adversary("cheat:1")), x)
+    torch.testing.assert_close(served(lambda *args: Cheater(*args, fraction=1e-9)), honest)
+    nan = served(NaNOutput)
+    assert nan[..., 0].isnan().all() and not nan[..., 1:].isnan().any()
+    torch.testing.assert_close(nan[..., 1:], honest[..., 1:])
+    short = served(WrongShape)
+    assert short.shape == (2, 4, 64)
+    torch.testing.assert_close(short, honest[:, :4])
+    torch.testing.assert_close(served(JunkInfo), honest)
+    torch.testing.assert_close(served(parse_adversary("collude")), honest)
+
+
+def test_wrong_shape_and_nan_in_inference_steps(make_handler) -> None:
+    async def scenario(handler):
+        stream = Stream(handler)
+        reply, (out,) = await stream.step("s", 0, hidden(1, 3))
+        await stream.close()
+        return reply, out
+
+    reply, out = asyncio.run(scenario(make_handler(WrongShape)))
+    assert reply.error is None and reply.length == 3 and out.shape == (1, 2, 64)
+    reply, out = asyncio.run(scenario(make_handler(NaNOutput)))
+    assert reply.error is None and out.isnan().any()
+
+
+def test_cheap_quant_serves_fake_quantised_weights(make_handler) -> None:
+    x = hidden(1, 4)
+    honest = make_handler()
+    cheap = make_handler(CheapQuant)
+    for layer in (m for m in cheap.span.modules() if isinstance(m, nn.Linear)):
+        assert all(len(row.unique()) <= 15 for row in layer.weight)
+    out = forward(cheap, x)[1][0]
+    assert not torch.allclose(out, honest_output(honest, x), atol=1e-4)
+    torch.testing.assert_close(out, honest_output(cheap, x))
+
+
+def test_junk_info_answers_rpc_info_with_no_peer_info(make_handler) -> None:
+    reply = asyncio.run(make_handler(JunkInfo).rpc_info(runtime_pb2.ExpertUID(uid=""), None))
+    with pytest.raises(ProtocolError):
+        protocol.unpack(reply.serialized_info, protocol.PeerInfo)
+    honest = asyncio.run(make_handler().rpc_info(runtime_pb2.ExpertUID(uid=""), None))
+    assert protocol.unpack(honest.serialized_info, protocol.PeerInfo).end == NUM_BLOCKS
+
+
+class FakeNode:
+    def __init__(self) -> None:
+        self.verdicts: list[tuple[str, str, str]] = []
+
+    def attest(self, receipt, agreement, verdict: str, profile: str) -> None:
+        self.verdicts.append((receipt.signer, verdict, profile))
+
+
+class FakeReputation:
+    period = 0.01
+
+    def __init__(self, spans: list[PeerSpan]) -> None:
+        self.node = FakeNode()
+        self.spans = spans
+        self.reads = 0
+
+    async def read_spans(self) -> list[PeerSpan]:
+        self.reads += 1
+        return self.spans
+
+
+def test_colluder_vouches_for_fellows_and_accuses_everyone_else(make_handler, monkeypatch) -> None:
+    keys = {name: RSAPrivateKey() for name in ("self", "fellow", "victim", "mute")}
+    ids = {name: PeerID.from_base58(peer_id_of_key(key)) for name, key in keys.items()}
+    info = ServerInfo(state=ServerState.ONLINE, start=0, end=NUM_BLOCKS, throughput=1.0, dtype="float32")
+    spans = [PeerSpan(ids[name], info) for name in ("self", "fellow", "victim", "mute")]
+
+    async def fake_forward(p2p, peer_id, start, end, x, timeout):
+        assert (start, end, x.shape) == (0, 1, (1, 4, 64))
+        name = next(n for n, i in ids.items() if i == peer_id)
+        if name == "mute":
+            return Reply(x, "")  # no receipt: nothing to lie about
+        signer = ReceiptSigner(keys[name], str(peer_id), "tiny@test", "float32", "none")
+        return Reply(x, signer.sign("s", 0, start, end, 4, x, x))
+
+    monkeypatch.setattr("peers.testing.adversaries.call_forward", fake_forward)
+
+    class FakeP2P:
+        peer_id = ids["self"]
+
+    colluder = make_handler(parse_adversary("collude", (str(ids["fellow"]),)))
+    reputation = FakeReputation(spans)
+    assert asyncio.run(colluder.vouch_round(FakeP2P(), reputation)) == 2
+    assert reputation.node.verdicts == [(str(ids["fellow"]), "pass", "fp32"), (str(ids["victim"]), "fail", "fp32")]
+
+    async def runs_until_stopped():
+        stop = asyncio.Event()
+        (name, work), = colluder.background_work(FakeP2P(), reputation, stop)
+        assert name == "collude"
+        task = asyncio.create_task(work)
+        while reputation.reads < 3:
+            await asyncio.sleep(0.01)
+        stop.set()
+        await asyncio.wait_for(task, timeout=5)
+
+    asyncio.run(runs_until_stopped())
+    assert make_handler().background_work(FakeP2P(), reputation, asyncio.Event()) == []
 
 
 def test_fake_quantise_moves_weights_to_few_levels() -> None:
