@@ -183,11 +183,20 @@ def fetch(model: str) -> None:
     click.echo(f"{checkpoint.manifest.name}: {checkpoint.num_blocks} blocks in {checkpoint.path}")
 
 
+def swarm_view_options(command):
+    """The options of the commands that look at the swarm from outside (status, rewards)."""
+    for option in reversed((
+        click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, Hugging Face repo id or local path."),
+        click.option("--initial-peers", multiple=True, help=INITIAL_PEERS_HELP),
+        click.option("--trusted-peers", multiple=True, help=TRUSTED_HELP),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
+    )):
+        command = option(command)
+    return command
+
+
 @main.command(cls=SwarmCommand)
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, Hugging Face repo id or local path.")
-@click.option("--initial-peers", multiple=True, help=INITIAL_PEERS_HELP)
-@click.option("--trusted-peers", multiple=True, help=TRUSTED_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@swarm_view_options
 def status(model: str, initial_peers: tuple[str, ...], trusted_peers: tuple[str, ...], as_json: bool) -> None:
     """Show which peers serve which blocks: state, throughput, round-trip time and trust."""
     from peers.status import collect_status, render_table
@@ -197,10 +206,7 @@ def status(model: str, initial_peers: tuple[str, ...], trusted_peers: tuple[str,
 
 
 @main.command(cls=SwarmCommand)
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, Hugging Face repo id or local path.")
-@click.option("--initial-peers", multiple=True, help=INITIAL_PEERS_HELP)
-@click.option("--trusted-peers", multiple=True, help=TRUSTED_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@swarm_view_options
 def rewards(model: str, initial_peers: tuple[str, ...], trusted_peers: tuple[str, ...], as_json: bool) -> None:
     """Show the reward standings: credit for countersigned work, weighted by trust (gathered by gossip)."""
     from peers.status import collect_standings, render_rewards

@@ -22,7 +22,7 @@ from peers.memory import release_free_memory
 from peers.receipts import ReceiptSigner
 from swarm import protocol
 from swarm.blocks import BlockSpan, SpanCache, SpanInput
-from swarm.protocol import PeerInfo, ProtocolError, SpanRequest, StepReply, StepRequest
+from swarm.protocol import PeerInfo, ProtocolError, SpanRequest, BlocksReply, StepRequest
 from swarm.remote import BlockService
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ class BlockHandler(BlockService):
             tokens = hidden.shape[0] * hidden.shape[1]
             output, receipt = await self._compute(hidden, None, span_input, meta.start, meta.end, ("forward", 0, tokens))
             self.stats.tokens_served += tokens
-            return protocol.make_reply(StepReply(length=hidden.shape[1], receipt=receipt), output)
+            return protocol.make_reply(BlocksReply(length=hidden.shape[1], receipt=receipt), output)
         except ProtocolError as e:
             return protocol.error_reply("bad_request", str(e))
         except RequestRejected as e:
@@ -213,7 +213,7 @@ class BlockHandler(BlockService):
             meta = protocol.unpack(request.metadata, StepRequest)
             if meta.close:
                 sessions.pop(meta.session_id, None)
-                return protocol.make_reply(StepReply())
+                return protocol.make_reply(BlocksReply())
             if meta.session_id not in sessions:
                 opening = meta.session_id
             session = self._session_for(meta, sessions)
@@ -232,7 +232,7 @@ class BlockHandler(BlockService):
             session.steps, session.work = session.steps + 1, session.work + tokens
             self.stats.tokens_served += tokens
             opening = None
-            return protocol.make_reply(StepReply(length=session.length, receipt=receipt), output)
+            return protocol.make_reply(BlocksReply(length=session.length, receipt=receipt), output)
         except ProtocolError as e:
             return protocol.error_reply("bad_request", str(e))
         except RequestRejected as e:

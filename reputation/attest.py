@@ -30,7 +30,7 @@ from pydantic import Field, StrictInt, TypeAdapter, ValidationError, ValidationI
 
 from reputation.errors import MalformedMessageError
 from swarm.records import peer_id_of_public_key
-from swarm.schema import Count, FiniteFloat, Float, StrictModel, first_error
+from swarm.schema import Count, FiniteFloat, Float, StrictModel, check_span, first_error, load_msgpack
 
 logger = logging.getLogger(__name__)
 
@@ -77,14 +77,7 @@ def _canonical(fields: dict[str, object]) -> bytes:
 
 def _unpack(data: object) -> dict[str, object]:
     """The fields of one encoded message, not yet validated; ValueError if it is not one."""
-    if not isinstance(data, bytes):
-        raise ValueError(f"expected bytes, got {type(data).__name__}")
-    if len(data) > MAX_MESSAGE_BYTES:
-        raise ValueError(f"{len(data)} bytes, more than {MAX_MESSAGE_BYTES}")
-    try:
-        raw = msgpack.unpackb(data, raw=False)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise ValueError(f"not msgpack: {type(e).__name__}") from None
+    raw = load_msgpack(data, MAX_MESSAGE_BYTES, "message")
     pairs = _PAIRS.validate_python(raw, strict=True)
     fields = dict(pairs)
     if len(fields) != len(pairs):
@@ -203,8 +196,7 @@ class Receipt(_SignedMessage):
 
     @model_validator(mode="after")
     def _span_not_empty(self) -> Receipt:
-        if not self.block_start < self.block_end:
-            raise ValueError(f"blocks {self.block_start}:{self.block_end} are an empty span")
+        check_span(self.block_start, self.block_end)
         return self
 
     def _signer(self) -> str:

@@ -28,7 +28,7 @@ from reputation.attest import MAX_MESSAGE_BYTES
 from reputation.node import Kind, ReputationNode
 from swarm.periodic import run_periodically
 from swarm.protocol import WireModel
-from swarm.schema import first_error
+from swarm.schema import first_error, load_msgpack
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,7 @@ def pack_exchange(message: Exchange) -> bytes:
 
 def unpack_exchange(data: bytes) -> Exchange:
     """The Exchange `data` encodes; ValueError for anything else (the sender is then charged one invalid message)."""
-    if len(data) > MAX_EXCHANGE_BYTES:
-        raise ValueError(f"gossip message of {len(data)} bytes is over the {MAX_EXCHANGE_BYTES} limit")
-    try:
-        fields = msgpack.unpackb(data, raw=False)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise ValueError(f"gossip message is not msgpack: {type(e).__name__}") from None
+    fields = load_msgpack(data, MAX_EXCHANGE_BYTES, "gossip message")
     try:
         return Exchange.model_validate(fields)
     except ValidationError as e:

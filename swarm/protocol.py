@@ -20,7 +20,7 @@ from hivemind.compression import deserialize_torch_tensor, serialize_torch_tenso
 from hivemind.proto import runtime_pb2
 from pydantic import ConfigDict, Field, ValidationError
 
-from swarm.schema import StrictModel, first_error
+from swarm.schema import StrictModel, first_error, load_msgpack
 
 from swarm.errors import ProtocolError
 
@@ -83,8 +83,8 @@ class ErrorInfo(WireModel):
     message: str
 
 
-class StepReply(WireModel):
-    """The reply to a `StepRequest` or `SpanRequest`: the hidden states, or an error."""
+class BlocksReply(WireModel):
+    """The reply to any request that runs blocks (a `StepRequest` or a `SpanRequest`): hidden states, or an error."""
 
     version: int = PROTOCOL_VERSION
     error: ErrorInfo | None = None
@@ -97,12 +97,10 @@ def pack(message: WireModel) -> bytes:
 
 
 def unpack(data: bytes, model: type[WireModel]) -> WireModel:
-    if len(data) > MAX_METADATA_BYTES:
-        raise ProtocolError(f"metadata is {len(data)} bytes, more than {MAX_METADATA_BYTES}")
     try:
-        fields = msgpack.unpackb(data, raw=False)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise ProtocolError(f"metadata is not msgpack: {type(e).__name__}") from None
+        fields = load_msgpack(data, MAX_METADATA_BYTES, "metadata")
+    except ValueError as e:
+        raise ProtocolError(str(e)) from None
     if not isinstance(fields, dict):
         raise ProtocolError("metadata is not a map")
     try:
@@ -126,9 +124,9 @@ def make_request(uid: str, message: WireModel, *tensors: torch.Tensor) -> runtim
     return runtime_pb2.ExpertRequest(uid=uid, metadata=pack(message), tensors=serialize_tensors(*tensors))
 
 
-def make_reply(message: StepReply, *tensors: torch.Tensor) -> runtime_pb2.ExpertResponse:
+def make_reply(message: BlocksReply, *tensors: torch.Tensor) -> runtime_pb2.ExpertResponse:
     return runtime_pb2.ExpertResponse(metadata=pack(message), tensors=serialize_tensors(*tensors))
 
 
 def error_reply(kind: str, message: str) -> runtime_pb2.ExpertResponse:
-    return make_reply(StepReply(error=ErrorInfo(kind=kind, message=message)))
+    return make_reply(BlocksReply(error=ErrorInfo(kind=kind, message=message)))

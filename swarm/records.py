@@ -33,7 +33,7 @@ from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 from pydantic import BeforeValidator, Field, ValidationError, model_validator
 
-from swarm.schema import Count, FiniteFloat, StrictModel, first_error
+from swarm.schema import Count, FiniteFloat, StrictModel, check_span, first_error
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ class ServerInfo(StrictModel):
 
     @model_validator(mode="after")
     def _span_not_empty(self) -> ServerInfo:
-        if not self.start < self.end:
-            raise ValueError(f"blocks {self.start}:{self.end} are an empty span")
+        check_span(self.start, self.end)
         return self
 
     def to_record(self) -> dict:

@@ -16,7 +16,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm import protocol
 from swarm.errors import BadReplyError, PeerUnreachableError, ProtocolError, RemoteError
-from swarm.protocol import PeerInfo, SpanRequest, StepReply, StepRequest
+from swarm.protocol import PeerInfo, SpanRequest, BlocksReply, StepRequest
 from swarm.transport import Reply, check_output
 
 
@@ -52,7 +52,7 @@ def _stub(p2p: P2P, peer_id: PeerID):
 def read_reply(peer_id: PeerID, reply: runtime_pb2.ExpertResponse, expected_shape: torch.Size) -> Reply:
     """A checked `Reply`; `RemoteError` for the peer's own error, `BadReplyError` for anything invalid."""
     try:
-        meta = protocol.unpack(reply.metadata, StepReply)
+        meta = protocol.unpack(reply.metadata, BlocksReply)
     except ProtocolError as e:
         raise BadReplyError(str(peer_id), str(e)) from None
     if meta.error is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import msgpack
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 MAX_INT = 2**63 - 1  # the largest integer msgpack carries as a signed int
@@ -37,3 +38,21 @@ def first_error(e: ValidationError) -> str:
     first = e.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "message"
     return f"{where}: {first['msg']}"
+
+
+def load_msgpack(data: object, limit: int, what: str) -> object:
+    """msgpack-decode `data` of at most `limit` bytes; ValueError, one line naming `what`, for anything else."""
+    if not isinstance(data, bytes):
+        raise ValueError(f"{what} is {type(data).__name__}, not bytes")
+    if len(data) > limit:
+        raise ValueError(f"{what} is {len(data)} bytes, more than {limit}")
+    try:
+        return msgpack.unpackb(data, raw=False)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ValueError(f"{what} is not msgpack: {type(e).__name__}") from None
+
+
+def check_span(start: int, end: int) -> None:
+    """Blocks [start, end) must not be empty (a model validator's check)."""
+    if not start < end:
+        raise ValueError(f"blocks {start}:{end} are an empty span")

@@ -36,7 +36,7 @@ def forward_raw(client, peer_id, request: runtime_pb2.ExpertRequest) -> runtime_
 
 
 def assert_error(reply: runtime_pb2.ExpertResponse, kind: str) -> str:
-    meta = protocol.unpack(reply.metadata, protocol.StepReply)
+    meta = protocol.unpack(reply.metadata, protocol.BlocksReply)
     assert meta.error is not None and meta.error.kind == kind, meta
     assert "\n" not in meta.error.message
     return meta.error.message

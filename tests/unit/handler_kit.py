@@ -11,7 +11,7 @@ import torch
 
 from peers.handler import BlockHandler, HandlerConfig
 from swarm import protocol
-from swarm.protocol import SpanRequest, StepReply, StepRequest
+from swarm.protocol import SpanRequest, BlocksReply, StepRequest
 
 HIDDEN = 64
 NUM_BLOCKS = 3
@@ -34,12 +34,12 @@ def hidden(batch: int = 1, tokens: int = 4, seed: int = 0, size: int = HIDDEN) -
     return torch.randn(batch, tokens, size, generator=torch.Generator().manual_seed(seed))
 
 
-def read_reply(reply) -> tuple[StepReply, list[torch.Tensor]]:
-    return protocol.unpack(reply.metadata, StepReply), protocol.deserialize_tensors(reply.tensors)
+def read_reply(reply) -> tuple[BlocksReply, list[torch.Tensor]]:
+    return protocol.unpack(reply.metadata, BlocksReply), protocol.deserialize_tensors(reply.tensors)
 
 
 def forward(handler: BlockHandler, x: torch.Tensor, start: int = 0, end: int = NUM_BLOCKS, request=None):
-    """One rpc_forward: (StepReply, tensors)."""
+    """One rpc_forward: (BlocksReply, tensors)."""
     request = request if request is not None else protocol.make_request("", SpanRequest(start=start, end=end), x)
     return read_reply(asyncio.run(handler.rpc_forward(request, FakeContext())))
 
@@ -55,12 +55,12 @@ class Stream:
         while (request := await self._outbox.get()) is not None:
             yield request
 
-    async def send(self, request) -> tuple[StepReply, list[torch.Tensor]]:
+    async def send(self, request) -> tuple[BlocksReply, list[torch.Tensor]]:
         self._outbox.put_nowait(request)
         return read_reply(await anext(self._replies))
 
     async def step(self, session: str, position: int, *tensors: torch.Tensor, start: int = 0, end: int = NUM_BLOCKS,
-                   max_length: int = 16, close: bool = False) -> tuple[StepReply, list[torch.Tensor]]:
+                   max_length: int = 16, close: bool = False) -> tuple[BlocksReply, list[torch.Tensor]]:
         meta = StepRequest(session_id=session, start=start, end=end, position=position, max_length=max_length,
                            close=close)
         return await self.send(protocol.make_request("", meta, *tensors))

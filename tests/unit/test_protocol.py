@@ -13,7 +13,7 @@ from swarm.protocol import (
     PeerInfo,
     ProtocolError,
     SpanRequest,
-    StepReply,
+    BlocksReply,
     StepRequest,
     WireModel,
     deserialize_tensors,
@@ -33,8 +33,8 @@ MESSAGES: list[WireModel] = [
     SpanRequest(start=0, end=4),
     StepRequest(session_id="s-1", start=3, end=9, position=17, max_length=512),
     StepRequest(session_id="x" * 128, start=0, end=1, position=0, max_length=1, close=True),
-    StepReply(length=42),
-    StepReply(error=ErrorInfo(kind="unknown_session", message="no session s-1")),
+    BlocksReply(length=42),
+    BlocksReply(error=ErrorInfo(kind="unknown_session", message="no session s-1")),
     ErrorInfo(kind="busy", message="try later"),
 ]
 
@@ -106,8 +106,8 @@ def test_metadata_at_the_limit_is_accepted():
         ({"session_id": "s" * 129, "start": 0, "end": 1, "position": 0, "max_length": 8}, StepRequest, "session_id"),
         ({"session_id": "s", "start": 0, "end": 1, "position": -1, "max_length": 8}, StepRequest, "position"),
         ({"session_id": "s", "start": 0, "end": 1, "position": 0, "max_length": 0}, StepRequest, "max_length"),
-        ({"error": {"kind": "nonsense", "message": "m"}}, StepReply, "error.kind"),
-        ({"error": "broken"}, StepReply, "error"),
+        ({"error": {"kind": "nonsense", "message": "m"}}, BlocksReply, "error.kind"),
+        ({"error": "broken"}, BlocksReply, "error"),
         ({"model": "m", "start": 0, "end": 1, "dtype": "f", "throughput": "fast", "max_length": 1,
           "cache_tokens_left": 0, "sessions": 0}, PeerInfo, "throughput"),
     ],
@@ -130,7 +130,7 @@ def test_numbers_must_not_be_coerced_from_strings_or_booleans():
         ({}, SpanRequest, "start"),
         ({"start": 0}, SpanRequest, "end"),
         ({"start": 0, "end": 1, "position": 0, "max_length": 8}, StepRequest, "session_id"),
-        ({"error": {"kind": "busy"}}, StepReply, "error.message"),
+        ({"error": {"kind": "busy"}}, BlocksReply, "error.message"),
     ],
 )
 def test_missing_fields(fields, model, where):
@@ -166,12 +166,12 @@ def test_make_request_round_trip(dtype):
 
 def test_make_reply_and_error_reply():
     hidden = torch.randn(1, 2, 4)
-    reply = make_reply(StepReply(length=2), hidden)
-    assert unpack(reply.metadata, StepReply) == StepReply(length=2)
+    reply = make_reply(BlocksReply(length=2), hidden)
+    assert unpack(reply.metadata, BlocksReply) == BlocksReply(length=2)
     assert torch.equal(deserialize_tensors(reply.tensors)[0], hidden)
 
     refused = error_reply("too_long", "session would exceed 16 tokens")
-    decoded = unpack(refused.metadata, StepReply)
+    decoded = unpack(refused.metadata, BlocksReply)
     assert decoded.error == ErrorInfo(kind="too_long", message="session would exceed 16 tokens")
     assert list(refused.tensors) == []
 
