@@ -7,7 +7,10 @@ independent peer that serves the same blocks with the same declared compression 
 compares the blocks' update for the step's tokens under the tolerance profile of the declared configuration.
 A disagreement goes to up to two referees; a fault is recorded only when the majority agrees, and a checker
 that the referees contradict is the one at fault. Every verdict is a signed attestation, spread by gossip.
-At the end of a session the client countersigns each peer's last receipt: the ledger's proof of work.
+At the end of a session the client countersigns each peer's last receipt: the ledger's proof of work (never
+for a peer whose reply in that session came without a valid receipt, see `receipt_fault`).
+Every hop-step a session observes is tallied (verified, failed, could not be checked, pending, unchecked), so
+an answer can say how much of it was verified (`coverage`).
 Checks run as background tasks on the client's loop and never hold up the next token; `settle` lets a
 finished answer wait for its own checks before it is returned.
 """
@@ -30,7 +33,7 @@ from reputation.spotcheck import choose_checker, referee_decision
 from reputation.errors import ReputationError
 from reputation.tolerance import DEFAULT_PROFILES, Agreement, ToleranceProfile, compare_updates, judge, profile_for
 from swarm.errors import SwarmError
-from swarm.hooks import StepRecord, SwarmView
+from swarm.hooks import Coverage, StepRecord, SwarmView
 from swarm.records import PeerSpan, online_spans
 from swarm.transport import Transport
 
@@ -58,6 +61,19 @@ class CheckStats:
     settle_seconds: float = 0.0  # the time they waited, in all
     executions: int = 0  # extra forward passes run for checks (checkers and referees)
     extra_tokens: int = 0  # tokens those passes processed
+
+
+@dataclass
+class StepTally:
+    """One observed hop-step and how far its verification got."""
+
+    position: int
+    start: int
+    end: int
+    state: str = "unchecked"  # unchecked | pending | verified | failed | unverifiable
+
+
+OUTCOMES = {"pass": "verified", "fail": "failed"}  # a check's verdict -> its step's state; anything else: unverifiable
 
 
 def decode_receipt(text: str) -> Receipt | None:
@@ -102,23 +118,27 @@ class SpotChecker:
         max_running: int = 2,  # checks executing at once; more wait their turn
         max_queued: int = 64,  # checks waiting beyond this are dropped (counted as skipped)
         timeout: float = 60.0,
+        settle_timeout: float | None = SETTLE_TIMEOUT,  # None: an answer waits for every one of its checks
     ):
         self.node, self.transport, self.swarm = node, transport, swarm
         self.rng = rng or random.Random()
         self.check_rate, self.referees = check_rate, referees
-        self.max_queued, self.timeout = max_queued, timeout
+        self.max_queued, self.timeout, self.settle_timeout = max_queued, timeout, settle_timeout
         self._running = asyncio.Semaphore(max_running)
         self.stats = CheckStats()
         self._tasks: set[asyncio.Task] = set()
         self._session_tasks: dict[str, set[asyncio.Task]] = {}
         self._last_receipts: dict[str, dict[tuple[str, int, int], str]] = {}  # session -> hop -> receipt
+        self._tallies: dict[str, list[StepTally]] = {}  # session -> its hop-steps, by position
+        self._unpaid: dict[str, set[str]] = {}  # session -> peers that sent it a reply without a valid receipt
 
     # ---- observer hooks (called on the client's loop) ------------------------------------------------
 
     def on_step(self, record: StepRecord) -> None:
         peer = str(record.peer_id)
         self.stats.responses[peer] += 1
-        if record.receipt:
+        tally = self._tally(record)
+        if record.receipt and peer not in self._unpaid.get(record.session_id, ()):
             self._last_receipts.setdefault(record.session_id, {})[(peer, record.start, record.end)] = record.receipt
         if record.padded:
             return  # padded batches are not re-run (the mask would have to travel too)
@@ -127,8 +147,12 @@ class SpotChecker:
             return
         if len(self._tasks) >= self.max_queued:
             self.stats.skipped += 1
+            tally.state = "unverifiable"
+            logger.info(f"Spot check of {peer} on blocks {record.start}:{record.end} dropped: "
+                        f"{len(self._tasks)} checks are waiting already")
             return
-        task = asyncio.get_running_loop().create_task(self._check_safely(record))
+        tally.state = "pending"
+        task = asyncio.get_running_loop().create_task(self._check_and_tally(record, tally))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         waiting = self._session_tasks.setdefault(record.session_id, set())
@@ -137,20 +161,62 @@ class SpotChecker:
 
     def on_close(self, session_id: str) -> None:
         self._session_tasks.pop(session_id, None)
+        self._tallies.pop(session_id, None)
+        self._unpaid.pop(session_id, None)
         for receipt_text in self._last_receipts.pop(session_id, {}).values():
             receipt = decode_receipt(receipt_text)
             if receipt is not None:
                 self.node.countersign(receipt)
 
-    async def settle(self, session_id: str, timeout: float = SETTLE_TIMEOUT) -> None:
-        """Wait for the checks of this session's steps so far, at most `timeout` seconds (an answer is
-        verified before it is returned; a check held up by a slow peer does not hold the answer for long)."""
+    async def settle(self, session_id: str, timeout: float | None = None) -> None:
+        """Wait for the checks of this session's steps so far, at most `timeout` seconds (default:
+        `settle_timeout`; an answer is verified before it is returned, and a check held up by a slow peer
+        does not hold the answer for long unless the client is strict)."""
+        timeout = self.settle_timeout if timeout is None else timeout
         waiting = self._session_tasks.get(session_id)
         if waiting:
             began = time.perf_counter()
             await asyncio.wait(list(waiting), timeout=timeout)
             self.stats.settles += 1
             self.stats.settle_seconds += time.perf_counter() - began
+
+    # ---- verification coverage and receipt faults ----------------------------------------------------
+
+    def _tally(self, record: StepRecord) -> StepTally:
+        """A new tally entry for this hop-step. A step sent again after a rollback replaces the entries it
+        redoes: every later position, and the same position on overlapping blocks (entries stay sorted by
+        position, so only the tail is looked at)."""
+        tallies = self._tallies.setdefault(record.session_id, [])
+        kept: list[StepTally] = []
+        while tallies and tallies[-1].position >= record.position:
+            old = tallies.pop()
+            if old.position == record.position and (old.end <= record.start or record.end <= old.start):
+                kept.append(old)
+        tallies.extend(reversed(kept))
+        tally = StepTally(record.position, record.start, record.end)
+        tallies.append(tally)
+        return tally
+
+    async def _check_and_tally(self, record: StepRecord, tally: StepTally) -> None:
+        verdict = await self._check_safely(record)
+        tally.state = OUTCOMES.get(verdict, "unverifiable")
+        if tally.state == "unverifiable":
+            logger.info(f"Spot check of {record.peer_id} on blocks {record.start}:{record.end} at position "
+                        f"{record.position} could not run ({verdict}): that step stays unverified")
+
+    def coverage(self, session_id: str, since: int = 0) -> Coverage:
+        """How much of this session's hop-steps at positions `since` and later the checks verified."""
+        states = Counter(t.state for t in self._tallies.get(session_id, ()) if t.position >= since)
+        return Coverage(steps=sum(states.values()), verified=states["verified"], failed=states["failed"],
+                        unverifiable=states["unverifiable"], pending=states["pending"])
+
+    def receipt_fault(self, session_id: str, peer_id: str) -> None:
+        """`peer_id` sent this session a reply without a valid receipt: it gets no countersignature for any
+        of its work in the session."""
+        self._unpaid.setdefault(session_id, set()).add(peer_id)
+        receipts = self._last_receipts.get(session_id, {})
+        for hop in [hop for hop in receipts if hop[0] == peer_id]:
+            del receipts[hop]
 
     async def drain(self) -> None:
         """Wait for the checks still running (tests and shutdown)."""
@@ -166,14 +232,16 @@ class SpotChecker:
 
     # ---- one check ----------------------------------------------------------------------------------
 
-    async def _check_safely(self, record: StepRecord) -> None:
+    async def _check_safely(self, record: StepRecord) -> str:
+        """The check's verdict ("error" if it broke)."""
         try:
             async with self._running:
-                await self.check(record)
+                return await self.check(record)
         except asyncio.CancelledError:
             raise
         except Exception:  # a check must never break the session it watches
             logger.warning("Spot check failed to run", exc_info=True)
+            return "error"
 
     def _candidates(self, record: StepRecord, compression: str, exclude: set[str]) -> list[PeerSpan]:
         banned = {str(p) for p in self.swarm.banned()}

@@ -1,5 +1,5 @@
-"""The client's trust layer (`swarm.hooks.TrustLayer`): spot checks on every session's steps, a trust view
-that keeps blacklisted peers out of routes, and gossip with peers. Built from the client's `ClientContext`
+"""The client's trust layer (`swarm.hooks.TrustLayer`): a receipt check on every hop's reply, spot checks on
+every session's steps, a trust view that keeps blacklisted peers out of routes, and gossip with peers. Built from the client's `ClientContext`
 by whoever opens the client: `apps` passes it explicitly, the Python API finds it as a plugin."""
 
 from __future__ import annotations
@@ -7,14 +7,21 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import torch
+
 from reputation.checks import SpotChecker
 from reputation.gossip import GossipAgent
 from reputation.node import ReputationConfig, ReputationNode
-from swarm.hooks import ClientContext
+from reputation.verify import receipt_problem
+from swarm.errors import BadReceiptError
+from swarm.hooks import ClientContext, HopStep
 from swarm.periodic import BackgroundTasks, run_periodically
 from swarm.records import online_spans
+from swarm.transport import Reply
 
 logger = logging.getLogger(__name__)
+
+STRICT_MAX_QUEUED = 1_000_000  # a strict client checks every step: none is dropped for want of room
 
 
 class ClientTrust:
@@ -22,7 +29,9 @@ class ClientTrust:
         cfg = context.config
         self.context = context
         self.node = ReputationNode(context.identity.private_key, ReputationConfig(seeds=tuple(cfg.trusted_peers)))
-        self.checker = SpotChecker(self.node, context.transport, context.swarm, check_rate=cfg.check_rate)
+        strict = cfg.check_rate is not None and cfg.check_rate >= 1.0  # check every step, wait for every check
+        self.checker = SpotChecker(self.node, context.transport, context.swarm, check_rate=cfg.check_rate,
+                                   **({"max_queued": STRICT_MAX_QUEUED, "settle_timeout": None} if strict else {}))
         self.agent = GossipAgent(self.node, context.p2p, self._online_peers, period=cfg.gossip_period)
         self._stop = asyncio.Event()
         self._tasks = BackgroundTasks()
@@ -34,6 +43,23 @@ class ClientTrust:
     @property
     def observer(self) -> SpotChecker:
         return self.checker
+
+    @property
+    def verifier(self) -> ClientTrust:
+        return self
+
+    def verify(self, sent: HopStep, inputs: torch.Tensor, reply: Reply) -> None:
+        """Raise `BadReceiptError` unless the reply's receipt is valid for exactly this step. A peer that
+        fails is blacklisted here (no one else can re-check what it sent us, so this verdict is not
+        gossiped) and earns nothing in this session."""
+        problem = receipt_problem(reply.receipt, sent, inputs, reply.output)
+        if problem is None:
+            return
+        peer = str(sent.peer_id)
+        self.checker.stats.bad_receipts += 1
+        self.checker.receipt_fault(sent.request.session_id, peer)
+        self.node.fault_seen(peer, f"a reply without a valid receipt: {problem}")
+        raise BadReceiptError(peer, problem)
 
     def _online_peers(self) -> list:
         spans = online_spans(self.context.swarm.spans)

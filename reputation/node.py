@@ -224,6 +224,12 @@ class ReputationNode:
                 self._accusers.setdefault(accuser, [1, 0])[1] += 1
                 logger.debug(f"Refuted {accuser}'s accusation against {subject}: it passed this node's check")
 
+    def fault_seen(self, peer: str, reason: str) -> None:
+        """A fault this node saw itself but cannot prove to others (a reply without a valid receipt): the peer
+        is blacklisted here, and forfeits its unvested credit here, but nothing is gossiped."""
+        with self._lock:
+            self._fault(peer, reason)
+
     def _fault(self, peer: str, reason: str) -> None:
         was = is_blacklisted(self._blacklist, peer, self.clock())
         self._blacklist = apply(self._blacklist, FaultConfirmed(peer, self.clock()), self.cfg.blacklist)

@@ -3,7 +3,9 @@
 Each fake block is causal, like attention: the output at token t depends on every input up to t, so a peer
 that lost its cache, or a replay that sent the wrong history, gives a different answer. A fake peer keeps
 each session's inputs as its "KV cache". Replies pass through the real `swarm.transport.check_output`, so a
-fake that misbehaves (NaN, wrong shape) is caught exactly as a real one would be.
+fake that misbehaves (NaN, wrong shape) is caught exactly as a real one would be. Signing fakes (`sign=True`)
+sign receipts as `peers.handler.BlockHandler` does: per stream and session, a step count and the cumulative
+batch x tokens; `receipts` makes them cheat on receipts (see `RECEIPT_MODES`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,17 @@ from swarm.transport import Reply, check_output
 
 HIDDEN = 8
 PREFIX = "fake@0"
+RECEIPT_MODES = (
+    "honest",
+    "none",  # replies with an empty receipt
+    "bad-digest",  # signs the honest output, returns a corrupted one
+    "inflate",  # claims 10x the tokens
+    "wrong-step",  # names the next step
+    "other-blocks",  # names one block fewer
+    "other-session",  # names another session
+    "other-signer",  # a valid receipt, signed by another identity
+    "altered",  # a field changed after signing
+)
 
 
 def block(index: int, x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +66,8 @@ class FakePeer:
     fail_after: int | None = None  # steps served before it dies (None: never)
     junk_info: bool = False
     lose_cache_at_step: int | None = None  # answers unknown_session once, at this step count
+    receipts: str = "honest"  # one of RECEIPT_MODES (with sign=True)
+    receipts_from_step: int = 0  # cheats on receipts only from this step count on (honest before)
     sessions: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
     forwards: int = 0
@@ -76,15 +91,32 @@ class FakePeer:
         return self.corrupt(output) if self.corrupt is not None else output
 
     def receipt(self, inputs: torch.Tensor, output: torch.Tensor, start: int, end: int, session: str = "forward",
-                step: int = 0) -> str:
-        if self.key is None:
+                step: int = 0, tokens: int | None = None, mode: str = "honest") -> str:
+        """base64 of a signed receipt (cheating as `mode` says), or "" without a key."""
+        if self.key is None or mode == "none":
             return ""
-        receipt = Receipt(
+        tokens = inputs.shape[0] * inputs.shape[1] if tokens is None else tokens
+        fields = dict(
             session_id=session, step=step, dht_prefix=PREFIX, block_start=start, block_end=end,
-            tokens=inputs.shape[0] * inputs.shape[1], dtype="float32", compression="none",
+            tokens=tokens, dtype="float32", compression="none",
             input_digest=tensor_digest(inputs), output_digest=tensor_digest(output),
             signer=str(self.peer_id), signed_at=time.time(),
-        ).sign(self.key)
+        )
+        key = self.key
+        if mode == "inflate":
+            fields["tokens"] = 10 * tokens
+        elif mode == "wrong-step":
+            fields["step"] = step + 1
+        elif mode == "other-blocks":
+            fields["block_end"] = end - 1 if end - 1 > start else end + 1
+        elif mode == "other-session":
+            fields["session_id"] = session + "-other"
+        elif mode == "other-signer":
+            key = RSAPrivateKey()
+            fields["signer"] = peer_id_of_key(key)
+        receipt = Receipt(**fields).sign(key)
+        if mode == "altered":
+            receipt = receipt.model_copy(update={"tokens": receipt.tokens + 1})
         return base64.b64encode(receipt.encode()).decode()
 
 
@@ -92,6 +124,8 @@ class FakeStream:
     def __init__(self, swarm: "FakeSwarm", peer: FakePeer):
         self.swarm, self.peer, self.peer_id = swarm, peer, peer.peer_id
         self.closed = False
+        self.steps: dict[str, int] = {}  # per session: steps served on this stream (receipts count them)
+        self.work: dict[str, int] = {}  # per session: batch x tokens computed on this stream
 
     async def step(self, meta: StepRequest, hidden: torch.Tensor, mask: torch.Tensor | None = None,
                    timeout: float | None = None) -> Reply:
@@ -113,7 +147,13 @@ class FakeStream:
         peer.sessions[meta.session_id] = full
         peer.steps += 1
         output = peer.compute(meta.start, meta.end, full, hidden.shape[1])
-        receipt = peer.receipt(hidden, output, meta.start, meta.end, meta.session_id, meta.position)
+        step = self.steps.get(meta.session_id, 0)
+        work = self.work.get(meta.session_id, 0) + hidden.shape[0] * hidden.shape[1]
+        self.steps[meta.session_id], self.work[meta.session_id] = step + 1, work
+        mode = peer.receipts if step >= peer.receipts_from_step else "honest"
+        receipt = peer.receipt(hidden, output, meta.start, meta.end, meta.session_id, step, work, mode)
+        if mode == "bad-digest":
+            output = output + 0.5  # the receipt signed the honest output
         return Reply(check_output(peer.peer_id, [output], hidden.shape), receipt, full.shape[1])
 
     async def close(self) -> None:
