@@ -11,6 +11,9 @@ Each mode is a subclass of `peers.handler.BlockHandler` that overrides its exten
 - `junk-info`    answers `rpc_info` with bytes that are not a PeerInfo; honest otherwise
 - `nan`          the honest output with NaN in every token's first feature
 - `wrong-shape`  the honest output one token short
+- `no-receipt`   computes honestly, but replies with an empty receipt
+- `bad-receipt`  signs the honest output, but returns a corrupted one (the receipt's output digest does not match)
+- `inflate`      computes honestly, but its receipts claim 10x the tokens it was sent
 
 Every mode but `collude` advertises 10x its measured throughput, to draw traffic.
 """
@@ -169,9 +172,43 @@ class WrongShape(Adversary):
         return output[:, :-1].contiguous()
 
 
+class NoReceipt(Adversary):
+    mode = "no-receipt"
+
+    def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
+                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+        return output, ""
+
+
+class BadReceipt(Adversary):
+    """Signs a receipt for the honest output, then returns noise added to it."""
+
+    mode = "bad-receipt"
+
+    def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
+                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+        signed, receipt = super().sign_reply(hidden, output, start, end, work)
+        update = (signed - hidden).float()
+        noise = update.pow(2).mean().sqrt() * torch.randn_like(update)
+        return (signed.float() + noise).to(signed.dtype), receipt
+
+
+class InflatedReceipts(Adversary):
+    """Computes honestly; its receipts claim 10x the work (cumulative batch x tokens) it was sent."""
+
+    mode = "inflate"
+    factor: ClassVar[int] = 10
+
+    def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
+                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+        session_id, step, tokens = work
+        return super().sign_reply(hidden, output, start, end, (session_id, step, tokens * self.factor))
+
+
 ADVERSARIES: dict[str, type[Adversary]] = {
     cls.mode: cls
-    for cls in (RandomOutput, SkipBlocks, NoisyOutput, CheapQuant, Cheater, Colluder, JunkInfo, NaNOutput, WrongShape)
+    for cls in (RandomOutput, SkipBlocks, NoisyOutput, CheapQuant, Cheater, Colluder, JunkInfo, NaNOutput, WrongShape,
+                NoReceipt, BadReceipt, InflatedReceipts)
 }
 MODES = tuple(ADVERSARIES)
 

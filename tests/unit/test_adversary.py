@@ -38,10 +38,12 @@ from reputation.attest import Check, tensor_digest
 from reputation.checks import decode_receipt, profile_between
 from reputation.node import peer_id_of_key
 from reputation.tolerance import compare_updates, judge, profile_for
+from reputation.verify import receipt_problem
 from swarm import protocol
 from swarm.blocks import SpanInput
 from swarm.errors import ConfigError
-from swarm.protocol import ProtocolError
+from swarm.hooks import HopStep
+from swarm.protocol import ProtocolError, StepRequest
 from swarm.records import PeerSpan, ServerInfo, ServerState
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -271,3 +273,36 @@ def test_profiles_between_declared_configurations() -> None:
     assert profile_between(receipt("float32", "none"), receipt("float32", "nf4")) is None
     same = profile_between(receipt("float32", "nf4"), receipt("float32", "nf4"))
     assert same is not None and same.quantisation == "nf4"
+
+
+@pytest.mark.parametrize("mode, problem", [
+    (None, None),
+    ("no-receipt", "no receipt"),
+    ("bad-receipt", "output digest does not match"),
+    ("inflate", "inflated"),
+])
+def test_receipt_adversaries_fail_the_clients_receipt_check(make_handler, mode, problem) -> None:
+    handler = make_handler(BlockHandler if mode is None else parse_adversary(mode))
+    key = RSAPrivateKey()
+    handler.receipts = ReceiptSigner(key, peer_id_of_key(key), "tiny@test", "float32", "none")
+    peer_id = PeerID.from_base58(peer_id_of_key(key))
+    honest = make_handler()
+
+    async def scenario():
+        stream, sent, problems = Stream(handler), 0, []
+        for step, (position, x) in enumerate([(0, hidden(1, 3)), (3, hidden(1, 1, seed=1))]):
+            reply, (out,) = await stream.step("s", position, x)
+            sent += x.shape[0] * x.shape[1]
+            request = StepRequest(session_id="s", start=0, end=NUM_BLOCKS, position=position, max_length=16)
+            problems.append(receipt_problem(reply.receipt, HopStep(peer_id, request, step, sent), x, out))
+        await stream.close()
+        return problems, out
+
+    problems, out = asyncio.run(scenario())
+    assert all(p is None if problem is None else problem in p for p in problems), problems
+    full = torch.cat([hidden(1, 3), hidden(1, 1, seed=1)], dim=1)
+    expected = honest_output(honest, full)[:, -1:]
+    if mode == "bad-receipt":
+        assert not torch.allclose(out, expected, atol=1e-3)
+    else:
+        torch.testing.assert_close(out, expected)
