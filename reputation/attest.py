@@ -18,6 +18,7 @@ SHA-256); the signer's public key travels in the signed body and must hash to th
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import logging
 from collections.abc import Set
@@ -87,6 +88,12 @@ def _unpack(data: object) -> dict[str, object]:
     return fields
 
 
+@functools.lru_cache(maxsize=4096)  # a client verifies every reply of a few peers: parse each key once
+def _public_key(public_key: bytes) -> RSAPublicKey:
+    return RSAPublicKey.from_bytes(public_key)
+
+
+@functools.lru_cache(maxsize=4096)
 def _peer_id_of(public_key: bytes) -> str | None:
     try:
         return peer_id_of_public_key(public_key).to_base58()
@@ -165,7 +172,7 @@ class _SignedMessage(_Message):
         if hashlib.sha256(body).hexdigest() != self.digest:
             return Check.ALTERED
         try:
-            key = RSAPublicKey.from_bytes(self.public_key)
+            key = _public_key(self.public_key)
         except Exception:  # unparsable key: nothing it signed can verify
             return Check.FORGED
         if not key.verify(body, self.signature):

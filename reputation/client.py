@@ -29,9 +29,8 @@ class ClientTrust:
         cfg = context.config
         self.context = context
         self.node = ReputationNode(context.identity.private_key, ReputationConfig(seeds=tuple(cfg.trusted_peers)))
-        strict = cfg.check_rate is not None and cfg.check_rate >= 1.0  # check every step, wait for every check
-        self.checker = SpotChecker(self.node, context.transport, context.swarm, check_rate=cfg.check_rate,
-                                   **({"max_queued": STRICT_MAX_QUEUED, "settle_timeout": None} if strict else {}))
+        strict = {"max_queued": STRICT_MAX_QUEUED, "settle_timeout": None} if cfg.strict else {}  # wait for every check
+        self.checker = SpotChecker(self.node, context.transport, context.swarm, check_rate=cfg.check_rate, **strict)
         self.agent = GossipAgent(self.node, context.p2p, self._online_peers, period=cfg.gossip_period)
         self._stop = asyncio.Event()
         self._tasks = BackgroundTasks()
