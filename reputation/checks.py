@@ -7,7 +7,8 @@ independent peer that serves the same blocks with the same declared compression 
 compares the blocks' update for the step's tokens under the tolerance profile of the declared configuration.
 A disagreement goes to up to two referees; a fault is recorded only when the majority agrees, and a checker
 that the referees contradict is the one at fault. Every verdict is a signed attestation, spread by gossip.
-At the end of a session the client countersigns each peer's last receipt: the ledger's proof of work.
+At the end of a session the client countersigns each peer's last receipt with its own count of the tokens it
+sent through that hop (reputation.sent_tokens): the ledger's proof of work, which pays no more than that count.
 Checks run as background tasks on the client's loop and never hold up the next token; `settle` lets a
 finished answer wait for its own checks before it is returned.
 """
@@ -28,6 +29,7 @@ from reputation.attest import Check, Receipt, tensor_digest
 from reputation.node import ReputationNode
 from reputation.spotcheck import choose_checker, referee_decision
 from reputation.errors import ReputationError
+from reputation.sent_tokens import SentTokens
 from reputation.tolerance import DEFAULT_PROFILES, Agreement, ToleranceProfile, compare_updates, judge, profile_for
 from swarm.errors import SwarmError
 from swarm.hooks import StepRecord, SwarmView
@@ -111,15 +113,14 @@ class SpotChecker:
         self.stats = CheckStats()
         self._tasks: set[asyncio.Task] = set()
         self._session_tasks: dict[str, set[asyncio.Task]] = {}
-        self._last_receipts: dict[str, dict[tuple[str, int, int], str]] = {}  # session -> hop -> receipt
+        self.sent = SentTokens()  # per session and hop: tokens sent and the last receipt (countersigned at close)
 
     # ---- observer hooks (called on the client's loop) ------------------------------------------------
 
     def on_step(self, record: StepRecord) -> None:
         peer = str(record.peer_id)
         self.stats.responses[peer] += 1
-        if record.receipt:
-            self._last_receipts.setdefault(record.session_id, {})[(peer, record.start, record.end)] = record.receipt
+        self.sent.observe(record)
         if record.padded:
             return  # padded batches are not re-run (the mask would have to travel too)
         rate = self.node.check_rate(peer) if self.check_rate is None else self.check_rate
@@ -136,11 +137,34 @@ class SpotChecker:
         task.add_done_callback(waiting.discard)
 
     def on_close(self, session_id: str) -> None:
+        """Countersign each hop's last receipt with the tokens this client sent through it: the ledger pays no
+        more, and a receipt claiming more is an inflation fault. A hop nobody else could verify earns nothing."""
         self._session_tasks.pop(session_id, None)
-        for receipt_text in self._last_receipts.pop(session_id, {}).values():
-            receipt = decode_receipt(receipt_text)
-            if receipt is not None:
-                self.node.countersign(receipt)
+        for hop in self.sent.close(session_id):
+            receipt = decode_receipt(hop.receipt) if hop.receipt else None
+            if receipt is None or (receipt.signer, receipt.session_id, receipt.block_start, receipt.block_end) != (
+                hop.peer, session_id, hop.start, hop.end
+            ):
+                continue
+            self.node.countersign(receipt, hop.sent, verified=self._verifiable(hop.peer, hop.start, hop.end),
+                                  sent_at_most=hop.sent_at_most)
+
+    def _verifiable(self, peer: str, start: int, end: int) -> bool:
+        """Whether other peers (online, not blacklisted) serve blocks [start, end) between them, so that the
+        hop's work could be re-run on a route of theirs."""
+        spans = sorted(
+            (s for s in online_spans(self.swarm.spans)
+             if str(s.peer_id) != peer and not self.node.is_blacklisted(str(s.peer_id))),
+            key=lambda s: s.start,
+        )
+        covered = start
+        for span in spans:
+            if span.start > covered:
+                break
+            covered = max(covered, span.end)
+            if covered >= end:
+                return True
+        return covered >= end
 
     async def settle(self, session_id: str, timeout: float = SETTLE_TIMEOUT) -> None:
         """Wait for the checks of this session's steps so far, at most `timeout` seconds (an answer is

@@ -1,5 +1,6 @@
 """The client's trust layer (`swarm.hooks.TrustLayer`): spot checks on every session's steps, a trust view
-that keeps blacklisted peers out of routes, and gossip with peers. Built from the client's `ClientContext`
+that keeps blacklisted peers out of routes (refreshed in the background; the token path reads a snapshot), and
+gossip with peers. Built from the client's `ClientContext`
 by whoever opens the client: `apps` passes it explicitly, the Python API finds it as a plugin."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from reputation import identity_puzzle
 from reputation.checks import SpotChecker
 from reputation.gossip import GossipAgent
 from reputation.node import ReputationConfig, ReputationNode
@@ -21,7 +23,9 @@ class ClientTrust:
     def __init__(self, context: ClientContext):
         cfg = context.config
         self.context = context
-        self.node = ReputationNode(context.identity.private_key, ReputationConfig(seeds=tuple(cfg.trusted_peers)))
+        trust_cfg = ReputationConfig(seeds=tuple(cfg.trusted_peers))
+        puzzle = identity_puzzle.solve_in_background(context.identity, trust_cfg.puzzle_bits)
+        self.node = ReputationNode(context.identity.private_key, trust_cfg, puzzle_nonce=puzzle)
         self.checker = SpotChecker(self.node, context.transport, context.swarm, check_rate=cfg.check_rate)
         self.agent = GossipAgent(self.node, context.p2p, self._online_peers, period=cfg.gossip_period)
         self._stop = asyncio.Event()
@@ -37,7 +41,7 @@ class ClientTrust:
 
     def _online_peers(self) -> list:
         spans = online_spans(self.context.swarm.spans)
-        self.node.known_peers.update(str(s.peer_id) for s in spans)
+        self.node.learn_peers(str(s.peer_id) for s in spans)
         return [s.peer_id for s in spans]
 
     async def _gossip_round(self) -> None:
@@ -48,6 +52,7 @@ class ClientTrust:
         self._stop = asyncio.Event()
         self._tasks.start(run_periodically(self._gossip_round, self.agent.period, self._stop, name="Gossip round"),
                           name="client-gossip")
+        self._tasks.start(self.node.refresh_periodically(self._stop), name="client-trust-refresh")
 
     async def sync(self) -> int:
         """One gossip round now (tests, `/trust`); returns the messages received."""

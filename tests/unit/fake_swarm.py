@@ -53,6 +53,7 @@ class FakePeer:
     fail_after: int | None = None  # steps served before it dies (None: never)
     junk_info: bool = False
     lose_cache_at_step: int | None = None  # answers unknown_session once, at this step count
+    inflate: int = 1  # its receipts claim this many times the tokens it computed (1: honest)
     sessions: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
     forwards: int = 0
@@ -76,12 +77,15 @@ class FakePeer:
         return self.corrupt(output) if self.corrupt is not None else output
 
     def receipt(self, inputs: torch.Tensor, output: torch.Tensor, start: int, end: int, session: str = "forward",
-                step: int = 0) -> str:
+                step: int = 0, tokens: int | None = None) -> str:
+        """`tokens`: batch x tokens computed so far in the session (as a real peer counts them, per stream);
+        this call's inputs by default."""
         if self.key is None:
             return ""
+        tokens = inputs.shape[0] * inputs.shape[1] if tokens is None else tokens
         receipt = Receipt(
             session_id=session, step=step, dht_prefix=PREFIX, block_start=start, block_end=end,
-            tokens=inputs.shape[0] * inputs.shape[1], dtype="float32", compression="none",
+            tokens=tokens * self.inflate, dtype="float32", compression="none",
             input_digest=tensor_digest(inputs), output_digest=tensor_digest(output),
             signer=str(self.peer_id), signed_at=time.time(),
         ).sign(self.key)
@@ -92,6 +96,7 @@ class FakeStream:
     def __init__(self, swarm: "FakeSwarm", peer: FakePeer):
         self.swarm, self.peer, self.peer_id = swarm, peer, peer.peer_id
         self.closed = False
+        self.work: dict[str, int] = {}  # session -> batch x tokens computed on this stream (a real peer's count)
 
     async def step(self, meta: StepRequest, hidden: torch.Tensor, mask: torch.Tensor | None = None,
                    timeout: float | None = None) -> Reply:
@@ -113,7 +118,9 @@ class FakeStream:
         peer.sessions[meta.session_id] = full
         peer.steps += 1
         output = peer.compute(meta.start, meta.end, full, hidden.shape[1])
-        receipt = peer.receipt(hidden, output, meta.start, meta.end, meta.session_id, meta.position)
+        self.work[meta.session_id] = self.work.get(meta.session_id, 0) + hidden.shape[0] * hidden.shape[1]
+        receipt = peer.receipt(hidden, output, meta.start, meta.end, meta.session_id, meta.position,
+                               self.work[meta.session_id])
         return Reply(check_output(peer.peer_id, [output], hidden.shape), receipt, full.shape[1])
 
     async def close(self) -> None:
