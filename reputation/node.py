@@ -12,7 +12,8 @@ No signer's word alone convicts anyone, not even a seed's. Only this node's own 
 (at once). A "fail" signed by anyone else is an accusation: while it is open, this node checks the accused on
 every reply, until its own checks confirm it (a blacklist) or refute it (`refute_passes` passes, or a pass
 on the accusation's evidence, re-run by the checker: `pending_evidence` / `verify_evidence`); a refuted
-accuser loses its weight, and one mostly refuted is no longer heard. A receipt claiming more tokens than this
+accuser loses its weight, and one mostly refuted is no longer heard. Low trust bans too, but only a peer this
+node has itself checked `min_checks` times. A receipt claiming more tokens than this
 node sent through that hop (which only the node itself knows) is a fault too.
 
 The token path only reads: EigenTrust and the ledger are refreshed in the background (`refresh_periodically`,
@@ -166,8 +167,11 @@ class ReputationNode:
 
     @property
     def puzzle_nonce(self) -> bytes:
-        """This node's identity-puzzle solution (waits for a background solve still running)."""
+        """This node's identity-puzzle solution; b"" while a background solve is still running, so that signing
+        never waits on the client's loop (what it signs meanwhile counts here, and other nodes ignore it)."""
         if isinstance(self._puzzle, Future):
+            if not self._puzzle.done():
+                return b""
             self._puzzle = self._puzzle.result()
         if self._puzzle is None:
             public_key = self.private_key.get_public_key().to_bytes()
@@ -447,8 +451,9 @@ class ReputationNode:
             mean = sum(others) / len(others) if others else 0.0
             relative = {peer: (t / mean if mean > 0 else 0.0) for peer, t in trust.items()}
             trusted_checks = {peer: p + f for peer, (p, f) in counts.items()}
+            own_checks = {s: p + f for (checker, s), (p, f) in tallies.items() if checker == self.peer_id}
             with self._lock:
-                for peer, checks in trusted_checks.items():
+                for peer, checks in own_checks.items():  # low trust bans only after this node's own checks
                     if peer in anchors:
                         continue
                     was = is_blacklisted(self._blacklist, peer, now)

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import threading
 import time
+from concurrent.futures import Future
 
 import msgpack
 import pytest
@@ -111,6 +112,34 @@ def test_nobodys_fail_convicts_not_even_a_seeds_it_is_an_accusation_to_verify(ke
     assert (record.accusations, record.refuted) == (1, 1)
     assert not me.is_accused(target_b) and me.check_rate(target_b) < 1.0
     assert not me.is_blacklisted(target_b)
+
+
+def test_many_fails_by_a_seed_do_not_ban_for_low_trust_without_own_checks(keys) -> None:
+    clock = Clock()
+    seed = node(keys[1], clock)
+    me = node(keys[0], clock, seeds=(seed.peer_id,))
+    target = peer_id_of_key(keys[2])
+    me.learn_peers({target, peer_id_of_key(keys[4])})
+    for i in range(25):
+        me.ingest("attestation", seed.attest(receipt(keys[2], session=f"f{i}"), BAD, "fail", "fp32").encode())
+    me.refresh(force=True)
+    assert me.score(target) < me.cfg.blacklist.trust_threshold and not me.is_blacklisted(target)
+    for i in range(me.cfg.blacklist.min_checks):  # this node's own checks pass it: its trust recovers
+        me.attest(receipt(keys[2], session=f"o{i}"), GOOD, "pass", "fp32")
+    me.refresh(force=True)
+    assert me.score(target) > me.cfg.blacklist.trust_threshold and not me.is_blacklisted(target)
+
+
+def test_messages_signed_before_the_puzzle_is_solved_count_only_at_home(keys) -> None:
+    clock = Clock()
+    pending: Future = Future()
+    me = ReputationNode(keys[1], ReputationConfig(), clock=clock, puzzle_nonce=pending)
+    other = node(keys[0], clock)
+    early = me.attest(receipt(keys[2]), BAD, "fail", "fp32")  # does not wait for the solve
+    assert early.puzzle_nonce == b"" and me.is_blacklisted(peer_id_of_key(keys[2]))
+    assert not other.ingest("attestation", early.encode())
+    pending.set_result(identity_puzzle.solve_cached(keys[1].get_public_key().to_bytes(), me.cfg.puzzle_bits))
+    assert other.ingest("attestation", me.attest(receipt(keys[4]), BAD, "fail", "fp32").encode())
 
 
 def test_an_accuser_mostly_refuted_is_no_longer_heard(keys) -> None:
