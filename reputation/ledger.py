@@ -5,7 +5,8 @@ and the countersignature carries the client's own count of the tokens it sent th
 earns min(receipt.tokens, countersigned tokens) x blocks: claiming more than the client sent earns nothing
 extra. Each countersignature then weighs by its signer's trust in this node's view: the node itself and its
 seeds weigh 1, anyone else its relative trust capped at 1. Clients are never checked, so a Sybil client has no
-trust and mints nothing. The work is also weighted by the serving peer's own relative trust (capped at 1), so
+trust and mints nothing; a trusted one vouches in all for no more than the busiest of the node and its seeds
+has used (an allowance), so colluding clients cannot mint either. The work is also weighted by the serving peer's own relative trust (capped at 1), so
 newcomers earn little until checks establish them. Both counts are cumulative over the session, so a later
 receipt of the same (peer, session, blocks) earns only what goes beyond what was already paid.
 Credit vests after a delay; a blacklisted peer forfeits what has not vested, so a cheater's earnings before
@@ -35,6 +36,7 @@ class Ledger:
     forfeited: float = 0.0  # total credit taken back from blacklisted peers
     credited: frozenset[str] = frozenset()  # "<receipt digest>/<client>" of countersignatures already paid
     work: Mapping[str, float] = field(default_factory=dict)  # weighted units paid per (signer, session, blocks)
+    used: Mapping[str, float] = field(default_factory=dict)  # units each countersigner vouched for, credited or not
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ def credit(ledger: Ledger, amounts: Mapping[str, float], now: float, vesting_s: 
             continue
         acc = accounts.get(peer, Account())
         accounts[peer] = Account(acc.vested, (*acc.pending, (amounts[peer], now + vesting_s)))
-    return Ledger(accounts, ledger.forfeited, ledger.credited, ledger.work)
+    return Ledger(accounts, ledger.forfeited, ledger.credited, ledger.work, ledger.used)
 
 
 def credit_receipts(
@@ -82,27 +84,35 @@ def credit_receipts(
     """Credit countersigned receipts whose signatures verify: min(claimed, countersigned tokens) x blocks, times
     the countersigner's weight (1 for `anchors`, else its relative trust capped at 1) and the server's.
 
+    A countersigner other than the anchors vouches for at most as many units in all as the busiest anchor has
+    (its allowance): a trusted client colluding with cheaters cannot claim to have used more of the swarm than
+    the node or a seed did. Anchors' countersignatures are taken first, since they set the allowance.
     Each countersignature is paid once; per (signer, session, blocks) the ledger keeps the most it has paid
     (weighted), and a later or better-weighted countersignature earns only the difference.
     """
     amounts: dict[str, float] = {}
-    paid, work = set(ledger.credited), dict(ledger.work)
-    for c in receipts:
+    paid, work, used = set(ledger.credited), dict(ledger.work), dict(ledger.used)
+    for c in sorted(receipts, key=lambda c: c.client not in anchors):
         once = f"{c.receipt.digest}/{c.client}"
         if once in paid or c.client == c.receipt.signer or c.verify() is not Check.OK:
             logger.debug("not crediting receipt %s of %s", c.receipt.digest[:12], c.receipt.signer)
             continue
         paid.add(once)
         r = c.receipt
+        units = work_units(r, c.tokens)
+        if c.client not in anchors:
+            allowance = max((used.get(a, 0.0) for a in anchors), default=0.0) - used.get(c.client, 0.0)
+            units = min(units, max(allowance, 0.0))
+        used[c.client] = used.get(c.client, 0.0) + units
         key = f"{r.signer}/{r.session_id}/{r.block_start}:{r.block_end}"
         weight = countersigner_weight(c.client, relative_trust, anchors) * trust_weight(relative_trust.get(r.signer, 0.0))
-        units = work_units(r, c.tokens) * weight
+        units *= weight
         if units <= work.get(key, 0.0):
             continue
         amounts[r.signer] = amounts.get(r.signer, 0.0) + units - work.get(key, 0.0)
         work[key] = units
     updated = credit(ledger, amounts, now, vesting_s)
-    return Ledger(updated.accounts, updated.forfeited, frozenset(paid), work)
+    return Ledger(updated.accounts, updated.forfeited, frozenset(paid), work, used)
 
 
 def vest(ledger: Ledger, now: float) -> Ledger:
@@ -112,7 +122,7 @@ def vest(ledger: Ledger, now: float) -> Ledger:
         due = sum(a for a, at in acc.pending if at <= now)
         if due:
             accounts[peer] = Account(acc.vested + due, tuple((a, at) for a, at in acc.pending if at > now))
-    return Ledger(accounts, ledger.forfeited, ledger.credited, ledger.work)
+    return Ledger(accounts, ledger.forfeited, ledger.credited, ledger.work, ledger.used)
 
 
 def forfeit(ledger: Ledger, peer: str) -> Ledger:
@@ -122,7 +132,8 @@ def forfeit(ledger: Ledger, peer: str) -> Ledger:
         return ledger
     lost = sum(a for a, _ in acc.pending)
     logger.info("%s forfeits %.1f unvested credit", peer, lost)
-    return Ledger({**ledger.accounts, peer: Account(acc.vested, ())}, ledger.forfeited + lost, ledger.credited, ledger.work)
+    return Ledger({**ledger.accounts, peer: Account(acc.vested, ())}, ledger.forfeited + lost, ledger.credited, ledger.work,
+                  ledger.used)
 
 
 def standings(ledger: Ledger) -> list[Standing]:

@@ -30,9 +30,9 @@ def keys() -> tuple[RSAPrivateKey, RSAPrivateKey]:
     return RSAPrivateKey(), RSAPrivateKey()
 
 
-def _receipt(server: RSAPrivateKey, step: int, tokens: int = 8, blocks: int = 4) -> Receipt:
+def _receipt(server: RSAPrivateKey, step: int, tokens: int = 8, blocks: int = 4, session: str = "s") -> Receipt:
     return Receipt(
-        session_id="s", step=step, dht_prefix="m", block_start=2, block_end=2 + blocks, tokens=tokens, dtype="bfloat16",
+        session_id=session, step=step, dht_prefix="m", block_start=2, block_end=2 + blocks, tokens=tokens, dtype="bfloat16",
         compression="none", input_digest="1" * 64, output_digest="2" * 64, signer=_peer(server), signed_at=0.0,
     ).sign(server)
 
@@ -68,14 +68,32 @@ def test_credit_is_capped_at_what_the_client_sent_and_weighted_by_the_client(key
     inflated = Countersigned.make(_receipt(server, 0, tokens=10**6), cid, client, tokens=10)
     ledger = credit_receipts(Ledger(), [inflated], {sid: 1.0}, now=0.0, vesting_s=10.0, anchors={cid})
     assert standings(ledger)[0].pending == pytest.approx(10 * 4)  # the claim is capped at the client's count
-    # the same work countersigned by a client nobody trusts earns nothing; by a half-trusted one, half
+    # the same work countersigned by a client nobody trusts earns nothing; by a half-trusted one, half (within
+    # its allowance: "me", the anchor, used 40 units itself)
     assert credit_receipts(Ledger(), [inflated], {sid: 1.0}, now=0.0, vesting_s=10.0).accounts == {}
-    half = credit_receipts(Ledger(), [inflated], {sid: 1.0, cid: 0.5}, now=0.0, vesting_s=10.0)
+    mine = Ledger(used={"me": 40.0})
+    half = credit_receipts(mine, [inflated], {sid: 1.0, cid: 0.5}, now=0.0, vesting_s=10.0, anchors={"me"})
     assert standings(half)[0].pending == pytest.approx(10 * 4 * 0.5)
     # ... and a better-weighted countersignature of the same hop later pays only the difference
     better = Countersigned.make(_receipt(server, 1, tokens=10**6), cid, client, tokens=10)
     both = credit_receipts(half, [better], {sid: 1.0}, now=1.0, vesting_s=10.0, anchors={cid})
     assert sum(a for a, _ in both.accounts[sid].pending) == pytest.approx(10 * 4)
+
+
+def test_a_trusted_client_vouches_for_no_more_than_the_busiest_anchor_used(keys) -> None:
+    server, client = keys
+    sid, cid = _peer(server), _peer(client)
+    other = RSAPrivateKey()
+    oid = _peer(other)
+    colluding = [Countersigned.make(_receipt(server, 0, tokens=10**6, session=f"fake{i}"), oid, other, tokens=10**6)
+                 for i in range(3)]
+    own = Countersigned.make(_receipt(server, 9, tokens=25), cid, client, tokens=25)  # the anchor used 25 x 4 units
+    ledger = credit_receipts(Ledger(), [*colluding, own], {sid: 1.0, oid: 1.0}, now=0.0, vesting_s=10.0, anchors={cid})
+    assert standings(ledger)[0].pending == pytest.approx(100 + 100)  # its own 100, and an allowance of 100 for "other"
+    assert ledger.used == {cid: 100.0, oid: 100.0}
+    later = [Countersigned.make(_receipt(server, 0, tokens=10**6, session=f"late{i}"), oid, other, tokens=10**6)
+             for i in range(2)]
+    assert credit_receipts(ledger, later, {sid: 1.0, oid: 1.0}, now=1.0, vesting_s=10.0, anchors={cid}).accounts == ledger.accounts
 
 
 def test_vesting_and_forfeiture() -> None:
