@@ -353,10 +353,10 @@ class ReputationNode:
                 return
             record = self._accusers.setdefault(signer, [0, 0])
             heard = should_referee(record[0], record[1]) and not is_blacklisted(self._blacklist, signer, self.clock())
-            record[0] += 1
             if not heard or is_blacklisted(self._blacklist, subject, self.clock()):
                 logger.debug(f"{signer} accuses {subject}: not heard (refuted before, or moot)")
                 return
+            record[0] += 1  # only accusations put to the test count, so ignored ones cannot dilute the refuted
             open_ = self._pending.setdefault(subject, {})
             open_[mid] = _Accusation(signer, att.expires_at)
             while len(open_) > self.cfg.max_accusations_per_peer:
