@@ -4,8 +4,8 @@ S/Kademlia (Baumgart and Mies, 2007) makes node ids expensive to mint with a puz
 Here: find a nonce such that sha256(public key bytes || nonce) starts with `bits` zero bits. Solving takes
 2**bits hashes on average; checking takes one. Every attestation and countersignature carries its signer's
 nonce in the signed body, and a node ignores messages whose signer presents no valid solution, so each
-Sybil identity that wants a voice pays the cost once. With the default, one identity costs about a second
-of one core here (`benchmarks/identity_puzzle.py`, results in `benchmarks/results/identity_puzzle.txt`).
+Sybil identity that wants a voice pays the cost once. With the default, one identity costs 1.3 s of one core
+here on average, median 0.9 s (`benchmarks/identity_puzzle.py`; results in `benchmarks/results/identity_puzzle.txt`).
 
 A node solves once per identity key and keeps the nonce next to its identity file, in `<identity>.puzzle`
 (temporary identities solve in memory).
@@ -25,7 +25,7 @@ from swarm.network import Identity
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BITS = 21  # about 2M hashes: 1.0 s of one core here on average (see the benchmark)
+DEFAULT_BITS = 21  # 2M hashes: 1.3 s of one core here on average, median 0.9 s (see the benchmark)
 MAX_BITS = 64
 NONCE_BYTES = 8
 SIDECAR_SUFFIX = "puzzle"
