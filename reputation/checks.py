@@ -7,8 +7,9 @@ independent peer that serves the same blocks with the same declared compression 
 compares the blocks' update for the step's tokens under the tolerance profile of the declared configuration.
 A disagreement goes to up to two referees; a fault is recorded only when the majority agrees, and a checker
 that the referees contradict is the one at fault. Every verdict is a signed attestation, spread by gossip.
-At the end of a session the client countersigns each peer's last receipt: the ledger's proof of work (never
-for a peer whose reply in that session came without a valid receipt, see `receipt_fault`).
+At the end of a session the client countersigns each peer's last receipt with its own count of the tokens it
+sent through that hop (reputation.sent_tokens): the ledger's proof of work, which pays no more than that count,
+and never a peer whose reply in that session came without a valid receipt (see `receipt_fault`).
 Every hop-step a session observes is tallied (verified, failed, could not be checked, pending, unchecked), so
 an answer can say how much of it was verified (`coverage`).
 Checks run as background tasks on the client's loop and never hold up the next token; `settle` lets a
@@ -31,6 +32,7 @@ from reputation.attest import Check, Receipt, tensor_digest
 from reputation.node import ReputationNode
 from reputation.spotcheck import choose_checker, referee_decision
 from reputation.errors import ReputationError
+from reputation.sent_tokens import SentTokens
 from reputation.tolerance import DEFAULT_PROFILES, Agreement, ToleranceProfile, compare_updates, judge, profile_for
 from swarm.errors import SwarmError
 from swarm.hooks import Coverage, StepRecord, SwarmView
@@ -128,9 +130,9 @@ class SpotChecker:
         self.stats = CheckStats()
         self._tasks: set[asyncio.Task] = set()
         self._session_tasks: dict[str, set[asyncio.Task]] = {}
-        self._last_receipts: dict[str, dict[tuple[str, int, int], str]] = {}  # session -> hop -> receipt
         self._tallies: dict[str, list[StepTally]] = {}  # session -> its hop-steps, by position
         self._unpaid: dict[str, set[str]] = {}  # session -> peers that sent it a reply without a valid receipt
+        self.sent = SentTokens()  # per session and hop: tokens sent and the last receipt (countersigned at close)
 
     # ---- observer hooks (called on the client's loop) ------------------------------------------------
 
@@ -138,8 +140,7 @@ class SpotChecker:
         peer = str(record.peer_id)
         self.stats.responses[peer] += 1
         tally = self._tally(record)
-        if record.receipt and peer not in self._unpaid.get(record.session_id, ()):
-            self._last_receipts.setdefault(record.session_id, {})[(peer, record.start, record.end)] = record.receipt
+        self.sent.observe(record)
         if record.padded:
             return  # padded batches are not re-run (the mask would have to travel too)
         rate = self.node.check_rate(peer) if self.check_rate is None else self.check_rate
@@ -160,13 +161,36 @@ class SpotChecker:
         task.add_done_callback(waiting.discard)
 
     def on_close(self, session_id: str) -> None:
+        """Countersign each hop's last receipt with the tokens this client sent through it: the ledger pays no
+        more, and a receipt claiming more is an inflation fault. A hop nobody else could verify earns nothing."""
         self._session_tasks.pop(session_id, None)
         self._tallies.pop(session_id, None)
-        self._unpaid.pop(session_id, None)
-        for receipt_text in self._last_receipts.pop(session_id, {}).values():
-            receipt = decode_receipt(receipt_text)
-            if receipt is not None:
-                self.node.countersign(receipt)
+        unpaid = self._unpaid.pop(session_id, set())
+        for hop in self.sent.close(session_id):
+            receipt = decode_receipt(hop.receipt) if hop.receipt else None
+            if hop.peer in unpaid or receipt is None or (
+                receipt.signer, receipt.session_id, receipt.block_start, receipt.block_end
+            ) != (hop.peer, session_id, hop.start, hop.end):
+                continue
+            self.node.countersign(receipt, hop.sent, verified=self._verifiable(hop.peer, hop.start, hop.end),
+                                  sent_at_most=hop.sent_at_most)
+
+    def _verifiable(self, peer: str, start: int, end: int) -> bool:
+        """Whether other peers (online, not blacklisted) serve blocks [start, end) between them, so that the
+        hop's work could be re-run on a route of theirs."""
+        spans = sorted(
+            (s for s in online_spans(self.swarm.spans)
+             if str(s.peer_id) != peer and not self.node.is_blacklisted(str(s.peer_id))),
+            key=lambda s: s.start,
+        )
+        covered = start
+        for span in spans:
+            if span.start > covered:
+                break
+            covered = max(covered, span.end)
+            if covered >= end:
+                return True
+        return covered >= end
 
     async def settle(self, session_id: str, timeout: float | None = None) -> None:
         """Wait for the checks of this session's steps so far, at most `timeout` seconds (default:
@@ -214,9 +238,6 @@ class SpotChecker:
         """`peer_id` sent this session a reply without a valid receipt: it gets no countersignature for any
         of its work in the session."""
         self._unpaid.setdefault(session_id, set()).add(peer_id)
-        receipts = self._last_receipts.get(session_id, {})
-        for hop in [hop for hop in receipts if hop[0] == peer_id]:
-            del receipts[hop]
 
     async def drain(self) -> None:
         """Wait for the checks still running (tests and shutdown)."""

@@ -1,5 +1,6 @@
 """The client's trust layer (`swarm.hooks.TrustLayer`): a receipt check on every hop's reply, spot checks on
-every session's steps, a trust view that keeps blacklisted peers out of routes, and gossip with peers. Built from the client's `ClientContext`
+every session's steps, a trust view that keeps blacklisted peers out of routes (refreshed in the background; the
+token path reads a snapshot), and gossip with peers. Built from the client's `ClientContext`
 by whoever opens the client: `apps` passes it explicitly, the Python API finds it as a plugin."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import logging
 
 import torch
 
+from reputation import identity_puzzle
 from reputation.checks import SpotChecker
 from reputation.gossip import GossipAgent
 from reputation.node import ReputationConfig, ReputationNode
@@ -28,7 +30,9 @@ class ClientTrust:
     def __init__(self, context: ClientContext):
         cfg = context.config
         self.context = context
-        self.node = ReputationNode(context.identity.private_key, ReputationConfig(seeds=tuple(cfg.trusted_peers)))
+        trust_cfg = ReputationConfig(seeds=tuple(cfg.trusted_peers))
+        puzzle = identity_puzzle.solve_in_background(context.identity, trust_cfg.puzzle_bits)
+        self.node = ReputationNode(context.identity.private_key, trust_cfg, puzzle_nonce=puzzle)
         strict = {"max_queued": STRICT_MAX_QUEUED, "settle_timeout": None} if cfg.strict else {}  # wait for every check
         self.checker = SpotChecker(self.node, context.transport, context.swarm, check_rate=cfg.check_rate, **strict)
         self.agent = GossipAgent(self.node, context.p2p, self._online_peers, period=cfg.gossip_period)
@@ -62,7 +66,7 @@ class ClientTrust:
 
     def _online_peers(self) -> list:
         spans = online_spans(self.context.swarm.spans)
-        self.node.known_peers.update(str(s.peer_id) for s in spans)
+        self.node.learn_peers(str(s.peer_id) for s in spans)
         return [s.peer_id for s in spans]
 
     async def _gossip_round(self) -> None:
@@ -73,6 +77,7 @@ class ClientTrust:
         self._stop = asyncio.Event()
         self._tasks.start(run_periodically(self._gossip_round, self.agent.period, self._stop, name="Gossip round"),
                           name="client-gossip")
+        self._tasks.start(self.node.refresh_periodically(self._stop), name="client-trust-refresh")
 
     async def sync(self) -> int:
         """One gossip round now (tests, `/trust`); returns the messages received."""

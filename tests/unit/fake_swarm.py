@@ -68,6 +68,7 @@ class FakePeer:
     lose_cache_at_step: int | None = None  # answers unknown_session once, at this step count
     receipts: str = "honest"  # one of RECEIPT_MODES (with sign=True)
     receipts_from_step: int = 0  # cheats on receipts only from this step count on (honest before)
+    inflate: int = 1  # its receipts claim this many times the tokens it computed (1: honest)
     sessions: dict[str, torch.Tensor] = field(default_factory=dict)
     steps: int = 0
     forwards: int = 0
@@ -92,13 +93,14 @@ class FakePeer:
 
     def receipt(self, inputs: torch.Tensor, output: torch.Tensor, start: int, end: int, session: str = "forward",
                 step: int = 0, tokens: int | None = None, mode: str = "honest") -> str:
-        """base64 of a signed receipt (cheating as `mode` says), or "" without a key."""
+        """base64 of a signed receipt (cheating as `mode` says), or "" without a key. `tokens`: batch x tokens
+        computed so far in the session (as a real peer counts them, per stream); this call's inputs by default."""
         if self.key is None or mode == "none":
             return ""
         tokens = inputs.shape[0] * inputs.shape[1] if tokens is None else tokens
         fields = dict(
             session_id=session, step=step, dht_prefix=PREFIX, block_start=start, block_end=end,
-            tokens=tokens, dtype="float32", compression="none",
+            tokens=tokens * self.inflate, dtype="float32", compression="none",
             input_digest=tensor_digest(inputs), output_digest=tensor_digest(output),
             signer=str(self.peer_id), signed_at=time.time(),
         )

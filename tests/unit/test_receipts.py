@@ -162,7 +162,8 @@ def test_a_reply_without_a_valid_receipt_is_routed_around_at_once_and_its_peer_i
     assert untrusted == [None] * 4  # nothing of b's had been used
     assert b.peer_id in client.sequence.banned() and client.node.is_blacklisted(str(b.peer_id))
     assert client.trust.checker.stats.bad_receipts == 1
-    assert client.countersigned() == {str(swarm.by_name(n).peer_id) for n in ("a", "b2", "c")}
+    # b earns nothing; the others' hops are served by nobody else here, so they are unverifiable and unpaid too
+    assert client.countersigned() == set()
     for name in ("a", "b2", "c"):
         assert not client.node.is_blacklisted(str(swarm.by_name(name).peer_id))
 
@@ -176,7 +177,6 @@ def test_a_peer_turning_to_bad_receipts_mid_session_taints_its_earlier_outputs_a
     assert untrusted == [None, None, 0, None, None]  # b served from the prompt on: all of it is regenerated
     assert client.node.is_blacklisted(str(b.peer_id))
     assert str(b.peer_id) not in client.countersigned()  # not even for the steps it signed honestly
-    assert str(swarm.by_name("b2").peer_id) in client.countersigned()
 
 
 def test_a_replay_on_a_replacement_starts_a_new_count_and_honest_receipts_stay_valid():
