@@ -62,6 +62,16 @@ def configured(output: torch.Tensor, inputs: torch.Tensor, dtype: str, compressi
     return output
 
 
+_KEYS: dict[str, RSAPrivateKey] = {}
+
+
+def _key(name: str) -> RSAPrivateKey:
+    """One identity key per fake peer name, made once per test run (RSA key generation is slow)."""
+    if name not in _KEYS:
+        _KEYS[name] = RSAPrivateKey()
+    return _KEYS[name]
+
+
 @dataclass
 class FakePeer:
     name: str
@@ -85,7 +95,7 @@ class FakePeer:
 
     def __post_init__(self) -> None:
         if self.sign:
-            self.key = RSAPrivateKey()
+            self.key = _key(self.name)
             self.peer_id = PeerID.from_base58(peer_id_of_key(self.key))
         else:
             self.peer_id = PeerID(b"\x12\x20" + hashlib.sha256(self.name.encode()).digest())
