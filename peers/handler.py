@@ -83,8 +83,9 @@ class PeerStats:
 
 
 class BlockHandler(BlockService):
-    """Serves a span of blocks. Subclasses may change what it serves through four extension points:
-    `prepare_span` (each span before it is served), `transform_output` (each computed output),
+    """Serves a span of blocks. Subclasses may change what it serves through five extension points:
+    `prepare_span` (each span before it is served), `transform_output` (each computed output), `transform_step`
+    (the same, knowing the request's attention mask and position),
     `advertised_throughput` (what the peer announces) and `background_work` (coroutines the peer runs
     while it serves)."""
 
@@ -110,6 +111,11 @@ class BlockHandler(BlockService):
         """The output to send for the blocks' `output` on `inputs` (both on the compute device and dtype,
         called on the compute thread, before the receipt is signed). Default: as is."""
         return output
+
+    def transform_step(self, inputs: torch.Tensor, output: torch.Tensor, span_input: SpanInput) -> torch.Tensor:
+        """Like `transform_output`, with the request's attention mask and start position (called in its place).
+        Default: `transform_output(inputs, output)`."""
+        return self.transform_output(inputs, output)
 
     def advertised_throughput(self) -> float:
         """Block-steps per second this peer announces and reports. Default: the measured throughput."""
@@ -355,7 +361,7 @@ class BlockHandler(BlockService):
 
         def run() -> tuple[torch.Tensor, str]:
             inputs = hidden.to(self.config.device, self.config.dtype)
-            output = self.transform_output(inputs, self.span(inputs, cache, span_input, start, end))
+            output = self.transform_step(inputs, self.span(inputs, cache, span_input, start, end), span_input)
             output = output.to("cpu", wire_dtype)
             receipt = "" if self.receipts is None else self.receipts.sign(work[0], work[1], start, end, work[2], hidden, output)
             return output, receipt
