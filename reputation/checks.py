@@ -198,8 +198,9 @@ class SpotChecker:
                 await self.check(record)
         except asyncio.CancelledError:
             raise
-        except Exception:  # a check must never break the session it watches
+        except Exception as e:  # a check must never break the session it watches
             logger.warning("Spot check failed to run", exc_info=True)
+            self._unverifiable(record, f"internal error: {type(e).__name__}: {e}")
 
     def _unverifiable(self, record: StepRecord, reason: str) -> str:
         self.stats.unverifiable += 1
