@@ -75,7 +75,7 @@ class CheckStats:
     padded: int = 0  # checks of padded batches (the attention mask travelled with the re-run)
     chunked: int = 0  # checks whose history took more than one message to a checker
     bad_receipts: int = 0  # missing, unsigned or not matching the tensors
-    pairs: Counter = field(default_factory=Counter)  # (subject dtype, checker dtype) of completed checks
+    pairs: Counter = field(default_factory=Counter)  # (subject dtype, checker route's dtypes) compared, referees too
     caught_after: dict[str, int] = field(default_factory=dict)  # peer id -> its responses seen when confirmed
     comparisons: deque = field(default_factory=lambda: deque(maxlen=10_000))  # (subject, checker, cos, rel_l2, verdict)
     settles: int = 0  # answers that waited for their own checks before being returned
@@ -386,6 +386,7 @@ class SpotChecker:
             return self._inconclusive(receipt, agreement, profile, "a disagreement and no referee route to settle it")
         weights, on_subject, on_checker = [], [], []
         for referee in referees:
+            self.stats.pairs[(receipt.dtype, "+".join(dtype for dtype, _ in referee.configs))] += 1
             weights.append(self._route_weight(referee.peers))
             with_subject = route_profile(subject_config, referee.configs) or profile
             on_subject.append(judge(compare_updates(record.inputs, referee.output, record.output), with_subject))
