@@ -83,10 +83,11 @@ class PeerStats:
 
 
 class BlockHandler(BlockService):
-    """Serves a span of blocks. Subclasses may change what it serves through five extension points:
-    `prepare_span` (each span before it is served), `transform_output` (each computed output),
-    `sign_reply` (what is sent, and its receipt), `advertised_throughput` (what the peer announces) and
-    `background_work` (coroutines the peer runs while it serves)."""
+    """Serves a span of blocks. Subclasses may change what it serves through six extension points:
+    `prepare_span` (each span before it is served), `transform_output` (each computed output), `transform_step`
+    (the same, knowing the request's attention mask and position), `sign_reply` (what is sent, and its
+    receipt), `advertised_throughput` (what the peer announces) and `background_work` (coroutines the peer
+    runs while it serves)."""
 
     def __init__(self, span: BlockSpan, config: HandlerConfig, throughput: float, cache_tokens: int):
         self.config = config
@@ -119,6 +120,11 @@ class BlockHandler(BlockService):
         if self.receipts is None:
             return output, ""
         return output, self.receipts.sign(work[0], work[1], start, end, work[2], hidden, output)
+
+    def transform_step(self, inputs: torch.Tensor, output: torch.Tensor, span_input: SpanInput) -> torch.Tensor:
+        """Like `transform_output`, with the request's attention mask and start position (called in its place).
+        Default: `transform_output(inputs, output)`."""
+        return self.transform_output(inputs, output)
 
     def advertised_throughput(self) -> float:
         """Block-steps per second this peer announces and reports. Default: the measured throughput."""
@@ -364,7 +370,7 @@ class BlockHandler(BlockService):
 
         def run() -> tuple[torch.Tensor, str]:
             inputs = hidden.to(self.config.device, self.config.dtype)
-            output = self.transform_output(inputs, self.span(inputs, cache, span_input, start, end))
+            output = self.transform_step(inputs, self.span(inputs, cache, span_input, start, end), span_input)
             return self.sign_reply(hidden, output.to("cpu", wire_dtype), start, end, work)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)

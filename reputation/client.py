@@ -92,7 +92,7 @@ class ClientTrust:
     def describe(self) -> str:
         stats = self.checker.stats
         rows = [f"  spot checks: {stats.checks} run, {stats.passes} passed, {stats.faults} faults confirmed, "
-                f"{stats.inconclusive} inconclusive, {stats.skipped} skipped"]
+                f"{stats.inconclusive} inconclusive, {stats.unverifiable} could not run"]
         for row in self.node.standings():
             state = "BLACKLISTED" if row.blacklisted else f"trust {row.trust:.2f}"
             rows.append(f"  {row.peer_id}  {state}  passed {row.passes}  faults {row.fails}")

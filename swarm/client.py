@@ -21,6 +21,7 @@ from swarm.plugins import default_trust_layer
 from swarm.remote import HivemindTransport
 from swarm.sequence import DhtSpanSource, RemoteSequence
 from swarm.session import InferenceSession
+from swarm.stateless import run_route
 
 logger = logging.getLogger(__name__)
 
@@ -318,13 +319,14 @@ class DistributedModelForCausalLM:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, tokens, vocab) for full sequences, without a session (no KV cache kept)."""
+        """Logits (batch, tokens, vocab) for full sequences, without a session (no KV cache kept). Inputs of any
+        length: a long one travels to each peer in chunks (`swarm.stateless`)."""
         hidden = self.head.embed(input_ids)
 
         async def run(hidden: torch.Tensor) -> torch.Tensor:
-            for hop in await self.sequence.make_route():
-                hidden = (await self.transport.forward(hop.peer_id, hop.start, hop.end, hidden)).output
-            return hidden
+            route = await self.sequence.make_route()
+            runs = await run_route(self.transport, route, hidden, timeout=self.sequence.cfg.request_timeout)
+            return runs[-1].output
 
         return self.head.logits(self.loop.run(run(hidden)))
 

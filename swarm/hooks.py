@@ -44,6 +44,7 @@ class StepRecord:
     history: tuple[torch.Tensor, ...]  # every input the hop received so far, this step's last
     padded: bool  # some row of the batch is padded (the step depends on the attention mask)
     receipt: str  # the peer's signed receipt, base64, or ""
+    mask: torch.Tensor | None = None  # the session's 0/1 attention mask (batch, position + new) when padded
 
 
 @dataclass(frozen=True)

@@ -294,7 +294,7 @@ def test_a_check_that_cannot_run_is_logged_and_counted(caplog):
     with caplog.at_level("INFO", logger="reputation.checks"):
         answer(client, steps=1, close=False)
     assert client.trust.checker.coverage(client.session.session_id).unverifiable == 2
-    assert "could not run (skipped)" in caplog.text
+    assert "could not run (the step stays unverified): no route of other peers" in caplog.text
 
 
 @pytest.mark.parametrize("coverage, checked, mark", [
