@@ -16,7 +16,7 @@ from swarm.models import DEFAULT_MODEL
 pytestmark = pytest.mark.slow
 
 TOKENS = 6  # new tokens per answer
-MAX_ANSWERS = 6  # answers an adversary gets before the test gives up on catching it
+MAX_ANSWERS = 10  # answers an adversary gets before the test gives up on catching it
 
 
 @pytest.fixture(scope="module")
