@@ -1,8 +1,8 @@
 """Bad replies from real peers reach a real client as one typed error that blames (and bans) the sender.
 
 The misbehaving peers are `peers.testing` handlers (`--adversary junk-info|nan|wrong-shape`); each advertises 10x
-its throughput, so the client routes to it first. An honest peer serves every block for the fail-over, and
-another serves 15:30, so the hop after a bad one is honest and must not be blamed.
+its throughput, so the client routes to it first (every route has two hops: 0:15 and 15:30). An honest peer serves
+0:15 for the fail-over, and another serves 15:30, so the hop after a bad one is honest and must not be blamed.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Excluded:
 def bad_swarm():
     with LocalSwarm(model=DEFAULT_MODEL) as swarm:
         peers = swarm.add_peers(
-            ("honest-all", "0:30", ()),
+            ("honest-head", "0:15", ()),
             ("honest-tail", "15:30", ()),
             *((mode, "0:15", ("--adversary", mode)) for mode in BAD_MODES),
         )
