@@ -22,9 +22,10 @@ def main() -> None:
             swarm.wait_online(peer)
         print(f"3 peers online after {time.perf_counter() - began:.1f} s (logs in {swarm.log_dir})\n", flush=True)
         subprocess.run([sys.executable, "-m", "peers.cli", "status"], env=swarm.env, check=True)
-        print(f"\nQ: {QUESTION}\nA: ", end="", flush=True)
-        subprocess.run([sys.executable, "-m", "apps.chat", "--prompt", QUESTION, "--max-new-tokens", "64"],
-                       env=swarm.env, check=True)
+        print(f"\nQ: {QUESTION}", flush=True)
+        answer = subprocess.run([sys.executable, "-m", "apps.chat", "--prompt", QUESTION, "--max-new-tokens", "64"],
+                                env=swarm.env, check=True, stdout=subprocess.PIPE, text=True).stdout
+        print(f"A: {answer}", end="", flush=True)  # after the chat's progress lines (stderr)
     print("\nswarm stopped: every process it started has exited")
 
 
