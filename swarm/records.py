@@ -31,9 +31,10 @@ from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from swarm.schema import Count, FiniteFloat, StrictModel, check_span, first_error
+from swarm.tags import DTYPES, known_compression, known_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,21 @@ class ServerInfo(StrictModel):
     cache_tokens_left: Count = 0
     version: str = Field(default="", max_length=64)
     public_name: str = Field(default="", max_length=128)
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if not known_dtype(value):
+            raise ValueError(f"unknown dtype {value!r} (expected one of {', '.join(DTYPES)})")
+        return value
+
+    @field_validator("compression")
+    @classmethod
+    def _known_compression(cls, value: str) -> str:
+        # a closed set (swarm.tags): every declared configuration has a calibrated tolerance, so it can be checked
+        if not known_compression(value):
+            raise ValueError(f"unknown compression tag {value!r} (see swarm.tags)")
+        return value
 
     @model_validator(mode="after")
     def _span_not_empty(self) -> ServerInfo:

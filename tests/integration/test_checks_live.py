@@ -1,0 +1,120 @@
+"""Spot checks live, on loopback with the real model: hops nobody else serves exactly, configurations nobody else
+declares, padded batches, and a Sybil trio on an honest peer's span.
+
+Six honest float32 peers serve blocks 0:10, 10:20 and 20:30, two each; a client that checks every step learns to
+trust them first. Adversaries join one test at a time (each advertises 10x its throughput, so routes pick it).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from peers.local import LocalSwarm
+from swarm import DistributedModelForCausalLM
+from swarm.models import DEFAULT_MODEL
+
+pytestmark = pytest.mark.slow
+
+TOKENS = 6  # new tokens per answer
+MAX_ANSWERS = 10  # answers an adversary gets before the test gives up on catching it
+
+
+@pytest.fixture(scope="module")
+def checks_swarm():
+    with LocalSwarm(model=DEFAULT_MODEL) as swarm:
+        swarm.honest = swarm.add_peers(*((f"honest-{blocks}-{i}", blocks, ()) for blocks in ("0:10", "10:20", "20:30")
+                                         for i in (1, 2)))
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def client(checks_swarm, chat_ids):
+    model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [checks_swarm.initial_peers], check_rate=1.0)
+    for _ in range(2):  # the honest peers check each other: this client comes to trust them
+        _answer(model, chat_ids)
+    node = model.trust_layer.node
+    assert all(node.score(p.peer_id) >= 0.25 for p in checks_swarm.honest), [node.score(p.peer_id) for p in checks_swarm.honest]
+    yield model
+    model.shutdown()
+
+
+def _answer(model, ids, mask=None, **options) -> list[list[int]]:
+    out = model.generate(ids, mask, max_new_tokens=TOKENS, **options)
+    model.loop.run(model.trust_layer.checker.drain())
+    return out[:, ids.shape[1]:].tolist()
+
+
+def _honest_never_blamed(model, swarm) -> None:
+    node = model.trust_layer.node
+    rows = {row.peer_id: row for row in node.standings()}
+    for peer in swarm.honest:
+        assert not node.is_blacklisted(peer.peer_id), f"{peer.name} was blacklisted"
+        assert rows.get(peer.peer_id) is None or rows[peer.peer_id].fails == 0, f"{peer.name} was found at fault"
+
+
+def _caught(model, swarm, adversary, ids, mask=None, **options) -> None:
+    """Answer until the adversary is blacklisted (it must have served some of those answers)."""
+    node, stats = model.trust_layer.node, model.trust_layer.checker.stats
+    for _ in range(MAX_ANSWERS):
+        model.loop.run(model.sequence.refresh_spans(force=True))  # see the new peer at once
+        _answer(model, ids, mask, **options)
+        if node.is_blacklisted(adversary.peer_id):
+            break
+    assert stats.responses[adversary.peer_id] >= 1, "no route or check ever used the adversary"
+    assert node.is_blacklisted(adversary.peer_id), f"{adversary.name} was not caught in {MAX_ANSWERS} answers"
+    _honest_never_blamed(model, swarm)
+    adversary.signal(2)
+
+
+def test_a_random_peer_on_a_span_nobody_else_serves_is_checked_through_a_chain(checks_swarm, client, chat_ids):
+    # blocks 0:20: nobody else serves that span (and a route through it saves a hop, so routes pick it)
+    liar = checks_swarm.add_peer("0:20", "--adversary", "random", name="random-0:20")
+    chained = client.trust_layer.checker.stats.chained
+    _caught(client, checks_swarm, liar, chat_ids)
+    assert client.trust_layer.checker.stats.chained > chained
+
+
+def test_a_random_peer_with_a_compression_nobody_else_declares_is_checked(checks_swarm, client, chat_ids):
+    liar = checks_swarm.add_peer("10:30", "--adversary", "random", "--quant", "int8", name="random-int8")
+    _caught(client, checks_swarm, liar, chat_ids)
+
+
+def test_a_peer_cheating_only_on_padded_batches_is_caught_on_them(checks_swarm, client, tokenizer):
+    cheater = checks_swarm.add_peer("10:30", "--adversary", "padded-only", name="padded-only")
+    tokenizer.padding_side = "left"
+    batch = tokenizer(["The capital of France is", "Once upon a time, in a small village by the sea, there lived"],
+                      return_tensors="pt", padding=True)
+    assert (batch["attention_mask"] == 0).any()
+    padded = client.trust_layer.checker.stats.padded
+    _caught(client, checks_swarm, cheater, batch["input_ids"], batch["attention_mask"],
+            pad_token_id=tokenizer.pad_token_id)
+    assert client.trust_layer.checker.stats.padded > padded
+
+
+@pytest.mark.xfail(strict=False, reason="depends on routes picking the new peers, which the throughput they measure "
+                   "at start-up decides on a loaded machine; tests/unit/test_spot_checker.py covers the same case")
+def test_three_sybils_on_an_honest_peers_span_never_get_it_blamed(checks_swarm, client, chat_ids):
+    honest = checks_swarm.add_peer("0:30", name="honest-0:30")
+    checks_swarm.honest.append(honest)
+    client.loop.run(client.sequence.refresh_spans(force=True))
+    node = client.trust_layer.node
+    for _ in range(MAX_ANSWERS):  # one hop instead of three: it serves, the chains check it, and it comes to be trusted
+        _answer(client, chat_ids)
+        if node.score(honest.peer_id) >= 0.25:
+            break
+    assert node.score(honest.peer_id) >= 0.25
+    sybils = checks_swarm.add_peers(*((f"sybil-{i}", "0:30", ("--adversary", "sybil")) for i in range(3)))
+    for _ in range(MAX_ANSWERS):
+        client.loop.run(client.sequence.refresh_spans(force=True))
+        _answer(client, chat_ids)
+        if all(node.is_blacklisted(s.peer_id) for s in sybils):
+            break
+    stats = client.trust_layer.checker.stats
+    assert sum(stats.responses[s.peer_id] for s in sybils) >= 1
+    sybil_ids = {s.peer_id for s in sybils}
+    assert any(subject in sybil_ids and checker == honest.peer_id for subject, checker, *_ in stats.comparisons), \
+        "the honest peer never faced a Sybil"
+    _honest_never_blamed(client, checks_swarm)
+    assert any(node.is_blacklisted(s.peer_id) for s in sybils)  # trusted chains referee them
+    for sybil in sybils:
+        sybil.signal(2)
