@@ -58,7 +58,7 @@ from swarm.transport import Transport
 logger = logging.getLogger(__name__)
 
 SETTLE_TIMEOUT = 10.0  # seconds an answer waits at most for its own spot checks
-ESTABLISHED = 0.25  # relative trust (1.0 = an average peer) from which a peer's agreement counts as verification
+ESTABLISHED = 0.1  # relative trust (1.0 = an average peer) from which a peer's agreement counts as verification
 SEED_WEIGHT = 1.0  # the least weight of a seed's vote (a seed's relative trust is 0 before anyone is checked)
 ROUTE_ATTEMPTS = 3  # routes tried for one execution before the check is unverifiable
 
