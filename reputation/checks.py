@@ -197,8 +197,7 @@ class SpotChecker:
                 receipt.signer, receipt.session_id, receipt.block_start, receipt.block_end
             ) != (hop.peer, session_id, hop.start, hop.end):
                 continue
-            self.node.countersign(receipt, hop.sent, verified=self._verifiable(hop.peer, hop.start, hop.end),
-                                  sent_at_most=hop.sent_at_most)
+            self.node.countersign(receipt, hop.sent, verified=self._verifiable(hop.peer, hop.start, hop.end))
 
     def _verifiable(self, peer: str, start: int, end: int) -> bool:
         """Whether other peers (online, not blacklisted) serve blocks [start, end) between them, so that the

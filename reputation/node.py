@@ -315,23 +315,21 @@ class ReputationNode:
         self.ingest("attestation", att.encode())
         return att
 
-    def countersign(self, receipt: Receipt, tokens: int, verified: bool = True, sent_at_most: int | None = None) -> Countersigned | None:
+    def countersign(self, receipt: Receipt, tokens: int, verified: bool = True) -> Countersigned | None:
         """Accept a peer's work: "I received it in my session and sent `tokens` through that hop" (the ledger's
         input); None when there is nothing to pay.
 
-        `tokens` is this node's own count of what it sent (batch x tokens, cumulative, like the receipt's);
-        `sent_at_most` is an upper bound where the count may miss resends it could not attribute (default:
-        `tokens`). A receipt claiming more than the bound is an inflation fault of its signer, recorded here
+        `tokens` is this node's own count of what it sent on the hop's stream (batch x tokens, cumulative, like
+        the receipt's, replays included). A receipt claiming more is an inflation fault of its signer, recorded here
         only (nobody else knows what this node sent): no credit, and a blacklist. `verified=False` says nobody
         else serves the hop's blocks, so its work could not be verified: it earns nothing.
         """
         if receipt.verify() is not Check.OK or receipt.signer == self.peer_id:
             return None
-        bound = tokens if sent_at_most is None else max(tokens, sent_at_most)
-        if receipt.tokens > bound:
+        if receipt.tokens > tokens:
             with self._lock:
                 self._inflations[receipt.signer] = self._inflations.get(receipt.signer, 0) + 1
-                self._fault(receipt.signer, f"its receipt claims {receipt.tokens} tokens; this node sent {bound}")
+                self._fault(receipt.signer, f"its receipt claims {receipt.tokens} tokens; this node sent {tokens}")
             return None
         if not verified or is_blacklisted(self._snapshot.blacklist, receipt.signer, self.clock()):
             return None

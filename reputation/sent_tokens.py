@@ -1,20 +1,16 @@
 """How many tokens a client sent through each hop of a session: the count it countersigns, which caps the credit
 of the peer's receipts (a receipt claiming more is an inflation fault; reputation.node.ReputationNode.countersign).
 
-Counted from the session's step records (swarm.hooks.StepRecord), in the receipts' unit: batch x new tokens per
-step, cumulative. Inputs a hop was sent outside a recorded step (a replay into a replacement peer, the history
-re-sent after an eviction) show in the next record's history: the history then starts with a tensor the tally
-has not seen, and what precedes the step's own input was sent again. A history also starts anew after a
-rollback, which sends nothing again; when a rollback and a re-send fall on the same step they cannot be told
-apart, so those tokens count only towards the upper bound (`sent_at_most`) that decides an inflation fault,
-never towards the credit. An honest peer's receipt thus never claims more than the bound.
+The session counts every token it sends on a hop's stream, replays into a replacement peer and re-sent
+histories included, and each step record carries that count (swarm.hooks.StepRecord.sent), in the receipts'
+unit: batch x tokens, cumulative per stream. A peer's receipts count per stream too (the stream is the peer's
+session), so an honest receipt never claims more than the record says. A new stream to the same hop (a reopened
+peer) starts both counts again; the tally then follows the new stream.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from swarm.hooks import StepRecord
 
@@ -26,15 +22,8 @@ class HopWork:
     peer: str  # base58 peer id
     start: int
     end: int
-    sent: int  # batch x tokens sent through the hop, by this client's count
-    unsure: int  # batch x tokens that may have been sent again without being counted (see the module's docstring)
+    sent: int  # batch x tokens sent on the hop's stream, by this client's count
     receipt: str  # the hop's last receipt, base64 ("" if it never sent one)
-    first: torch.Tensor | None = None  # the first chunk of the hop's history at the last record
-    held: int = 0  # tokens the hop held after the last record
-
-    @property
-    def sent_at_most(self) -> int:
-        return self.sent + self.unsure
 
 
 class SentTokens:
@@ -45,22 +34,11 @@ class SentTokens:
 
     def observe(self, record: StepRecord) -> None:
         key = (str(record.peer_id), record.start, record.end)
-        batch, new = int(record.inputs.shape[0]), int(record.inputs.shape[1])
-        history = record.history or (record.inputs,)
-        held = sum(int(chunk.shape[1]) for chunk in history)
         hops = self._sessions.setdefault(record.session_id, {})
         hop = hops.get(key)
-        if hop is None:  # everything in the history went to this hop: a replay before its first step included
-            hop = hops[key] = HopWork(key[0], record.start, record.end, batch * held, 0, "")
-        else:
-            if history[0] is not hop.first:  # the history was rebuilt: sent again, or trimmed by a rollback
-                earlier = batch * max(held - new, 0)
-                if record.position >= hop.held:
-                    hop.sent += earlier
-                else:
-                    hop.unsure += earlier
-            hop.sent += batch * new
-        hop.first, hop.held = history[0], record.position + new
+        if hop is None or record.sent < hop.sent:  # the hop's first step, or a new stream to the same peer
+            hop = hops[key] = HopWork(key[0], record.start, record.end, record.sent, "")
+        hop.sent = record.sent
         if record.receipt:
             hop.receipt = record.receipt
 

@@ -45,6 +45,7 @@ class StepRecord:
     padded: bool  # some row of the batch is padded (the step depends on the attention mask)
     receipt: str  # the peer's signed receipt, base64, or ""
     mask: torch.Tensor | None = None  # the session's 0/1 attention mask (batch, position + new) when padded
+    sent: int = 0  # batch x tokens this hop's stream carried so far, replays included (what its receipts may claim)
 
 
 @dataclass(frozen=True)

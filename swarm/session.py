@@ -142,7 +142,7 @@ class InferenceSession:
             if self.observer is not None:
                 self.observer.on_step(StepRecord(
                     self.session_id, hop.route.peer_id, hop.route.start, hop.route.end, position, hidden,
-                    reply.output, tuple(hop.chunks), mask is not None, reply.receipt, mask,
+                    reply.output, tuple(hop.chunks), mask is not None, reply.receipt, mask, hop.sent,
                 ))
             hidden = reply.output
             index += 1

@@ -143,22 +143,21 @@ def test_a_hop_nobody_else_serves_is_not_countersigned() -> None:
     assert {str(c.receipt.signer) for c in countersigned(node)} == {str(swarm.by_name(n).peer_id) for n in "ab"}
 
 
-def _record(peer, position: int, inputs: torch.Tensor, history: tuple[torch.Tensor, ...], receipt: str = "r") -> StepRecord:
-    return StepRecord("s", peer, 0, 2, position, inputs, inputs, history, False, receipt)
+def _record(peer, sent: int, receipt: str = "r") -> StepRecord:
+    x = torch.zeros(1, 1, HIDDEN)
+    return StepRecord("s", peer, 0, 2, 0, x, x, (x,), False, receipt, None, sent)
 
 
-def test_sent_tokens_counts_steps_replays_and_resends_but_not_rollbacks() -> None:
+def test_sent_tokens_follow_the_sessions_count_per_stream() -> None:
     peer = FakePeer("p", 0, 2).peer_id
     tally = SentTokens()
-    x = [torch.zeros(2, n, HIDDEN) for n in (5, 1, 1, 1)]
-    tally.observe(_record(peer, 0, x[0], (x[0],)))  # prompt, batch 2: 10
-    tally.observe(_record(peer, 5, x[1], (x[0], x[1])))  # +2
-    resent = torch.zeros(2, 6, HIDDEN)
-    tally.observe(_record(peer, 6, x[2], (resent, x[2])))  # history re-sent (12) + 2
-    kept = torch.zeros(2, 4, HIDDEN)
-    tally.observe(_record(peer, 4, x[3], (kept, x[3]), receipt=""))  # rollback to 4: +2, the kept 8 only maybe
+    tally.observe(_record(peer, 10))  # prompt, batch 2
+    tally.observe(_record(peer, 12))
+    tally.observe(_record(peer, 26, receipt=""))  # a step after a replay: no receipt this time
     (hop,) = tally.close("s")
-    assert (hop.sent, hop.unsure, hop.sent_at_most, hop.receipt) == (10 + 2 + 12 + 2 + 2, 8, 36, "r")
+    assert (hop.sent, hop.receipt) == (26, "r")
     assert tally.close("s") == []
-    tally.observe(_record(peer, 6, x[1], (resent, x[1])))  # a replacement's first step after a replay: 12 + 2
-    assert tally.close("s")[0].sent == 14
+    tally.observe(_record(peer, 30, receipt="old"))
+    tally.observe(_record(peer, 4, receipt="new"))  # the peer was reopened: a new stream counts from 0
+    (hop,) = tally.close("s")
+    assert (hop.sent, hop.receipt) == (4, "new")
