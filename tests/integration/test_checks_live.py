@@ -109,8 +109,6 @@ def test_a_peer_cheating_only_on_padded_batches_is_caught_on_them(checks_swarm, 
     assert client.trust_layer.checker.stats.padded > padded
 
 
-@pytest.mark.xfail(strict=False, reason="depends on routes picking the new peers, which the throughput they measure "
-                   "at start-up decides on a loaded machine; tests/unit/test_spot_checker.py covers the same case")
 def test_three_sybils_on_an_honest_peers_span_never_get_it_blamed(checks_swarm, client, chat_ids):
     honest = checks_swarm.add_peer("0:30", name="honest-0:30")
     checks_swarm.honest.append(honest)

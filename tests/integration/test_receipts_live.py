@@ -55,8 +55,6 @@ def _answer(model, chat_ids):
     return result.sequences[0, chat_ids.shape[1]:], result.report, failovers
 
 
-@pytest.mark.xfail(strict=False, reason="on a heavily loaded machine a strict check can time out (counted as "
-                   "unverified) or a route can take two hops; tests/unit/test_receipts.py covers coverage strictly")
 def test_strict_mode_verifies_every_step_of_an_honest_redundant_swarm_and_the_default_flags(
         receipt_swarm, chat_ids, expected) -> None:
     strict = _client(receipt_swarm, **STRICT)
