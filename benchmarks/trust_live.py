@@ -95,9 +95,12 @@ def main() -> None:
             ("honest-bf16", "0:30", (*GOSSIP, "--dtype", "bfloat16")),
             ("honest-fp32-b", "0:30", GOSSIP),
         )
-        adaptive = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0)
+        # routes believe announcements here, so that each adversary (10x its throughput) draws the traffic
+        adaptive = DistributedModelForCausalLM.from_pretrained(
+            DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0, route_on_evidence=False
+        )
         fixed = DistributedModelForCausalLM.from_pretrained(
-            DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0, check_rate=args.p
+            DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0, check_rate=args.p, route_on_evidence=False
         )
         ids = chat_ids(adaptive)
         try:

@@ -20,6 +20,7 @@ class ClientConfig:
     trusted_peers: tuple[str, ...] = ()  # peer ids of pre-trusted seeds whose verdicts count as this client's own
     gossip_period: float = 5.0  # seconds between exchanges of attestations with peers
     identity: Path | None = None  # key file the client signs verdicts with (None: a new one each run)
+    route_on_evidence: bool = True  # routes weigh measured step times and trust; False: announced throughput only
 
     @property
     def strict(self) -> bool:

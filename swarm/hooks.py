@@ -29,6 +29,9 @@ class TrustView(Protocol):
 
     def is_blacklisted(self, peer_id: str) -> bool: ...
 
+    def score(self, peer_id: str) -> float:
+        """Relative trust (1.0 = average; newcomers start near 0)."""
+
 
 @dataclass(frozen=True)
 class StepRecord:

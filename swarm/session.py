@@ -166,11 +166,15 @@ class InferenceSession:
             position=position,
             max_length=self.max_length,
         )
+        began = time.perf_counter()
         reply = await hop.stream.step(meta, hidden, mask, timeout=self.sequence.cfg.request_timeout)
+        seconds = time.perf_counter() - began
         sent = hop.sent + hidden.shape[0] * hidden.shape[1]
         if self.verifier is not None:
             self.verifier.verify(HopStep(hop.route.peer_id, meta, hop.steps, sent), hidden, reply)
         hop.steps, hop.sent = hop.steps + 1, sent
+        self.sequence.observe_step(hop.route.peer_id, hop.route.end - hop.route.start,
+                                   hidden.shape[0] * hidden.shape[1], seconds)
         return reply
 
     async def _evict_blacklisted(self, position: int, mask: torch.Tensor | None) -> None:

@@ -17,6 +17,7 @@ Each mode is a subclass of `peers.handler.BlockHandler` that overrides its exten
 - `padded-only`  corrupts only requests whose batch is padded (they carry an attention mask with zeros)
 - `sybil`        the honest output plus a fixed perturbation, the same for every peer of this mode: several of
                  them are one cheater's identities that agree with each other
+- `slow`         computes honestly, but takes SLOW_STEP_SECONDS longer over every request (a peer that overclaims)
 
 Every mode but `collude` advertises 10x its measured throughput, to draw traffic.
 """
@@ -27,6 +28,7 @@ import asyncio
 import functools
 import logging
 import random
+import time
 from typing import ClassVar, Coroutine
 
 import msgpack
@@ -236,10 +238,23 @@ class Sybil(Adversary):
         return (output.float() + push).to(output.dtype)
 
 
+SLOW_STEP_SECONDS = 0.05
+
+
+class SlowBoaster(Adversary):
+    """Honest outputs, but slower than it claims: what routes on measured step times demote."""
+
+    mode = "slow"
+
+    def transform_output(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        time.sleep(SLOW_STEP_SECONDS)  # runs on the compute thread, as a slow device would
+        return output
+
+
 ADVERSARIES: dict[str, type[Adversary]] = {
     cls.mode: cls
     for cls in (RandomOutput, SkipBlocks, NoisyOutput, CheapQuant, Cheater, Colluder, JunkInfo, NaNOutput, WrongShape,
-                NoReceipt, BadReceipt, InflatedReceipts, PaddedOnly, Sybil)
+                NoReceipt, BadReceipt, InflatedReceipts, PaddedOnly, Sybil, SlowBoaster)
 }
 MODES = tuple(ADVERSARIES)
 

@@ -2,7 +2,8 @@
 declares, padded batches, and a Sybil trio on an honest peer's span.
 
 Six honest float32 peers serve blocks 0:10, 10:20 and 20:30, two each; a client that checks every step learns to
-trust them first. Adversaries join one test at a time (each advertises 10x its throughput, so routes pick it).
+trust them first. Adversaries join one test at a time (each advertises 10x its throughput, and the
+client believes announcements, `route_on_evidence=False`, so routes pick it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def checks_swarm():
 
 @pytest.fixture(scope="module")
 def client(checks_swarm, chat_ids):
-    model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [checks_swarm.initial_peers], check_rate=1.0)
+    model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [checks_swarm.initial_peers], check_rate=1.0,
+                                                        route_on_evidence=False)
     for _ in range(2):  # the honest peers check each other: this client comes to trust them
         _answer(model, chat_ids)
     node = model.trust_layer.node

@@ -3,7 +3,8 @@
 One swarm: two honest float32 peers serving every block. First, with only them, a strict client (every step
 checked, answers wait for their checks) reports every answer fully verified, and the default client flags its
 answers. Then three adversaries join, each sending replies without a valid receipt (`no-receipt`,
-`bad-receipt`, `inflate`) and advertising 10x throughput so that routes pick them: none of their replies
+`bad-receipt`, `inflate`) and advertising 10x throughput so that routes pick them (the clients believe announcements:
+`route_on_evidence=False`): none of their replies
 reaches an answer, each is routed around and blacklisted, and none earns credit.
 """
 
@@ -43,7 +44,7 @@ def expected(local_model, chat_ids) -> torch.Tensor:
 
 
 def _client(swarm, **options) -> DistributedModelForCausalLM:
-    return DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], **options)
+    return DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], route_on_evidence=False, **options)
 
 
 def _answer(model, chat_ids):

@@ -33,7 +33,9 @@ def trust_swarm():
 
 
 def _client(swarm, **options) -> DistributedModelForCausalLM:
-    return DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0, **options)
+    """A client that believes announced throughputs, so that adversaries (10x theirs) draw its traffic."""
+    return DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0,
+                                                        route_on_evidence=False, **options)
 
 
 @pytest.fixture(scope="module")

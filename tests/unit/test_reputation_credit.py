@@ -46,6 +46,9 @@ class Blacklist:
     def is_blacklisted(self, peer_id: str) -> bool:
         return peer_id in self.peers
 
+    def score(self, peer_id: str) -> float:
+        return 1.0
+
 
 def swarm_of(**peers: tuple[int, int, dict]) -> FakeSwarm:
     return FakeSwarm(*(FakePeer(name, start, end, sign=True, **options) for name, (start, end, options) in peers.items()))
