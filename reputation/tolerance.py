@@ -127,8 +127,57 @@ for _a, _b, _rel, _cos in (
 ):
     _measured(_a, _b, _rel, _cos)
 
+# The same pairs on whole chat prompts (a session's first step, system prompt included), measured by
+# `benchmarks/tolerance_prefill.py` (benchmarks/results/tolerance_prefill.txt); each pair's calibration is the
+# larger of the two. nf4 against any other quantisation disagrees at one token of the default system prompt
+# (worst token cosine about 0.35-0.39), so for those pairs the cosine says nothing and relative L2 judges alone
+# (within PASS_CAP_L2 / FAIL_CAP_L2). Checks prefer a checker of the subject's own configuration (tightest first).
+for _a, _b, _rel, _cos in (
+    ("fp32", "fp32+int8", 9.67e-02, 3.59e-02),
+    ("fp32", "fp32+nf4", 4.36e-01, 6.09e-01),
+    ("fp32", "bf16", 4.18e-02, 2.45e-03),
+    ("fp32", "bf16+int8", 1.34e-01, 4.70e-02),
+    ("fp32", "bf16+nf4", 4.35e-01, 6.19e-01),
+    ("fp32", "fp16", 2.08e-03, 1.45e-05),
+    ("fp32", "fp16+int8", 9.78e-02, 4.93e-02),
+    ("fp32", "fp16+nf4", 4.44e-01, 6.01e-01),
+    ("fp32+int8", "fp32+nf4", 4.50e-01, 6.48e-01),
+    ("fp32+int8", "bf16", 1.04e-01, 4.73e-02),
+    ("fp32+int8", "bf16+int8", 1.31e-01, 5.35e-02),
+    ("fp32+int8", "bf16+nf4", 4.50e-01, 6.58e-01),
+    ("fp32+int8", "fp16", 9.69e-02, 3.61e-02),
+    ("fp32+int8", "fp16+int8", 8.73e-02, 5.56e-02),
+    ("fp32+int8", "fp16+nf4", 4.58e-01, 6.39e-01),
+    ("fp32+nf4", "bf16", 4.52e-01, 6.09e-01),
+    ("fp32+nf4", "bf16+int8", 4.86e-01, 6.45e-01),
+    ("fp32+nf4", "bf16+nf4", 5.69e-02, 1.79e-02),
+    ("fp32+nf4", "fp16", 4.36e-01, 6.10e-01),
+    ("fp32+nf4", "fp16+int8", 4.48e-01, 6.02e-01),
+    ("fp32+nf4", "fp16+nf4", 2.80e-02, 3.79e-03),
+    ("bf16", "bf16+int8", 1.09e-01, 4.87e-02),
+    ("bf16", "bf16+nf4", 4.52e-01, 6.19e-01),
+    ("bf16", "fp16", 4.23e-02, 2.50e-03),
+    ("bf16", "fp16+int8", 1.08e-01, 4.17e-02),
+    ("bf16", "fp16+nf4", 4.61e-01, 6.01e-01),
+    ("bf16+int8", "bf16+nf4", 4.87e-01, 6.56e-01),
+    ("bf16+int8", "fp16", 1.35e-01, 4.76e-02),
+    ("bf16+int8", "fp16+int8", 1.34e-01, 3.45e-02),
+    ("bf16+int8", "fp16+nf4", 4.96e-01, 6.37e-01),
+    ("bf16+nf4", "fp16", 4.35e-01, 6.19e-01),
+    ("bf16+nf4", "fp16+int8", 4.49e-01, 6.13e-01),
+    ("bf16+nf4", "fp16+nf4", 5.69e-02, 1.66e-02),
+    ("fp16", "fp16+int8", 9.80e-02, 4.94e-02),
+    ("fp16", "fp16+nf4", 4.43e-01, 6.01e-01),
+    ("fp16+int8", "fp16+nf4", 4.57e-01, 5.94e-01),
+):
+    _old_rel, _old_cos = HONEST_DISAGREEMENT[frozenset((_a, _b))]
+    _measured(_a, _b, max(_old_rel, _rel), max(_old_cos, _cos))
+
 PASS_MARGIN, FAIL_MARGIN = 2.0, 4.0  # pass up to 2x the worst honest disagreement; fail beyond 4x
 PASS_FLOOR_L2, FAIL_FLOOR_L2 = 0.01, 0.03  # even bit-identical configurations get this much room (other hardware)
+# An unrelated update of the right scale sits at relative L2 about sqrt(2) = 1.41 from the honest one: even the
+# loosest pair (honest worst 0.86) fails it, whatever its cosine calibration allows.
+PASS_CAP_L2, FAIL_CAP_L2 = 1.0, 1.2
 PASS_FLOOR_COS, FAIL_FLOOR_COS = 0.01, 0.03  # 1 - cosine: as the profiles above for the tight pairs
 _SHORT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -158,7 +207,8 @@ def pair_profile(a: Config, b: Config) -> ToleranceProfile | None:
     if measured is None:
         return None
     rel, one_minus_cos = measured
-    pass_l2, fail_l2 = max(PASS_MARGIN * rel, PASS_FLOOR_L2), max(FAIL_MARGIN * rel, FAIL_FLOOR_L2)
+    pass_l2 = min(max(PASS_MARGIN * rel, PASS_FLOOR_L2), PASS_CAP_L2)
+    fail_l2 = min(max(FAIL_MARGIN * rel, FAIL_FLOOR_L2), FAIL_CAP_L2)
     pass_cos, fail_cos = max(PASS_MARGIN * one_minus_cos, PASS_FLOOR_COS), max(FAIL_MARGIN * one_minus_cos, FAIL_FLOOR_COS)
     name = f"{config_name((dtype_a, quant_a))}~{config_name((dtype_b, quant_b))}" + (f"+{svd_a}" if svd_a else "")
     return ToleranceProfile(name[:64], a[0], a[1], None, 1.0 - pass_cos, pass_l2, 1.0 - fail_cos, fail_l2)

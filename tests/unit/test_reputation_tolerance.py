@@ -138,3 +138,15 @@ def test_honest_fp32_vs_bf16_passes_the_pair_tolerance(block_runs) -> None:
     profile = pair_profile(("float32", "none"), ("bfloat16", "none"))
     assert judge(compare_updates(x, fp32, bf16), profile) == "pass"
     assert judge(compare_updates(x, fp32, _cheats(x, fp32)["scaled update"]), profile) == "fail"
+
+
+def test_even_the_loosest_pair_fails_an_unrelated_update() -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(1, 16, 256)
+    honest = inputs + torch.randn(1, 16, 256)
+    unrelated = inputs + torch.randn(1, 16, 256)  # random output of the right scale
+    agreement = compare_updates(inputs, honest, unrelated)
+    assert agreement.rel_l2 == pytest.approx(2 ** 0.5, rel=0.05)
+    loosest = pair_profile(("float32", "int8"), ("bfloat16", "nf4"))
+    assert loosest is not None and loosest.pass_max_rel_l2 <= 1.0 < loosest.fail_max_rel_l2 <= 1.2
+    assert judge(agreement, loosest) == "fail"
