@@ -1,14 +1,14 @@
 """False positives of spot checks among honest peers of every configuration, live on loopback with the real model.
 
 An honest swarm mixes float32, bfloat16, int8 and nf4 peers on all 30 blocks, plus a float32 peer on 0:15 and a
-bfloat16 one on 15:30 (so some checker routes are chained). A strict client checks steps of every peer
+bfloat16 one on 15:30 (a chained checker route, used when no single peer is tighter). A strict client checks steps of every peer
 directly: each round runs a chat prompt (a different question and length each time) through one subject's
 blocks, as a session's first step would, and hands the step to the spot checker, which re-runs it on other
 peers and judges it under the tolerance of the configuration pair. Decode steps come from strict answers
 (every step checked). Printed: checks per configuration pair, first comparisons outside the pass threshold,
 final fail verdicts and honest peers blamed; all should be 0.
 
-    .venv/bin/python benchmarks/honest_checks.py                # 500+ checks, ~10 min on 2 cores
+    .venv/bin/python benchmarks/honest_checks.py                # 500+ checks, ~15 min on 2 cores
     .venv/bin/python benchmarks/honest_checks.py --rounds 10
 """
 
@@ -60,8 +60,8 @@ def check_directly(model, peer, blocks: tuple[int, int], ids, tag: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=20, help="direct checks of each 0:30 / 0:15 peer")
-    parser.add_argument("--answers", type=int, default=12, help="strict 8-token answers (every step checked)")
+    parser.add_argument("--rounds", type=int, default=60, help="direct checks of each 0:30 / 0:15 peer")
+    parser.add_argument("--answers", type=int, default=30, help="strict 8-token answers (every step checked)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
