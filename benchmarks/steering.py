@@ -158,16 +158,21 @@ def lead_spread(results: dict, sequences: list[Sequence]) -> None:
           f"above 2: {float((leads > 2).float().mean()):.2f}")
 
 
-def smallest_flip(last: torch.Tensor, update_norm: float, steering, low: float = 0.0, high: float = 2.0) -> float | None:
-    """The smallest relative L2 (to `update_norm`) of a push that makes the target the top-1 token, to 1e-3."""
+def smallest_flip(last: torch.Tensor, update_norm: float, steering, limit: float = 2.0) -> float | None:
+    """The smallest relative L2 (to `update_norm`) of a push that makes the target the top-1 token, to 1e-3: up
+    in steps of 0.01 to the first size that flips (a push much larger than needed may overshoot to a third
+    token), then halving the last step."""
     head = steering.head
 
     def flips(rel: float) -> bool:
         push = steering_push(last, head, steering.target, rel * update_norm)
         return int(head.logits((last + push)[None, None]).argmax()) == steering.target
 
-    if not flips(high):
-        return None
+    low, high = 0.0, 0.01
+    while not flips(high):
+        if high >= limit:
+            return None
+        low, high = high, high + 0.01
     while high - low > 1e-3:
         mid = (low + high) / 2
         low, high = (low, mid) if flips(mid) else (mid, high)
