@@ -89,6 +89,7 @@ class CheckStats:
     settle_seconds: float = 0.0  # the time they waited, in all
     executions: int = 0  # extra forward passes run for checks (checkers and referees)
     extra_tokens: int = 0  # tokens those passes processed
+    extra_blocks: int = 0  # blocks those passes re-ran (each pass counted once, whatever its length)
     extra_block_tokens: int = 0  # batch x tokens x blocks those passes re-ran: the work checks cost
 
 
@@ -375,6 +376,7 @@ class SpotChecker:
             self.stats.responses[peer] += 1
             self.stats.executions += 1
             self.stats.extra_tokens += full.shape[0] * full.shape[1]
+            self.stats.extra_blocks += hop.end - hop.start
             self.stats.extra_block_tokens += full.shape[0] * full.shape[1] * (hop.end - hop.start)
             receipt = decode_receipt(run.receipt)
             if receipt is not None and not _receipt_matches(

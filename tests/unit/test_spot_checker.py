@@ -126,7 +126,8 @@ def test_stats_weigh_the_work_served_and_the_work_checks_re_ran_by_blocks():
     asyncio.run(observe())
     stats = checker.stats
     assert stats.served == {str(record.peer_id): 1} and stats.served_block_tokens == 4 * 3
-    assert stats.executions == 1 and stats.extra_block_tokens == 4 * 3  # one checker re-ran 4 tokens on 3 blocks
+    assert stats.executions == 1 and stats.extra_blocks == 3  # one checker re-ran the 3 blocks
+    assert stats.extra_block_tokens == 4 * 3  # on 4 tokens
 
 
 def test_a_lying_subject_is_convicted_by_trusted_referees():
