@@ -67,6 +67,7 @@ from reputation.client import ClientTrust  # noqa: E402
 from reputation.ledger import credit_receipts, standings  # noqa: E402
 from swarm import DistributedModelForCausalLM  # noqa: E402
 from swarm.config import STRICT  # noqa: E402
+from swarm.errors import SwarmConnectionError  # noqa: E402
 from swarm.models import DEFAULT_MODEL, open_model  # noqa: E402
 
 TOKENS = 8  # new tokens per answer
@@ -192,10 +193,19 @@ def answer(model, prompt: Prompt):
     return result.sequences[:, prompt.ids.shape[1]:].tolist(), result.report
 
 
-def client(swarm: LocalSwarm, strict: bool, **options) -> DistributedModelForCausalLM:
-    """A fresh client that believes announced throughputs (so adversaries draw its traffic)."""
-    return DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0,
-                                                       route_on_evidence=False, **(STRICT if strict else {}), **options)
+def client(swarm: LocalSwarm, strict: bool, attempts: int = 3, **options) -> DistributedModelForCausalLM:
+    """A fresh client that believes announced throughputs (so adversaries draw its traffic). Joining is tried again
+    when the bootstrap node does not answer in time (it happens on a loaded machine)."""
+    for attempt in range(attempts):
+        try:
+            return DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0,
+                                                               route_on_evidence=False, **(STRICT if strict else {}),
+                                                               **options)
+        except SwarmConnectionError as e:
+            if attempt == attempts - 1:
+                raise
+            log(f"a client could not join ({e}); trying again")
+    raise AssertionError("unreachable")
 
 
 def warm_up(model, prompts: list[Prompt], honest: list[str], most: int) -> tuple[int, int, int]:
@@ -286,6 +296,10 @@ class Measure:
         else:
             row.cheater = f"{'no' if not caught else f'{caught} of {len(self.cheaters)}'} (served {total})"
         avoided = all(node.is_blacklisted(peer) or served[peer] == 0 for peer in self.cheaters)
+        if len(self.cheaters) > 1:
+            row.notes.append("its identities served " + ", ".join(
+                f"{served[peer]} ({'blacklisted' if node.is_blacklisted(peer) else 'not blacklisted'})"
+                for peer in self.cheaters))
         standings = {r.peer_id: r for r in node.standings()}
         blamed = [p for p in self.honest if p in standings and (standings[p].blacklisted or standings[p].fails > 0)]
         row.blamed = str(len(blamed))
@@ -460,7 +474,12 @@ def main() -> None:
         swarm.honest = swarm.add_peers(*((f"honest-{blocks}-{i}", blocks, GOSSIP) for blocks in HONEST for i in (1, 2)))
         log(f"honest swarm online after {time.perf_counter() - began:.0f} s")
         for scenario in scenarios:
-            scenario_rows, counts = run_scenario(swarm, scenario, prompts[scenario.padded], args)
+            try:
+                scenario_rows, counts = run_scenario(swarm, scenario, prompts[scenario.padded], args)
+            except Exception as e:  # one scenario's breakdown is reported, and the others still run
+                log(f"{scenario.name} broke off: {type(e).__name__}: {e}")
+                scenario_rows, counts = [Row(scenario.name, "-", notes=[f"broke off: {type(e).__name__}: {e}"],
+                                             failed=["the scenario did not run"])], (0, 0, 0, 0)
             rows += scenario_rows
             work = [a + b for a, b in zip(work, counts)]
     wall = time.perf_counter() - began
