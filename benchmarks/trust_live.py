@@ -10,6 +10,9 @@ the answer ended is not), and for the occasional cheater the formula's predictio
 
     .venv/bin/python benchmarks/trust_live.py               # ~5 min on 2 cores
     .venv/bin/python benchmarks/trust_live.py --cheat-trials 5
+
+`benchmarks/trust_matrix.py` runs the adversary matrix (unique span, unique compression, no receipts, padded-only,
+Sybil trio, steering, inflation with Sybil countersigners) through N answers each, at the default rates and strict.
 """
 
 from __future__ import annotations

@@ -76,6 +76,8 @@ class CheckStats:
     """What the checker did, for `/stats`, tests and benchmarks."""
 
     responses: Counter = field(default_factory=Counter)  # replies seen per peer id: session steps and check runs
+    served: Counter = field(default_factory=Counter)  # session hop-steps per peer id (check runs not included)
+    served_block_tokens: int = 0  # batch x new tokens x blocks of the session steps seen: the work served
     checks: int = 0
     passes: int = 0
     faults: int = 0  # subjects confirmed at fault
@@ -98,6 +100,8 @@ class CheckStats:
     effect_checks: int = 0  # comparisons carried through the client's head (hops ending at the last block)
     effect_fails: int = 0  # of them, those where a clear top-1 token changed (the answer would have)
     effect_only: int = 0  # of those, the ones the numeric tolerance alone would not have failed
+    extra_blocks: int = 0  # blocks those passes re-ran (each pass counted once, whatever its length)
+    extra_block_tokens: int = 0  # batch x tokens x blocks those passes re-ran: the work checks cost
 
 
 @dataclass
@@ -182,6 +186,8 @@ class SpotChecker:
     def on_step(self, record: StepRecord) -> None:
         peer = str(record.peer_id)
         self.stats.responses[peer] += 1
+        self.stats.served[peer] += 1
+        self.stats.served_block_tokens += record.inputs.shape[0] * record.inputs.shape[1] * (record.end - record.start)
         tally = self._tally(record)
         self.sent.observe(record)
         rate = self.node.check_rate(peer) if self.check_rate is None else self.check_rate
@@ -385,6 +391,8 @@ class SpotChecker:
             self.stats.responses[peer] += 1
             self.stats.executions += 1
             self.stats.extra_tokens += full.shape[0] * full.shape[1]
+            self.stats.extra_blocks += hop.end - hop.start
+            self.stats.extra_block_tokens += full.shape[0] * full.shape[1] * (hop.end - hop.start)
             receipt = decode_receipt(run.receipt)
             if receipt is not None and not _receipt_matches(
                 receipt, peer, hop_input[:, run.receipt_from:], run.output[:, run.receipt_from:]

@@ -252,15 +252,20 @@ def announce(
         return False
 
 
+READ_TIMEOUT = 30.0  # seconds a read of the announcements may take
+
+
 async def _get_blocks(_dht: DHT, node: DHTNode, keys: list[str]) -> dict:
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # the latest values
     return {key: (entry.value if entry is not None else None) for key, entry in found.items()}
 
 
-def read_spans(dht: DHT, dht_prefix: str, num_blocks: int) -> list[PeerSpan]:
-    """Every live peer's announcement for this model, one `PeerSpan` per peer, sorted by peer id."""
+def read_spans(dht: DHT, dht_prefix: str, num_blocks: int, timeout: float = READ_TIMEOUT) -> list[PeerSpan]:
+    """Every live peer's announcement for this model, one `PeerSpan` per peer, sorted by peer id. Raises
+    `concurrent.futures.TimeoutError` after `timeout` seconds: a read still waiting when its DHT shuts down is never
+    answered, and would otherwise hold its thread (and so the process's exit) forever."""
     keys = [block_key(dht_prefix, i) for i in range(num_blocks)]
-    found = dht.run_coroutine(partial(_get_blocks, keys=keys))
+    found = dht.run_coroutine(partial(_get_blocks, keys=keys), return_future=True).result(timeout=timeout)
     return spans_from_records(found.values())
 
 

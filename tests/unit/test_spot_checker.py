@@ -119,6 +119,22 @@ def test_an_honest_subject_passes_and_so_does_its_checker():
     assert {row.peer_id: row.passes for row in node.standings()} == {str(p.peer_id): 1 for p in swarm.peers.values()}
 
 
+def test_stats_weigh_the_work_served_and_the_work_checks_re_ran_by_blocks():
+    swarm = FakeSwarm(FakePeer("subject", 0, 3, sign=True), FakePeer("checker", 0, 3, sign=True))
+    checker, _ = checker_for(swarm)
+    record = served_step(swarm, swarm.by_name("subject"), tokens=4)
+
+    async def observe() -> None:  # as a session does: the checker sees the step, then checks it in the background
+        checker.on_step(record)
+        await checker.drain()
+
+    asyncio.run(observe())
+    stats = checker.stats
+    assert stats.served == {str(record.peer_id): 1} and stats.served_block_tokens == 4 * 3
+    assert stats.executions == 1 and stats.extra_blocks == 3  # one checker re-ran the 3 blocks
+    assert stats.extra_block_tokens == 4 * 3  # on 4 tokens
+
+
 def test_a_lying_subject_is_convicted_by_trusted_referees():
     swarm = FakeSwarm(*(FakePeer(n, 0, 3, sign=True) for n in ("checker", "ref1", "ref2")))
     checker, node = checker_for(swarm)
