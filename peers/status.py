@@ -30,7 +30,6 @@ class PeerRow:
     rtt_ms: float | None  # None: did not answer
     trust: float | None = None  # relative trust (1.0 = average) from gossiped attestations; None: never checked
     blacklisted: bool = False
-    accused: bool = False  # a verdict against it awaits this view's own checks
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,8 @@ class StatusReport:
 async def gather_reputation(p2p, spans, trusted_peers: tuple[str, ...], fanout: int = 3) -> ReputationNode:
     """A throwaway reputation node filled by gossip from a few online peers.
 
-    Without trusted seeds, every signer of an attestation is taken as a seed (equal weight); only
-    --trusted-peers gives verdicts to rely on. This node checks nobody, so a "fail" verdict shows here as an
-    accusation (ACCUSED), never as a blacklist: no signer's word alone convicts anyone, not even a seed's.
+    Without trusted seeds, every signer of an attestation is taken as a seed (equal weight) but nobody's
+    "fail" is taken as confirmed, since anyone can sign one: only --trusted-peers gives verdicts to rely on.
     """
     from reputation.gossip import SenderBudget, exchange
 
@@ -71,8 +69,8 @@ async def gather_reputation(p2p, spans, trusted_peers: tuple[str, ...], fanout: 
     seeds = trusted_peers or tuple(sorted({
         Attestation.decode(data).checker for kind, data in gathered.messages(limit=10**9) if kind == "attestation"
     }))
-    node = ReputationNode(RSAPrivateKey(), ReputationConfig(seeds=seeds))
-    node.learn_peers(str(s.peer_id) for s in spans)
+    node = ReputationNode(RSAPrivateKey(), ReputationConfig(seeds=seeds, seeds_confirm_faults=bool(trusted_peers)))
+    node.known_peers.update(str(s.peer_id) for s in spans)
     for kind, data in gathered.messages(limit=10**9):
         node.ingest(kind, data)
     return node
@@ -99,7 +97,7 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
         rtts, node = asyncio.run(ping_all())
     finally:
         dht.shutdown()
-    standings = {row.peer_id: row for row in node.standings() if row.passes or row.fails or row.blacklisted or row.accused}
+    standings = {row.peer_id: row for row in node.standings() if row.passes or row.fails or row.blacklisted}
     rows = tuple(
         PeerRow(
             peer_id=str(s.peer_id),
@@ -112,7 +110,6 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
             rtt_ms=None if rtt is None else round(rtt * 1000, 2),
             trust=round(standings[str(s.peer_id)].trust, 3) if str(s.peer_id) in standings else None,
             blacklisted=bool(standings.get(str(s.peer_id)) and standings[str(s.peer_id)].blacklisted),
-            accused=bool(standings.get(str(s.peer_id)) and standings[str(s.peer_id)].accused),
         )
         for s, rtt in sorted(zip(spans, rtts), key=lambda pair: (pair[0].start, pair[0].end, str(pair[0].peer_id)))
     )
@@ -150,7 +147,7 @@ def render_table(report: StatusReport) -> str:
             f"{r.throughput:.1f}/s",
             r.dtype,
             "unreachable" if r.rtt_ms is None else f"{r.rtt_ms:.1f} ms",
-            "BLACKLISTED" if r.blacklisted else "ACCUSED" if r.accused else ("-" if r.trust is None else f"{r.trust:.2f}"),
+            "BLACKLISTED" if r.blacklisted else ("-" if r.trust is None else f"{r.trust:.2f}"),
         )
         for r in report.peers
     ]
@@ -167,7 +164,7 @@ def render_table(report: StatusReport) -> str:
     else:
         out.append(f"All {report.num_blocks} blocks are served.")
     if not report.trusted:
-        out.append("Trust: no --trusted-peers given, so every checker weighs the same.")
+        out.append("Trust: no --trusted-peers given, so every checker weighs the same and no verdict blacklists.")
     return "\n".join(out)
 
 
@@ -191,14 +188,13 @@ def render_rewards(standings: list[PeerStanding]) -> str:
     header = ("peer", "trust", "passed", "faults", "vested", "pending", "status")
     lines = [
         (r.peer_id, f"{r.trust:.2f}", str(r.passes), str(r.fails), f"{r.vested:.0f}", f"{r.pending:.0f}",
-         "BLACKLISTED" if r.blacklisted else "ACCUSED" if r.accused else "ok")
+         "BLACKLISTED" if r.blacklisted else "ok")
         for r in standings
     ]
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *lines)]
     if not standings:
         out.append("(no attestations or countersigned work gathered yet)")
-    out.append("Credit: tokens x blocks from receipts clients countersigned, at most what each client sent, weighted "
-               "by the client's trust and the peer's; pending credit vests after 10 min, and a blacklisted peer "
-               "forfeits it. ACCUSED: a verdict against it awaits this view's own checks.")
+    out.append("Credit: tokens x blocks from receipts clients countersigned, weighted by trust; "
+               "pending credit vests after 10 min, and a blacklisted peer forfeits it.")
     return "\n".join(out)

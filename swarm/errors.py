@@ -12,7 +12,6 @@
         ├── PeerUnreachableError    ...it cannot be reached, timed out or dropped the stream (also a SwarmConnectionError)
         ├── RemoteError             ...it answered with an error (carries its kind, e.g. "bad_request", "unknown_session")
         └── BadReplyError           ...it answered with something invalid: undecodable, the wrong shape, NaN or infinity
-            └── BadReceiptError     ...its reply carried no valid receipt for exactly the work asked of it
 
 Every message is one line meant for a user: it says what went wrong and, where it can, what to do.
 """
@@ -66,15 +65,6 @@ class BadReplyError(PeerError):
     def __init__(self, peer: str, problem: str):
         self.problem = problem
         super().__init__(peer, f"peer {peer} sent an invalid reply: {problem}")
-
-
-class BadReceiptError(BadReplyError):
-    """The peer's reply came without a valid receipt for it: missing, forged, signed by another peer, not
-    matching the tensors sent and returned, naming other work, or claiming more tokens than were sent."""
-
-    def __init__(self, peer: str, problem: str):
-        self.problem = problem
-        PeerError.__init__(self, peer, f"peer {peer} sent a reply without a valid receipt: {problem}")
 
 
 class MissingBlocksError(SwarmError):

@@ -81,13 +81,10 @@ async def call_info(p2p: P2P, peer_id: PeerID, timeout: float = 5.0) -> tuple[Pe
 
 
 async def call_forward(
-    p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0,
-    mask: torch.Tensor | None = None,
+    p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0
 ) -> Reply:
-    """Hidden states through the peer's blocks [start, end), with the peer's signed receipt; `mask` (batch,
-    tokens) of 0/1 travels beside them when some row is padded."""
-    extra = () if mask is None else (mask,)
-    request = protocol.make_request("", SpanRequest(start=start, end=end), hidden, *extra)
+    """Hidden states through the peer's blocks [start, end), with the peer's signed receipt."""
+    request = protocol.make_request("", SpanRequest(start=start, end=end), hidden)
     try:
         reply = await _stub(p2p, peer_id).rpc_forward(request, timeout=timeout)
     except asyncio.TimeoutError:
@@ -159,9 +156,8 @@ class HivemindTransport:
     async def info(self, peer_id: PeerID, timeout: float = 5.0) -> tuple[PeerInfo, float]:
         return await call_info(self.p2p, peer_id, timeout)
 
-    async def forward(self, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0,
-                      *, mask: torch.Tensor | None = None) -> Reply:
-        return await call_forward(self.p2p, peer_id, start, end, hidden, timeout, mask)
+    async def forward(self, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0) -> Reply:
+        return await call_forward(self.p2p, peer_id, start, end, hidden, timeout)
 
     def open_stream(self, peer_id: PeerID) -> InferenceStream:
         return InferenceStream(self.p2p, peer_id)

@@ -1,9 +1,7 @@
 """Choosing the chain of peers that covers blocks [start, end): pure functions over a snapshot.
 
 The graph's nodes are block boundaries; an edge "peer p computes blocks i..j" costs
-latency(p) + (j - i) / throughput(p). The cheapest path is the route (DESIGN.md, Routing). Throughput is
-what the client measured on p's own steps once it has that (a peer measured far below its claim is demoted),
-and compute at peers without trust costs a little more (`PeerEvidence`).
+latency(p) + (j - i) / throughput(p). The cheapest path is the route (DESIGN.md, Routing).
 Only boundaries where some peer starts or ends can be useful places to switch peers (the cost of a
 switch point between them is linear), so the graph stays small even for 80-block models.
 """
@@ -20,17 +18,6 @@ from swarm.records import PeerSpan, online_spans
 
 PING_SMOOTHING = 0.2  # weight of a new ping in the moving average
 NO_ROOM_PENALTY = 10.0  # seconds added to a hop whose peer announced too little KV-cache room
-OVERCLAIM_RATIO = 3.0  # a peer measured this much slower than it announced is demoted...
-OVERCLAIM_DEMOTION = 2.0  # ...to this fraction of its measured speed
-TRUST_WEIGHT = 0.5  # compute of a peer without trust costs up to 1 + this; trusted peers (>= average) cost 1
-
-
-@dataclass(frozen=True)
-class PeerEvidence:
-    """What this client knows of a peer beyond its announcement."""
-
-    throughput: float | None = None  # block-steps per second measured on its own steps (None: not yet)
-    trust: float | None = None  # relative trust (1.0 = average), None without a trust layer
 
 
 @dataclass(frozen=True)
@@ -53,25 +40,8 @@ def missing_blocks(spans: Collection[PeerSpan], start: int, end: int) -> list[in
     return [start + i for i, ok in enumerate(covered) if not ok]
 
 
-def effective_throughput(announced: float, measured: float | None) -> float:
-    """The speed a route should assume: what was measured once known, and less for a peer caught overclaiming."""
-    if measured is None:
-        return announced
-    if measured * OVERCLAIM_RATIO < announced:
-        return measured / OVERCLAIM_DEMOTION
-    return measured
-
-
-def trust_factor(trust: float | None) -> float:
-    """Multiplier on a hop's compute time: 1 for peers trusted at least as the average, up to 1 + TRUST_WEIGHT."""
-    return 1.0 if trust is None else 1.0 + TRUST_WEIGHT * (1.0 - min(max(trust, 0.0), 1.0))
-
-
-def hop_cost(span: PeerSpan, start: int, end: int, latency: float, needed_tokens: int = 0,
-             evidence: PeerEvidence | None = None) -> float:
-    evidence = evidence or PeerEvidence()
-    throughput = effective_throughput(span.info.throughput, evidence.throughput)
-    cost = latency + (end - start) / max(throughput, 1e-9) * trust_factor(evidence.trust)
+def hop_cost(span: PeerSpan, start: int, end: int, latency: float, needed_tokens: int = 0) -> float:
+    cost = latency + (end - start) / max(span.info.throughput, 1e-9)
     if span.info.cache_tokens_left < needed_tokens:
         cost += NO_ROOM_PENALTY  # likely to refuse the session: use it only if nobody else can
     return cost
@@ -85,7 +55,6 @@ def find_route(
     *,
     excluded: Collection[PeerID] = (),
     needed_tokens: int = 0,
-    evidence: Mapping[PeerID, PeerEvidence] | None = None,
 ) -> list[RouteHop] | None:
     """The cheapest chain of hops covering [start, end), or None if some block is not covered.
 
@@ -111,8 +80,7 @@ def find_route(
                 continue
             for there in points:
                 if here < there <= min(span.end, end):
-                    new_cost = cost + hop_cost(span, here, there, latencies[span.peer_id], needed_tokens,
-                                               (evidence or {}).get(span.peer_id))
+                    new_cost = cost + hop_cost(span, here, there, latencies[span.peer_id], needed_tokens)
                     if new_cost < best.get(there, float("inf")) - 1e-12:
                         best[there] = new_cost
                         previous[there] = (here, RouteHop(span.peer_id, here, there))
@@ -133,5 +101,5 @@ def route_cost(route: list[RouteHop], spans: Collection[PeerSpan], latencies: Ma
 
 
 def smooth_latency(previous: float | None, measured: float, weight: float = PING_SMOOTHING) -> float:
-    """Exponential moving average (of round trips, or of measured speeds)."""
+    """Exponential moving average of round-trip times (seconds)."""
     return measured if previous is None else (1 - weight) * previous + weight * measured

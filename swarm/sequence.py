@@ -22,7 +22,7 @@ from swarm.errors import BadReplyError, MissingBlocksError, format_block_spans
 from swarm.hooks import TrustView
 from swarm.latency import LatencyProbe
 from swarm.records import PeerSpan
-from swarm.routing import PeerEvidence, RouteHop
+from swarm.routing import RouteHop
 from swarm.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,6 @@ class RemoteSequence:
         self.trust: TrustView | None = None  # set by the client from its trust layer
         self._spans: list[PeerSpan] = []
         self._spans_read_at = float("-inf")
-        self.measured_throughput: dict[PeerID, float] = {}  # block-steps/s seen on this client's own steps
 
     @property
     def spans(self) -> list[PeerSpan]:
@@ -70,21 +69,6 @@ class RemoteSequence:
         """Keep a failing peer out of new routes for a while (longer on each repeat); returns the seconds."""
         self.probe.forget(peer_id)  # measure it afresh once the cooldown ends
         return self.cooldowns.add(peer_id)
-
-    def observe_step(self, peer_id: PeerID, blocks: int, tokens: int, seconds: float) -> None:
-        """Learn a peer's real speed from a single-token step it served (its round trip taken off)."""
-        if tokens != 1 or blocks <= 0:
-            return
-        compute = max(seconds - (self.probe.rtt(peer_id) or 0.0), 1e-4)
-        measured = blocks / compute
-        self.measured_throughput[peer_id] = routing.smooth_latency(self.measured_throughput.get(peer_id), measured, 0.3)
-
-    def evidence(self, peer_id: PeerID) -> PeerEvidence:
-        """What routes weigh beyond a peer's announcement (nothing when `cfg.route_on_evidence` is off)."""
-        if not self.cfg.route_on_evidence:
-            return PeerEvidence()
-        trust = None if self.trust is None else self.trust.score(str(peer_id))
-        return PeerEvidence(self.measured_throughput.get(peer_id), trust)
 
     def _on_bad_reply(self, error: BadReplyError) -> None:
         self.ban(next((s.peer_id for s in self._spans if str(s.peer_id) == error.peer), PeerID.from_base58(error.peer)))
@@ -113,8 +97,7 @@ class RemoteSequence:
             spans = routing.usable_spans(await self.refresh_spans(force), excluded | self.banned())
             latencies = await self.probe.ping_all(s.peer_id for s in spans)
             spans = [s for s in spans if s.peer_id not in self.cooldowns]  # a ping may have found junk
-            evidence = {s.peer_id: self.evidence(s.peer_id) for s in spans}
-            route = routing.find_route(spans, latencies, start, end, needed_tokens=needed_tokens, evidence=evidence)
+            route = routing.find_route(spans, latencies, start, end, needed_tokens=needed_tokens)
             if route is not None:
                 return route
             reachable = [s for s in spans if s.peer_id in latencies]

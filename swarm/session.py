@@ -5,9 +5,6 @@ The client keeps the inputs it sent to every hop, so when a peer fails mid-sessi
 while, its blocks are routed to other peers, and those peers rebuild the KV cache from the replayed inputs
 before the step goes on. The caller sees at most a pause.
 
-With a trust layer, every hop's reply must carry the peer's valid signed receipt for exactly that step
-(its `ReplyVerifier` decides); a reply without one is that peer's fault, handled like a bad reply at once.
-
 A peer blacklisted by the trust layer is routed around the same way, and every later hop's cache is
 rebuilt from the replacement's outputs. The outputs it gave since it joined the route cannot be trusted
 either: each `step` and `settle` returns from which position on (`untrusted_from`), once, so the caller
@@ -23,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.errors import BadReceiptError, MissingBlocksError, PeerError, RemoteError, SwarmError
-from swarm.hooks import HopStep, ReplyVerifier, StepObserver, StepRecord
+from swarm.errors import MissingBlocksError, PeerError, RemoteError, SwarmError
+from swarm.hooks import StepObserver, StepRecord
 from swarm.protocol import StepRequest
 from swarm.routing import RouteHop
 from swarm.sequence import RemoteSequence
@@ -43,8 +40,6 @@ class _Hop:
     chunks: list[torch.Tensor] = field(default_factory=list)  # every input sent so far, (batch, new, hidden) each
     held: int = 0  # tokens those chunks hold
     since: int = 0  # the session's position when this hop began serving its steps
-    steps: int = 0  # replies this hop's stream gave (the peer's receipts count them)
-    sent: int = 0  # batch x tokens sent on this stream (the most its receipts may claim)
 
     def record(self, hidden: torch.Tensor, position: int) -> None:
         """Remember a step's input (appending is O(1); a rollback trims the history first)."""
@@ -82,13 +77,11 @@ class FailoverEvent:
 
 class InferenceSession:
     def __init__(self, sequence: RemoteSequence, transport: Transport, max_length: int,
-                 observer: StepObserver | None = None, verifier: ReplyVerifier | None = None):
+                 observer: StepObserver | None = None):
         self.sequence, self.transport, self.observer = sequence, transport, observer
-        self.verifier = verifier  # None: replies are used without looking at their receipts
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex
         self.position = 0  # tokens every hop holds
-        self.hop_steps = 0  # hops' replies to steps used so far (each hop of each step once)
         self.failovers: list[FailoverEvent] = []
         self._hops: list[_Hop] | None = None
         self._padding: torch.Tensor | None = None  # (batch, position) 0/1 mask, only if some row is padded
@@ -133,16 +126,13 @@ class InferenceSession:
                 failures += 1
                 if failures > MAX_FAILOVERS_PER_STEP:
                     raise
-                if isinstance(error, BadReceiptError) and hop.since < position:
-                    self._untrust(hop.since)  # a peer caught faking receipts: its earlier outputs go too
                 await self._recover(index, error, position, mask)
                 continue  # retry this step on the replacement hop(s) at the same index
             hop.record(hidden, position)
-            self.hop_steps += 1
             if self.observer is not None:
                 self.observer.on_step(StepRecord(
                     self.session_id, hop.route.peer_id, hop.route.start, hop.route.end, position, hidden,
-                    reply.output, tuple(hop.chunks), mask is not None, reply.receipt, mask, hop.sent,
+                    reply.output, tuple(hop.chunks), mask is not None, reply.receipt,
                 ))
             hidden = reply.output
             index += 1
@@ -154,11 +144,7 @@ class InferenceSession:
         untrusted, self._untrusted_from = self._untrusted_from, None
         return untrusted
 
-    def _untrust(self, since: int) -> None:
-        self._untrusted_from = since if self._untrusted_from is None else min(self._untrusted_from, since)
-
     async def _send(self, hop: _Hop, hidden: torch.Tensor, position: int, mask: torch.Tensor | None) -> Reply:
-        """One step on one hop; with a verifier, only a reply whose receipt is valid for it comes back."""
         meta = StepRequest(
             session_id=self.session_id,
             start=hop.route.start,
@@ -166,16 +152,7 @@ class InferenceSession:
             position=position,
             max_length=self.max_length,
         )
-        began = time.perf_counter()
-        reply = await hop.stream.step(meta, hidden, mask, timeout=self.sequence.cfg.request_timeout)
-        seconds = time.perf_counter() - began
-        sent = hop.sent + hidden.shape[0] * hidden.shape[1]
-        if self.verifier is not None:
-            self.verifier.verify(HopStep(hop.route.peer_id, meta, hop.steps, sent), hidden, reply)
-        hop.steps, hop.sent = hop.steps + 1, sent
-        self.sequence.observe_step(hop.route.peer_id, hop.route.end - hop.route.start,
-                                   hidden.shape[0] * hidden.shape[1], seconds)
-        return reply
+        return await hop.stream.step(meta, hidden, mask, timeout=self.sequence.cfg.request_timeout)
 
     async def _evict_blacklisted(self, position: int, mask: torch.Tensor | None) -> None:
         """Route around hops whose peer was blacklisted since the last step, then rebuild every later hop's
@@ -188,7 +165,8 @@ class InferenceSession:
             if index is None:
                 return
             bad = self._hops[index].route.peer_id
-            self._untrust(self._hops[index].since)
+            since = self._hops[index].since
+            self._untrusted_from = since if self._untrusted_from is None else min(self._untrusted_from, since)
             count_before = len(self._hops)
             output = await self._recover(index, RemoteError(str(bad), "blacklisted", "blacklisted by spot checks"), position, mask)
             past_mask = None if mask is None else mask[:, :position]

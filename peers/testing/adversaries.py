@@ -11,13 +11,6 @@ Each mode is a subclass of `peers.handler.BlockHandler` that overrides its exten
 - `junk-info`    answers `rpc_info` with bytes that are not a PeerInfo; honest otherwise
 - `nan`          the honest output with NaN in every token's first feature
 - `wrong-shape`  the honest output one token short
-- `no-receipt`   computes honestly, but replies with an empty receipt
-- `bad-receipt`  signs the honest output, but returns a corrupted one (the receipt's output digest does not match)
-- `inflate`      computes honestly, but its receipts claim 10x the tokens it was sent
-- `padded-only`  corrupts only requests whose batch is padded (they carry an attention mask with zeros)
-- `sybil`        the honest output plus a fixed perturbation, the same for every peer of this mode: several of
-                 them are one cheater's identities that agree with each other
-- `slow`         computes honestly, but takes SLOW_STEP_SECONDS longer over every request (a peer that overclaims)
 
 Every mode but `collude` advertises 10x its measured throughput, to draw traffic.
 """
@@ -28,7 +21,6 @@ import asyncio
 import functools
 import logging
 import random
-import time
 from typing import ClassVar, Coroutine
 
 import msgpack
@@ -41,7 +33,7 @@ from peers.handler import BlockHandler, HandlerConfig, HandlerFactory
 from peers.reputation_service import PeerReputation
 from reputation.checks import decode_receipt
 from reputation.tolerance import Agreement
-from swarm.blocks import BlockSpan, SpanInput
+from swarm.blocks import BlockSpan
 from swarm.errors import ConfigError, SwarmError
 from swarm.periodic import run_periodically
 from swarm.remote import call_forward
@@ -177,84 +169,9 @@ class WrongShape(Adversary):
         return output[:, :-1].contiguous()
 
 
-class NoReceipt(Adversary):
-    mode = "no-receipt"
-
-    def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
-                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
-        return output, ""
-
-
-class BadReceipt(Adversary):
-    """Signs a receipt for the honest output, then returns noise added to it."""
-
-    mode = "bad-receipt"
-
-    def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
-                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
-        signed, receipt = super().sign_reply(hidden, output, start, end, work)
-        update = (signed - hidden).float()
-        noise = update.pow(2).mean().sqrt() * torch.randn_like(update)
-        return (signed.float() + noise).to(signed.dtype), receipt
-
-
-class InflatedReceipts(Adversary):
-    """Computes honestly; its receipts claim 10x the work (cumulative batch x tokens) it was sent."""
-
-    mode = "inflate"
-    factor: ClassVar[int] = 10
-
-    def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
-                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
-        session_id, step, tokens = work
-        return super().sign_reply(hidden, output, start, end, (session_id, step, tokens * self.factor))
-class PaddedOnly(Adversary):
-    """Honest on every request but those of padded batches, whose outputs are random (it bets that padded
-    batches are never checked)."""
-
-    mode = "padded-only"
-
-    def transform_step(self, inputs: torch.Tensor, output: torch.Tensor, span_input: SpanInput) -> torch.Tensor:
-        mask = span_input.attention_mask
-        if mask is None or not bool((mask == 0).any()):
-            return output
-        return torch.randn_like(output) * output.float().std().to(output.dtype)
-
-
-SYBIL_SEED = 20240612  # every sybil identity perturbs the same way, so they agree with each other
-
-
-class Sybil(Adversary):
-    """One cheater's identity among several: the honest output plus a fixed perturbation as large as each token's
-    update, in one seeded direction (the same for every identity, so several of them agree with each other and
-    outvote an honest peer by head count)."""
-
-    mode = "sybil"
-
-    def transform_output(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        update = (output - inputs).float()
-        direction = torch.randn(update.shape[-1], generator=torch.Generator().manual_seed(SYBIL_SEED))
-        push = update.norm(dim=-1, keepdim=True) * (direction / direction.norm()).to(update.device)
-        return (output.float() + push).to(output.dtype)
-
-
-SLOW_STEP_SECONDS = 0.05
-
-
-class SlowBoaster(Adversary):
-    """Honest outputs, but slower than it claims: what routes on measured step times demote."""
-
-    mode = "slow"
-
-    def transform_output(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        time.sleep(SLOW_STEP_SECONDS)  # runs on the compute thread, as a slow device would
-        return output
-
-
 ADVERSARIES: dict[str, type[Adversary]] = {
     cls.mode: cls
-    for cls in (RandomOutput, SkipBlocks, NoisyOutput, CheapQuant, Cheater, Colluder, JunkInfo, NaNOutput, WrongShape,
-                NoReceipt, BadReceipt, InflatedReceipts, PaddedOnly, Sybil, SlowBoaster)
+    for cls in (RandomOutput, SkipBlocks, NoisyOutput, CheapQuant, Cheater, Colluder, JunkInfo, NaNOutput, WrongShape)
 }
 MODES = tuple(ADVERSARIES)
 

@@ -10,10 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from handler_kit import HIDDEN, NUM_BLOCKS, handler_config
 from peers.handler import BlockHandler, HandlerFactory
-from reputation import identity_puzzle
 from swarm.blocks import BlockSpan
-
-identity_puzzle.DEFAULT_BITS = 8  # every node made by the unit tests solves a cheap puzzle (the cost: a benchmark)
 
 TINY_LLAMA = dict(
     hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=NUM_BLOCKS, num_attention_heads=4,

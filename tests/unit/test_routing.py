@@ -160,30 +160,3 @@ def test_smooth_latency():
     for _ in range(100):  # converges to a steady measurement
         value = smooth_latency(value if value is not None else 5.0, 0.1)
     assert value == pytest.approx(0.1, abs=1e-6)
-
-
-def test_a_peer_measured_far_below_its_claim_is_demoted():
-    from swarm.routing import OVERCLAIM_DEMOTION, PeerEvidence, effective_throughput
-
-    boaster, honest = span("boaster", 0, 30, throughput=1000.0), span("honest", 0, 30, throughput=100.0)
-    latencies = latencies_of([boaster, honest])
-    assert hops(find_route([boaster, honest], latencies, 0, 30))[0][0] == boaster.peer_id  # believed at first
-    measured = {boaster.peer_id: PeerEvidence(throughput=90.0), honest.peer_id: PeerEvidence(throughput=100.0)}
-    assert hops(find_route([boaster, honest], latencies, 0, 30, evidence=measured))[0][0] == honest.peer_id
-    assert effective_throughput(1000.0, 90.0) == 90.0 / OVERCLAIM_DEMOTION  # caught overclaiming
-    assert effective_throughput(100.0, 90.0) == 90.0  # within reason: just what was measured
-    assert effective_throughput(100.0, None) == 100.0
-
-
-def test_trust_weighs_in_between_equally_fast_peers():
-    from swarm.routing import PeerEvidence, trust_factor
-
-    stranger, trusted = span("stranger", 0, 30, throughput=100.0), span("trusted", 0, 30, throughput=100.0)
-    latencies = latencies_of([stranger, trusted])
-    evidence = {stranger.peer_id: PeerEvidence(trust=0.0), trusted.peer_id: PeerEvidence(trust=1.2)}
-    assert hops(find_route([stranger, trusted], latencies, 0, 30, evidence=evidence))[0][0] == trusted.peer_id
-    assert trust_factor(None) == trust_factor(1.0) == trust_factor(3.0) == 1.0 < trust_factor(0.5) < trust_factor(0.0)
-    # trust is a tie-breaker, not a veto: a much faster stranger still wins
-    fast = span("fast-stranger", 0, 30, throughput=1000.0)
-    evidence[fast.peer_id] = PeerEvidence(throughput=1000.0, trust=0.0)
-    assert hops(find_route([fast, trusted], latencies_of([fast, trusted]), 0, 30, evidence=evidence))[0][0] == fast.peer_id

@@ -27,9 +27,6 @@ class Blacklist:
     def is_blacklisted(self, peer_id: str) -> bool:
         return peer_id in self.peers
 
-    def score(self, peer_id: str) -> float:
-        return 1.0
-
 
 def make_session(swarm: FakeSwarm, trust: Blacklist | None = None, max_length: int = 64):
     sequence = RemoteSequence(swarm, swarm, "fake", 6, CFG)
