@@ -298,6 +298,16 @@ class SpotChecker:
                     f"(the step stays unverified): {reason}")
         return "unverifiable"
 
+    def _snapshot_weights(self, subject: str) -> None:
+        """Read this node's trust in the subject and in every peer announcing blocks at once, from one published
+        snapshot, as the check begins: a check that read the checker's trust before its execution and the
+        subject's after a background refresh landed meanwhile would weigh them by different snapshots (and at
+        the end of a cold start, call an honest step's agreement one with an untrusted peer)."""
+        peers = {subject} | {str(s.peer_id) for s in self.swarm.spans}
+        self._weights = {}
+        for peer, score in self.node.scores(sorted(peers)).items():
+            self._weights[peer] = max(score, SEED_WEIGHT) if peer in self.node.cfg.seeds else score
+
     def _weight(self, peer: str) -> float:
         """This node's trust in `peer` as a referee: its relative trust here (seeds at least SEED_WEIGHT), as it
         stood when the check began (what a check attests does not sway its own verdict)."""
@@ -408,7 +418,7 @@ class SpotChecker:
             return self._unverifiable(record, "a padded step without its attention mask")
         subject_config = (receipt.dtype, receipt.compression)
         await self.swarm.refresh_spans()
-        self._weights = {}  # a fresh snapshot of trust for this check
+        self._snapshot_weights(subject)
         full = torch.cat(record.history, dim=1)
         try:
             checker = await self._execute(record, full, subject_config, {subject})

@@ -509,6 +509,11 @@ class ReputationNode:
         """Relative trust of `peer` in this node's view (1.0 = average; newcomers start near 0)."""
         return self._snapshot.relative.get(peer, 0.0)
 
+    def scores(self, peers: Iterable[str]) -> dict[str, float]:
+        """`score` of each of `peers`, all read from one published snapshot."""
+        relative = self._snapshot.relative
+        return {peer: relative.get(peer, 0.0) for peer in peers}
+
     def is_blacklisted(self, peer: str) -> bool:
         return is_blacklisted(self._snapshot.blacklist, peer, self.clock())
 

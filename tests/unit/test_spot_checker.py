@@ -385,3 +385,23 @@ def test_a_padded_step_without_its_mask_is_unverifiable():
     stripped = StepRecord(record.session_id, record.peer_id, record.start, record.end, record.position,
                           record.inputs, record.output, record.history, True, record.receipt, None)
     assert check(checker, stripped) == "unverifiable"
+
+
+def test_a_check_weighs_every_peer_by_the_trust_it_had_when_the_check_began():
+    # A fresh client: its first check passes at a cold start and vouches for both peers. When the background
+    # refresh publishes that while the next check's execution is under way, the next check must not weigh the
+    # checker by the old snapshot (untrusted) and the subject by the new one (trusted): it would find "agreement
+    # with an untrusted peer" and leave an honest step unverified.
+    swarm = FakeSwarm(FakePeer("a", 0, 3, sign=True), FakePeer("b", 0, 3, sign=True))
+    checker, node = checker_for(swarm)
+    assert check(checker, served_step(swarm, swarm.by_name("a"))) == "pass"
+    real_forward = swarm.forward
+
+    async def forward(peer_id, start, end, hidden, timeout=60.0, *, mask=None):
+        node.refresh(force=True)  # the background refresh lands during the checker's execution
+        return await real_forward(peer_id, start, end, hidden, timeout, mask=mask)
+
+    record = served_step(swarm, swarm.by_name("a"), seed=2)
+    swarm.forward = forward
+    assert check(checker, record) == "pass"
+    assert checker.stats.inconclusive == 0
