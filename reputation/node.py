@@ -164,6 +164,7 @@ class ReputationNode:
         self._work: list[Countersigned] = []  # countersigned receipts not yet credited
         self._snapshot = TrustSnapshot()
         self.known_peers: set[str] = set()  # peers seen serving; scored even before anyone checks them
+        self._unproven: dict[str, Attestation | Countersigned] = {}  # own, signed before the puzzle was solved
 
     @property
     def puzzle_nonce(self) -> bytes:
@@ -254,16 +255,19 @@ class ReputationNode:
             self._bytes -= len(old.data)
 
     def inventory(self) -> list[str]:
+        """Ids of the stored messages other nodes can accept (never own ones still lacking the puzzle's solution)."""
+        self.prove_unproven()
         with self._lock:
             self._prune()
-            return list(self._messages)
+            return [mid for mid in self._messages if mid not in self._unproven]
 
     def messages(self, ids: list[str] | None = None, limit: int = 2000, max_bytes: int | None = None) -> list[tuple[Kind, bytes]]:
         """Stored messages by id (all when ids is None), oldest first, at most `limit` of them and `max_bytes`
         of data in all (at least one, whatever its size, so that every message can travel)."""
+        self.prove_unproven()
         with self._lock:
             self._prune()
-            chosen = self._messages.keys() if ids is None else [i for i in ids if i in self._messages]
+            chosen = [i for i in (self._messages if ids is None else ids) if i in self._messages and i not in self._unproven]
             out: list[tuple[Kind, bytes]] = []
             size = 0
             for mid in chosen:
@@ -312,7 +316,7 @@ class ReputationNode:
             puzzle_nonce=self.puzzle_nonce,
             evidence=evidence if verdict == "fail" and evidence is not None and evidence.matches(receipt) else None,
         ).sign(self.private_key)
-        self.ingest("attestation", att.encode())
+        self._store_own("attestation", att)
         return att
 
     def countersign(self, receipt: Receipt, tokens: int, verified: bool = True) -> Countersigned | None:
@@ -334,8 +338,45 @@ class ReputationNode:
         if not verified or is_blacklisted(self._snapshot.blacklist, receipt.signer, self.clock()):
             return None
         work = Countersigned.make(receipt, self.peer_id, self.private_key, tokens, self.puzzle_nonce)
-        self.ingest("work", work.encode())
+        self._store_own("work", work)
         return work
+
+    def _store_own(self, kind: Kind, message: Attestation | Countersigned) -> None:
+        """Store one of this node's own messages. Signed before the identity puzzle was solved, it counts here at
+        once but stays out of gossip (other nodes would drop it) until `prove_unproven` signs it again."""
+        data = message.encode()
+        if self.ingest(kind, data) and not message.puzzle_nonce:
+            with self._lock:
+                self._unproven[message_id(kind, data)] = message
+
+    def prove_unproven(self) -> int:
+        """Once the puzzle is solved, sign again with its solution what this node signed before (same content;
+        the copy replaces the original in the store, without counting twice); returns how many were replaced."""
+        if not self._unproven or not self.puzzle_nonce:
+            return 0
+        with self._lock:
+            held, self._unproven = self._unproven, {}
+        nonce, replaced = self.puzzle_nonce, 0
+        for old_mid, message in held.items():
+            if isinstance(message, Attestation):
+                kind: Kind = "attestation"
+                proven = message.model_copy(update={"puzzle_nonce": nonce, "nonce": os.urandom(16)}).sign(self.private_key)
+            else:
+                kind = "work"
+                proven = Countersigned.make(message.receipt, self.peer_id, self.private_key, message.tokens, nonce)
+            data = proven.encode()
+            with self._lock:
+                old = self._messages.pop(old_mid, None)
+                if old is None:  # expired or evicted meanwhile
+                    continue
+                self._bytes -= len(old.data)
+                if isinstance(proven, Attestation):
+                    self._nonces.add(proven.nonce)
+                self._store(message_id(kind, data), StoredMessage(kind, data, old.expires_at, proven))
+                replaced += 1
+        if replaced:
+            logger.info(f"Signed {replaced} earlier statement(s) again with this identity's puzzle solution, for gossip")
+        return replaced
 
     # ---- verdicts --------------------------------------------------------------------------------------
 

@@ -412,3 +412,24 @@ def test_messages_of_unknown_kinds_or_types_are_dropped(keys) -> None:
     assert not me.ingest("work", "not bytes")  # type: ignore[arg-type]
     assert not me.ingest("work", b"\x00" * 100_000)
     assert me.inventory() == []
+
+
+def test_what_was_signed_before_the_puzzle_was_solved_is_signed_again_for_gossip(keys) -> None:
+    clock = Clock()
+    pending: Future = Future()
+    me = ReputationNode(keys[1], ReputationConfig(), clock=clock, puzzle_nonce=pending)
+    subject = peer_id_of_key(keys[2])
+    me.attest(receipt(keys[2]), BAD, "fail", "fp32")  # a verdict in the client's first second
+    me.countersign(receipt(keys[3], tokens=5), tokens=5)
+    assert me.is_blacklisted(subject)
+    assert me.inventory() == [] and me.messages() == []  # nothing others would drop goes out
+    me.refresh(force=True)
+    tallies_before = me._tallies()
+    pending.set_result(identity_puzzle.solve_cached(keys[1].get_public_key().to_bytes(), me.cfg.puzzle_bits))
+    other = node(keys[0], clock)
+    assert sorted(kind for kind, _ in me.messages()) == ["attestation", "work"]
+    assert all(other.ingest(kind, data) for kind, data in me.messages())
+    other.refresh(force=True)
+    assert other.is_accused(subject)  # the early verdict reached the other node
+    assert me._tallies() == tallies_before and len(me.inventory()) == 2  # replaced, not counted twice
+    assert me.prove_unproven() == 0
