@@ -56,12 +56,6 @@ def _answer(model, chat_ids):
     return result.sequences[0, chat_ids.shape[1]:], result.report, failovers
 
 
-NEW_SWARM = ("in a new swarm of two honest peers, once this client trusts one of them, a check of that one by the "
-             "other (not yet trusted) is inconclusive, so a step can be unverified until both earn trust; "
-             "tests/unit/test_receipts.py covers coverage strictly")
-
-
-@pytest.mark.xfail(strict=False, reason=NEW_SWARM)
 def test_strict_mode_verifies_every_step_of_an_honest_redundant_swarm_and_the_default_flags(
         receipt_swarm, chat_ids, expected) -> None:
     strict = _client(receipt_swarm, **STRICT)
@@ -83,7 +77,6 @@ def test_strict_mode_verifies_every_step_of_an_honest_redundant_swarm_and_the_de
         default.shutdown()
 
 
-@pytest.mark.xfail(strict=False, reason=NEW_SWARM)
 def test_swarm_chat_marks_what_it_did_not_fully_verify(receipt_swarm) -> None:
     def chat(*options: str) -> str:
         result = subprocess.run(
