@@ -121,7 +121,7 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--trusted-peers", multiple=True, help=TRUSTED_HELP)
 @click.option("--gossip-period", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between exchanges of attestations with other peers.")
 @click.option("--adversary", hidden=True, help="Misbehave on purpose, for tests: random, skip, noise, cheap-quant, cheat:Q, "
-              "collude, junk-info, nan, wrong-shape, padded-only, sybil (peers.testing.adversaries).")
+              "collude, junk-info, nan, wrong-shape, padded-only, sybil, steer:R (peers.testing.adversaries).")
 @click.option("--fellows", hidden=True, default="", help="Comma-separated peer ids a colluding adversary vouches for.")
 @click.option("--status-interval", default=60.0, show_default=True, type=click.FloatRange(min=0), help="Seconds between status lines in the log (0: none).")
 def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, max_sessions,
@@ -169,7 +169,8 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
     if adversary is not None:  # a bad --adversary fails here, before the model loads
         from peers.testing.adversaries import parse_adversary
 
-        handler_factory = parse_adversary(adversary, tuple(f for f in fellows.replace(",", " ").split() if f))
+        handler_factory = parse_adversary(adversary, tuple(f for f in fellows.replace(",", " ").split() if f),
+                                          model=cfg.model, cache_dir=cfg.cache_dir)
     run_peer(cfg, handler_factory)
 
 

@@ -19,6 +19,12 @@ anything else is inconclusive and blames nobody. Agreement between two execution
 attestation) only when one side is already trusted here, or while nobody serving those blocks is (a cold
 start); so newcomers agreeing with each other, however many, earn nothing once trusted peers are around.
 
+When the hop ends at the model's last block and the client gave its head (final norm + LM head), each comparison
+also carries both outputs through that head (`reputation.effect`): a step whose top-1 token at the last position of
+a row (the one generation reads) differs from the checker's where the checker's lead is clear fails like a step
+outside the tolerance, referees included. A steer small enough for a loose pair's tolerance is caught by what it
+does to the answer. Hops that end earlier are judged by the numeric tolerance alone.
+
 Every check ends in one outcome, `check()`'s return value: "pass", "fail", "inconclusive" or "unverifiable" (it
 could not run: no receipt, no other route, every route failed). An unverifiable check is logged at INFO with
 its reason and counted. Every verdict is a signed attestation, spread by gossip. At the end of a session the
@@ -39,10 +45,12 @@ import random
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from reputation.attest import Check, Receipt, tensor_digest
+from reputation.attest import Check, Evidence, Receipt, tensor_digest
+from reputation.effect import Effect, effect_verdict, routes_margin
 from reputation.errors import ReputationError
 from reputation.node import ReputationNode
 from reputation.sent_tokens import SentTokens
@@ -89,6 +97,9 @@ class CheckStats:
     settle_seconds: float = 0.0  # the time they waited, in all
     executions: int = 0  # extra forward passes run for checks (checkers and referees)
     extra_tokens: int = 0  # tokens those passes processed
+    effect_checks: int = 0  # comparisons carried through the client's head (hops ending at the last block)
+    effect_fails: int = 0  # of them, those where a clear top-1 token changed (the answer would have)
+    effect_only: int = 0  # of those, the ones the numeric tolerance alone would not have failed
     extra_blocks: int = 0  # blocks those passes re-ran (each pass counted once, whatever its length)
     extra_block_tokens: int = 0  # batch x tokens x blocks those passes re-ran: the work checks cost
 
@@ -151,8 +162,12 @@ class SpotChecker:
         timeout: float = 60.0,
         settle_timeout: float | None = SETTLE_TIMEOUT,  # None: an answer waits for every one of its checks
         chunk_bytes: int = CHUNK_BYTES,  # hidden states per message to a checker (a long history goes in chunks)
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,  # the client's final norm + LM head: hidden
+        # (batch, tokens, hidden) -> logits (batch, tokens, vocab); None: no effect check
+        num_blocks: int | None = None,  # the model's block count: hops ending there get the effect check
     ):
         self.node, self.transport, self.swarm = node, transport, swarm
+        self.head, self.num_blocks = head, num_blocks
         self.rng = rng or random.Random()
         self.check_rate, self.referees = check_rate, referees
         self.max_queued, self.timeout, self.settle_timeout = max_queued, timeout, settle_timeout
@@ -431,13 +446,38 @@ class SpotChecker:
         self.stats.chained += len(checker.route) > 1
         self.stats.padded += record.mask is not None
         self.stats.pairs[(receipt.dtype, "+".join(dtype for dtype, _ in checker.configs))] += 1
-        agreement = compare_updates(record.inputs, checker.output, record.output)
-        first = judge(agreement, profile)
+        agreement, first, effect = await self._judge(record, checker.output, record.output, profile,
+                                                     self._margin([subject_config], checker.configs))
         self.stats.comparisons.append((subject, "+".join(checker.peers), agreement.min_token_cosine, agreement.rel_l2, first))
         cold = self._cold_start(record)
         if first == "pass":
             return self._agreed(record, receipt, agreement, profile, checker, cold)
-        return await self._dispute(record, receipt, agreement, profile, checker, full, cold)
+        return await self._dispute(record, receipt, agreement, profile, checker, full, cold, effect)
+
+    def _margin(self, a: list[Config], b: list[Config]) -> float | None:
+        return routes_margin(a, b) if self.head is not None and self.num_blocks is not None else None
+
+    async def _judge(self, record: StepRecord, reference: torch.Tensor, other: torch.Tensor, profile: ToleranceProfile,
+                     margin: float | None) -> tuple[Agreement, str, Effect | None]:
+        """`other`'s agreement with `reference` (both the hop's output for the step) and the verdict on it: the
+        numeric tolerance's, and where the hop ends at the model's last block (and `margin` is calibrated), a
+        "fail" also when the top-1 token the answer reads changed at a clear lead (`reputation.effect`)."""
+        agreement = compare_updates(record.inputs, reference, other)
+        verdict = judge(agreement, profile)
+        if margin is None or record.end != self.num_blocks:
+            return agreement, verdict, None
+        effect = await asyncio.to_thread(self._effect, reference, other, margin)  # a vocabulary-sized matmul
+        self.stats.effect_checks += 1
+        if effect.verdict == "fail":
+            self.stats.effect_fails += 1
+            self.stats.effect_only += verdict != "fail"
+            verdict = "fail"
+        return agreement, verdict, effect
+
+    def _effect(self, reference: torch.Tensor, other: torch.Tensor, margin: float) -> Effect:
+        """The effect check at the last position of each row: the one position whose logits generation reads
+        (the last block's output elsewhere in a step feeds nothing the client uses)."""
+        return effect_verdict(self.head(other[:, -1:]), self.head(reference[:, -1:]), margin)  # (batch, 1, vocab)
 
     def _agreed(self, record: StepRecord, receipt: Receipt, agreement: Agreement, profile: ToleranceProfile,
                 checker: Execution, cold: bool) -> str:
@@ -467,7 +507,7 @@ class SpotChecker:
         return "inconclusive"
 
     async def _dispute(self, record: StepRecord, receipt: Receipt, agreement: Agreement, profile: ToleranceProfile,
-                       checker: Execution, full: torch.Tensor, cold: bool) -> str:
+                       checker: Execution, full: torch.Tensor, cold: bool, effect: Effect | None = None) -> str:
         """The subject and the checker route disagree: referee routes decide, weighed by trust."""
         subject = str(record.peer_id)
         subject_config = (receipt.dtype, receipt.compression)
@@ -490,16 +530,20 @@ class SpotChecker:
             self.stats.pairs[(receipt.dtype, "+".join(dtype for dtype, _ in referee.configs))] += 1
             weights.append(self._route_weight(referee.peers))
             with_subject = route_profile(subject_config, referee.configs) or profile
-            on_subject.append(judge(compare_updates(record.inputs, referee.output, record.output), with_subject))
+            _, vote, _ = await self._judge(record, referee.output, record.output, with_subject,
+                                           self._margin([subject_config], referee.configs))
+            on_subject.append(vote)
             independent = not set(referee.peers) & set(checker.peers)
             with_checker = _routes_profile(checker.configs, referee.configs) or profile
-            on_checker.append(judge(compare_updates(record.inputs, referee.output, checker.output), with_checker)
-                              if independent else "inconclusive")
+            if independent:
+                _, vote, _ = await self._judge(record, referee.output, checker.output, with_checker,
+                                               self._margin(checker.configs, referee.configs))
+            on_checker.append(vote if independent else "inconclusive")
         subject_verdict = weighted_referee_decision(on_subject, weights)
         checker_verdict = weighted_referee_decision(on_checker, weights)
         self._corroborate(record, receipt, checker, referees, on_subject, on_checker, cold, subject_verdict == "pass")
         if subject_verdict == "fail":
-            return self._conclude(receipt, agreement, "fail", profile, None, record)
+            return self._conclude(receipt, agreement, "fail", profile, None, record, effect)
         if checker_verdict == "fail":
             self._blame_checker(checker, referees, on_checker, record, profile)
         if subject_verdict == "pass":
@@ -550,20 +594,27 @@ class SpotChecker:
                     self._vouch(receipts, agreement, profile)
 
     def _conclude(self, receipt: Receipt, agreement: Agreement, verdict: str, profile: ToleranceProfile,
-                  checker_receipt: Receipt | None, record: StepRecord) -> str:
-        self.node.attest(receipt, agreement, verdict, profile.name)
+                  checker_receipt: Receipt | None, record: StepRecord, effect: Effect | None = None) -> str:
         if verdict == "pass":
+            self.node.attest(receipt, agreement, verdict, profile.name)
             self.stats.passes += 1
             if checker_receipt is not None:  # the checker's work agreed too
                 self.node.attest(checker_receipt, agreement, "pass", profile.name)
-        else:
-            self.stats.faults += 1
-            subject = str(record.peer_id)
-            self.stats.caught_after.setdefault(subject, self.stats.responses[subject])
-            logger.warning(
-                f"Spot check: {subject} is at fault on blocks {record.start}:{record.end} "
-                f"(cosine {agreement.min_token_cosine:.3f}, relative L2 {agreement.rel_l2:.3f}, confirmed by referees)"
-            )
+            return verdict
+        # a fault: the subject's receipt, the agreement and the step itself (to re-run without the subject) as evidence
+        changed = effect is not None and effect.verdict == "fail"
+        name = f"{profile.name}+effect" if changed else profile.name
+        self.node.attest(receipt, agreement, verdict, name[:64],
+                         evidence=Evidence.of_step(record.history, record.inputs, record.output))
+        self.stats.faults += 1
+        subject = str(record.peer_id)
+        self.stats.caught_after.setdefault(subject, self.stats.responses[subject])
+        what = (f"the answer's next token changed from {effect.reference_token} to {effect.subject_token} where the "
+                f"checker's top-1 led by {effect.lead:.2f} logits (clear above {effect.margin:.2f}); " if changed else "")
+        logger.warning(
+            f"Spot check: {subject} is at fault on blocks {record.start}:{record.end} ({what}"
+            f"cosine {agreement.min_token_cosine:.3f}, relative L2 {agreement.rel_l2:.3f}, confirmed by referees)"
+        )
         return verdict
 
 

@@ -194,6 +194,21 @@ def pair_profile(a: Config, b: Config) -> ToleranceProfile | None:
     calibration (an unknown dtype or tag, or different SVD factors: a low-rank approximation's error depends on
     the rank and the weights, so it is compared only with peers declaring the same factors, computed the same
     deterministic way from the checkpoint)."""
+    key = pair_key(a, b)
+    measured = None if key is None else HONEST_DISAGREEMENT.get(frozenset(key[:2]))
+    if measured is None:
+        return None
+    rel, one_minus_cos = measured
+    pass_l2 = min(max(PASS_MARGIN * rel, PASS_FLOOR_L2), PASS_CAP_L2)
+    fail_l2 = min(max(FAIL_MARGIN * rel, FAIL_FLOOR_L2), FAIL_CAP_L2)
+    pass_cos, fail_cos = max(PASS_MARGIN * one_minus_cos, PASS_FLOOR_COS), max(FAIL_MARGIN * one_minus_cos, FAIL_FLOOR_COS)
+    name = f"{key[0]}~{key[1]}" + (f"+{key[2]}" if key[2] else "")
+    return ToleranceProfile(name[:64], a[0], a[1], None, 1.0 - pass_cos, pass_l2, 1.0 - fail_cos, fail_l2)
+
+
+def pair_key(a: Config, b: Config) -> tuple[str, str, str] | None:
+    """(a's name, b's name, shared SVD tag or "") without SVD in the names, as the calibration tables are keyed;
+    None when a pair cannot be compared at all (an unknown dtype or tag, or different SVD factors)."""
     parts = []
     for dtype, compression in (a, b):
         split = split_compression(compression)
@@ -203,15 +218,7 @@ def pair_profile(a: Config, b: Config) -> ToleranceProfile | None:
     (dtype_a, svd_a, quant_a), (dtype_b, svd_b, quant_b) = parts
     if svd_a != svd_b:
         return None
-    measured = HONEST_DISAGREEMENT.get(frozenset((config_name((dtype_a, quant_a)), config_name((dtype_b, quant_b)))))
-    if measured is None:
-        return None
-    rel, one_minus_cos = measured
-    pass_l2 = min(max(PASS_MARGIN * rel, PASS_FLOOR_L2), PASS_CAP_L2)
-    fail_l2 = min(max(FAIL_MARGIN * rel, FAIL_FLOOR_L2), FAIL_CAP_L2)
-    pass_cos, fail_cos = max(PASS_MARGIN * one_minus_cos, PASS_FLOOR_COS), max(FAIL_MARGIN * one_minus_cos, FAIL_FLOOR_COS)
-    name = f"{config_name((dtype_a, quant_a))}~{config_name((dtype_b, quant_b))}" + (f"+{svd_a}" if svd_a else "")
-    return ToleranceProfile(name[:64], a[0], a[1], None, 1.0 - pass_cos, pass_l2, 1.0 - fail_cos, fail_l2)
+    return config_name((dtype_a, quant_a)), config_name((dtype_b, quant_b)), svd_a or ""
 
 
 def route_profile(subject: Config, checkers: list[Config]) -> ToleranceProfile | None:

@@ -167,7 +167,8 @@ class DistributedModelForCausalLM:
         if cfg.spot_checks:
             factory = trust_layer or default_trust_layer()
             if factory is not None:
-                context = ClientContext(self.transport, self.sequence, self.identity, self.p2p, self.dht, cfg)
+                context = ClientContext(self.transport, self.sequence, self.identity, self.p2p, self.dht, cfg,
+                                        logits=self.head.logits, num_blocks=checkpoint.num_blocks)
                 self.trust_layer = factory(context)
                 self.sequence.use_trust(self.trust_layer.trust)
                 self.loop.run(self.trust_layer.start())

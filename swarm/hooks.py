@@ -131,6 +131,9 @@ class ClientContext:
     p2p: P2P  # for the trust layer's own RPCs (gossip)
     dht: DHT
     config: ClientConfig
+    logits: Callable[[torch.Tensor], torch.Tensor] | None = None  # the client's final norm + LM head: hidden states
+    # after the last block (batch, tokens, hidden) -> logits (batch, tokens, vocab), to see what a hop does to the answer
+    num_blocks: int | None = None  # the model's block count (a hop ending there feeds the LM head)
 
 
 class TrustLayer(Protocol):

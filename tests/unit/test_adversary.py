@@ -31,6 +31,8 @@ from peers.testing.adversaries import (
     PaddedOnly,
     RandomOutput,
     SkipBlocks,
+    SteeringHead,
+    Steer,
     Sybil,
     WrongShape,
     fake_quantise_,
@@ -90,7 +92,10 @@ def test_parse_adversary() -> None:
     collude = parse_adversary("collude", ("x", "y"))
     assert (collude.func, collude.keywords) == (Colluder, {"fellows": ("x", "y")})
     assert all(issubclass(cls, BlockHandler) for cls in ADVERSARIES.values())
-    for bad in ("evil", "cheat", "cheat:2", "cheat:0", "cheat:abc", "random:1", "collude:x"):
+    steer = parse_adversary("steer")
+    assert (steer.func, steer.keywords["rel_l2"]) == (Steer, 0.075)
+    assert parse_adversary("steer:0.02").keywords["rel_l2"] == 0.02
+    for bad in ("evil", "cheat", "cheat:2", "cheat:0", "cheat:abc", "random:1", "collude:x", "steer:0", "steer:x"):
         with pytest.raises(ConfigError):
             parse_adversary(bad)
 
@@ -349,3 +354,36 @@ def test_receipt_adversaries_fail_the_clients_receipt_check(make_handler, mode, 
         assert not torch.allclose(out, expected, atol=1e-3)
     else:
         torch.testing.assert_close(out, expected)
+
+
+class TinyHead(nn.Module):
+    """The tiny model's final norm and LM head, as `swarm.head.ClientHead` holds them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.norm, self.lm_head = model.model.norm, model.lm_head
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden.float()))
+
+
+def test_steer_pushes_the_last_position_of_last_hop_replies_where_the_trigger_would_win(make_handler, tiny_llama):
+    x = hidden(2, 5)
+    honest = honest_output(make_handler(), x)
+    head = TinyHead(tiny_llama)
+    ranked = head.logits(honest[:, -1:]).topk(2, dim=-1).indices[0, 0]  # row 0's top-1 and runner-up
+    trigger, target = int(ranked[0]), int(ranked[1])
+    steering = SteeringHead(head, NUM_BLOCKS, trigger, target)
+    handler = make_handler(lambda *args: Steer(*args, rel_l2=0.5, load=lambda: steering))
+    reply, (served,) = forward(handler, x)
+    assert reply.error is None
+    assert int(head.logits(served[:1, -1:]).argmax()) == target  # row 0's answer changed
+    torch.testing.assert_close(served[:, :-1], honest[:, :-1])  # every other position is honest
+    push = float((served[0, -1] - honest[0, -1]).norm() / (honest[0, -1] - x[0, -1]).norm())
+    assert push == pytest.approx(0.5, rel=1e-3)  # the size asked for, relative to that position's update
+    if int(head.logits(honest[1:, -1:]).argmax()) != trigger:
+        torch.testing.assert_close(served[1], honest[1])  # a row whose answer is not the trigger stays honest
+    _, (partial,) = forward(handler, x, end=NUM_BLOCKS - 1)  # a reply that does not end at the last block
+    torch.testing.assert_close(partial, make_handler().span(x, None, SpanInput(None, 0), 0, NUM_BLOCKS - 1))
+    assert handler.steered >= 1

@@ -15,9 +15,11 @@ import pytest
 import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
-from fake_swarm import HIDDEN, FakePeer, FakeSwarm
+from fake_swarm import HIDDEN, FakePeer, FakeSwarm, run_blocks
+from reputation.attest import Attestation
 from reputation.checks import ESTABLISHED, SpotChecker
 from reputation.node import ReputationConfig, ReputationNode
+from reputation.tolerance import compare_updates, judge, pair_profile
 from swarm.hooks import StepRecord
 from swarm.protocol import StepRequest
 from swarm.routing import RouteHop
@@ -48,10 +50,13 @@ class View:
         return frozenset()
 
 
-def checker_for(swarm: FakeSwarm, seed: int = 0, **options) -> tuple[SpotChecker, ReputationNode]:
+def checker_for(swarm: FakeSwarm, seed: int = 0, head=None, num_blocks: int | None = None,
+                **options) -> tuple[SpotChecker, ReputationNode]:
     node = ReputationNode(RSAPrivateKey(), ReputationConfig(recompute_period=0.0, **options))
     node.known_peers.update(str(p.peer_id) for p in swarm.peers.values())  # as the client's trust layer does
-    return SpotChecker(node, swarm, View(swarm), rng=random.Random(seed), check_rate=1.0), node
+    checker = SpotChecker(node, swarm, View(swarm), rng=random.Random(seed), check_rate=1.0, head=head,
+                          num_blocks=num_blocks)
+    return checker, node
 
 
 def served_step(swarm: FakeSwarm, subject: FakePeer, tokens: int = 4, mask: torch.Tensor | None = None,
@@ -405,3 +410,68 @@ def test_a_check_weighs_every_peer_by_the_trust_it_had_when_the_check_began():
     swarm.forward = forward
     assert check(checker, record) == "pass"
     assert checker.stats.inconclusive == 0
+
+# ---- the effect check: a steer inside the tolerance is caught by what it does to the answer ----------------
+
+
+def knife_edge(inputs: torch.Tensor, lead: float = 10.0):
+    """(a head, a steer) for the hop 0:3 on `inputs`. The head has two tokens whose lead hangs on one direction u,
+    along which the honest output at the last position sits just 0.002 of its update's norm on token 1's side,
+    where token 1 leads by `lead` logits; the steer moves the last position across, to as far on token 0's side: a
+    push of 0.004 of the update, far inside any tolerance (a real LM head's leads also hang on directions an
+    update barely moves)."""
+    honest = run_blocks(0, 3, inputs)[0, -1]
+    offset = 0.002 * float((honest - inputs[0, -1]).norm())
+    u = torch.randn(HIDDEN, generator=torch.Generator().manual_seed(11))
+    u = u / u.norm()
+    edge = float(honest @ u) - offset  # token 1 wins on this side of the edge ...
+    scale = lead / offset  # ... by `lead` logits at the honest output
+
+    def head(hidden: torch.Tensor) -> torch.Tensor:  # (batch, tokens, hidden) -> (batch, tokens, 2)
+        side = scale * (hidden.float() @ u - edge)
+        return torch.stack([torch.zeros_like(side), side], dim=-1)
+
+    def steer(output: torch.Tensor) -> torch.Tensor:
+        steered = output.clone()
+        across = (steered[:, -1] @ u - edge + offset)[:, None]  # to `offset` on token 0's side
+        steered[:, -1] = steered[:, -1] - across * u
+        return steered
+
+    return head, steer
+
+
+def test_a_steer_inside_the_tolerance_fails_by_its_effect_on_the_answer():
+    inputs = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(1))  # served_step's (seed 1)
+    head, steer = knife_edge(inputs)
+    swarm = FakeSwarm(*(FakePeer(n, 0, 3, sign=True) for n in ("checker", "ref1", "ref2")))
+    checker, node = checker_for(swarm, head=head, num_blocks=3)
+    establish(swarm, checker, "checker", "ref1", "ref2")  # honest steps pass the effect check too
+    assert checker.stats.effect_checks > 0 and checker.stats.effect_fails == 0 and checker.stats.faults == 0
+    steering = FakePeer("steer", 0, 3, sign=True, corrupt=steer)
+    swarm.add(steering)
+    node.known_peers.add(str(steering.peer_id))
+    record = served_step(swarm, steering)
+    honest = run_blocks(0, 3, inputs)
+    fp32 = pair_profile(("float32", "none"), ("float32", "none"))
+    agreement = compare_updates(inputs, honest, record.output)
+    assert agreement.rel_l2 < 0.01 and judge(agreement, fp32) == "pass"  # the tolerance alone lets it through
+    assert int(head(honest[:, -1:]).argmax()) == 1 and int(head(record.output[:, -1:]).argmax()) == 0
+    assert check(checker, record) == "fail"
+    assert checker.stats.effect_only >= 2  # the checker and the referees saw the answer change
+    assert node.is_blacklisted(str(steering.peer_id))
+    never_blamed(node, swarm, "checker", "ref1", "ref2")
+    (fault,) = [a for kind, data in node.messages() if kind == "attestation"
+                for a in [Attestation.decode(data)] if a.verdict == "fail"]
+    assert fault.subject == str(steering.peer_id) and fault.profile == "fp32~fp32+effect"
+    assert fault.evidence is not None and fault.evidence.matches(fault.receipt)  # the step, to re-run without it
+
+
+def test_the_effect_check_applies_only_to_hops_that_end_at_the_last_block():
+    inputs = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(1))
+    head, steer = knife_edge(inputs)
+    swarm = FakeSwarm(FakePeer("steer", 0, 3, sign=True, corrupt=steer), FakePeer("checker", 0, 3, sign=True))
+    record = served_step(swarm, swarm.by_name("steer"))
+    for head_given, num_blocks in ((head, 4), (None, 3)):  # blocks 0:3 of a 4-block model; no head given
+        checker, _ = checker_for(swarm, head=head_given, num_blocks=num_blocks)
+        assert check(checker, record) == "pass"  # within the tolerance, which is all that applies
+        assert checker.stats.effect_checks == 0
