@@ -35,6 +35,9 @@ class Excluded:
     def is_blacklisted(self, peer_id: str) -> bool:
         return peer_id in self.peer_ids
 
+    def score(self, peer_id: str) -> float:
+        return 1.0
+
 
 @pytest.fixture(scope="module")
 def steer_swarm():
