@@ -21,9 +21,9 @@ Each output goes through the client's float32 head (final norm + LM head).
    Then, per (subject, checker) pair, at that size and at the adversary's default 0.075: the pair's tolerance, the
    numeric verdict and the effect check's verdict.
 
-    python benchmarks/steering.py                           # fp32, bf16, fp16, fp32+int8, bf16+int8 (~1 h on 2 busy cores)
-    python benchmarks/steering.py --quick                   # fp32, bf16, fp32+int8, fewer sequences (~20 min)
-    python benchmarks/steering.py --all                     # every configuration without SVD (nf4 too)
+    python benchmarks/steering.py                           # fp32, bf16, fp16, fp32+int8, bf16+int8 (684 s, 2 busy cores)
+    python benchmarks/steering.py --quick                   # fp32, bf16, fp32+int8, fewer sequences
+    python benchmarks/steering.py --all                     # every configuration without SVD (225 s on 2 quieter cores)
     python benchmarks/steering.py --outputs /tmp/steer.pt   # keep what was run, to print the tables again at once
 """
 
