@@ -83,6 +83,7 @@ class CheckStats:
     faults: int = 0  # subjects confirmed at fault
     checker_faults: int = 0  # checkers the referees contradicted
     inconclusive: int = 0
+    avoided: int = 0  # unsettled disputes after which this client avoided the subject (`dispute_seen`)
     skipped: int = 0  # chosen but never started: too many checks waiting (also counted as unverifiable)
     unverifiable: int = 0  # checks that could not run (each logged at INFO with its reason)
     unverifiable_reasons: Counter = field(default_factory=Counter)  # reason -> count
@@ -524,6 +525,7 @@ class SpotChecker:
             referees.append(referee)
             used |= set(referee.peers)
         if not referees:
+            self._avoid_if_contradicted(record, checker, [])
             return self._inconclusive(receipt, agreement, profile, "a disagreement and no referee route to settle it")
         weights, on_subject, on_checker = [], [], []
         for referee in referees:
@@ -548,8 +550,23 @@ class SpotChecker:
             self._blame_checker(checker, referees, on_checker, record, profile)
         if subject_verdict == "pass":
             return self._conclude(receipt, agreement, "pass", profile, None, record)
+        if checker_verdict != "fail":
+            self._avoid_if_contradicted(record, checker, on_subject)
         votes = ", ".join(f"{'+'.join(r.peers)}: {v} (weight {w:.2f})" for r, v, w in zip(referees, on_subject, weights))
         return self._inconclusive(receipt, agreement, profile, f"the referees' trusted weight decides nothing ({votes})")
+
+    def _avoid_if_contradicted(self, record: StepRecord, checker: Execution, on_subject: list[str]) -> None:
+        """An unsettled dispute still decides what this client uses: a subject it does not trust, contradicted by
+        the checker route and by every referee (or, with no referee, by a trusted checker route), is avoided here
+        (`ReputationNode.dispute_seen`) and its output not used. A trusted subject is never avoided on the word of
+        untrusted peers, so newcomers cannot push a client off the peers it trusts."""
+        subject = str(record.peer_id)
+        if self._weight(subject) >= ESTABLISHED or "pass" in on_subject:
+            return
+        if (on_subject and all(vote == "fail" for vote in on_subject)) or self._route_weight(checker.peers) >= ESTABLISHED:
+            self.stats.avoided += 1
+            self.node.dispute_seen(subject, f"its output for blocks {record.start}:{record.end} was contradicted by "
+                                            f"{1 + len(on_subject)} other execution(s) and trust here cannot settle it")
 
     def _blame_checker(self, checker: Execution, referees: list[Execution], on_checker: list[str],
                        record: StepRecord, profile: ToleranceProfile) -> None:

@@ -87,6 +87,7 @@ class ReputationConfig:
     refute_passes: int = 3  # own passes of the accused that refute an open accusation
     max_accusations_per_peer: int = 16  # open accusations kept per accused peer (the newest)
     puzzle_bits: int = field(default_factory=_default_puzzle_bits)  # identity puzzle every signer must solve
+    dispute_avoid_s: float = 600.0  # how long this node's routes avoid a peer it saw contradicted and could not judge
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ class ReputationNode:
         self._snapshot = TrustSnapshot()
         self.known_peers: set[str] = set()  # peers seen serving; scored even before anyone checks them
         self._unproven: dict[str, Attestation | Countersigned] = {}  # own, signed before the puzzle was solved
+        self._disputed: dict[str, float] = {}  # peer -> until when this node's routes avoid it (`dispute_seen`)
 
     @property
     def puzzle_nonce(self) -> bytes:
@@ -424,6 +426,21 @@ class ReputationNode:
         is blacklisted here, and forfeits its unvested credit here, but nothing is gossiped."""
         with self._lock:
             self._fault(peer, reason)
+
+    def dispute_seen(self, peer: str, reason: str) -> None:
+        """A step of `peer`, untrusted here, that every other execution contradicted while no trusted weight could
+        settle it (a cold start): this node's routes avoid the peer for `dispute_avoid_s` and its sessions move off
+        it, so its output is not used, but it is not blacklisted and nothing is gossiped (the contradicting peers
+        may be one cheater's identities)."""
+        with self._lock:
+            until = self.clock() + self.cfg.dispute_avoid_s
+            if self._disputed.get(peer, float("-inf")) <= self.clock():
+                logger.warning(f"Avoiding {peer} for {self.cfg.dispute_avoid_s:.0f} s ({reason})")
+            self._disputed[peer] = until
+
+    def avoids(self, peer: str) -> bool:
+        """Whether this node's routes leave `peer` out: blacklisted, or recently disputed (`dispute_seen`)."""
+        return self.is_blacklisted(peer) or self._disputed.get(peer, float("-inf")) > self.clock()
 
     def _fault(self, peer: str, reason: str) -> None:
         """A fault this node proved itself: blacklist at once (caller holds the lock). Unvested credit is

@@ -49,8 +49,9 @@ def _rewind_if_untrusted(session: "SyncSession", untrusted: int | None, start: i
         return
     keep, resume = rewind_point(untrusted, start, prompt_length)
     session.rollback(resume)
-    logger.warning(f"Regenerating from token {keep - prompt_length}: a peer on the route was caught cheating")
-    raise Rewind(keep, "a peer on the route was blacklisted")
+    logger.warning(f"Regenerating from token {keep - prompt_length}: a peer on the route was caught cheating or "
+                   f"contradicted by others")
+    raise Rewind(keep, "a peer on the route was blacklisted or contradicted")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,9 @@ class TrustView(Protocol):
 
     def is_blacklisted(self, peer_id: str) -> bool: ...
 
+    def avoids(self, peer_id: str) -> bool:
+        """Whether routes leave the peer out and sessions move off it: blacklisted, or otherwise not to be used."""
+
     def score(self, peer_id: str) -> float:
         """Relative trust (1.0 = average; newcomers start near 0)."""
 

@@ -3,7 +3,9 @@
 The graph's nodes are block boundaries; an edge "peer p computes blocks i..j" costs
 latency(p) + (j - i) / throughput(p). The cheapest path is the route (DESIGN.md, Routing). Throughput is
 what the client measured on p's own steps once it has that (a peer measured far below its claim is demoted),
-and compute at peers without trust costs a little more (`PeerEvidence`).
+and compute at peers without trust costs a little more (`PeerEvidence`). With a trust layer, a hop that no other
+peer could re-run in a spot check (nobody else serves those blocks in a comparable configuration, such as the same
+SVD factors) is used only when no checkable route exists.
 Only boundaries where some peer starts or ends can be useful places to switch peers (the cost of a
 switch point between them is linear), so the graph stays small even for 80-block models.
 """
@@ -17,11 +19,13 @@ from typing import Collection, Mapping
 from hivemind.p2p import PeerID
 
 from swarm.records import PeerSpan, online_spans
+from swarm.tags import comparable
 
 PING_SMOOTHING = 0.2  # weight of a new ping in the moving average
 NO_ROOM_PENALTY = 10.0  # seconds added to a hop whose peer announced too little KV-cache room
 OVERCLAIM_RATIO = 3.0  # a peer measured this much slower than it announced is demoted...
 OVERCLAIM_DEMOTION = 2.0  # ...to this fraction of its measured speed
+UNCHECKABLE_PENALTY = 10.0  # seconds added to a hop that no other peer's blocks cover: it cannot be spot-checked
 TRUST_WEIGHT = 0.5  # compute of a peer without trust costs up to 1 + this; trusted peers (>= average) cost 1
 
 
@@ -51,6 +55,13 @@ def missing_blocks(spans: Collection[PeerSpan], start: int, end: int) -> list[in
         for block in range(max(span.start, start), min(span.end, end)):
             covered[block - start] = True
     return [start + i for i, ok in enumerate(covered) if not ok]
+
+
+def checkable(spans: Collection[PeerSpan], subject: PeerSpan, start: int, end: int) -> bool:
+    """Whether other online peers whose compression can be compared with the subject's (`tags.comparable`) cover
+    blocks [start, end), chained if need be, so that a spot check can re-run a hop the subject serves there."""
+    others = [s for s in spans if s.peer_id != subject.peer_id and comparable(s.info.compression, subject.info.compression)]
+    return start >= end or not missing_blocks(others, start, end)
 
 
 def effective_throughput(announced: float, measured: float | None) -> float:
@@ -86,13 +97,17 @@ def find_route(
     excluded: Collection[PeerID] = (),
     needed_tokens: int = 0,
     evidence: Mapping[PeerID, PeerEvidence] | None = None,
+    prefer_checkable: bool = False,
 ) -> list[RouteHop] | None:
     """The cheapest chain of hops covering [start, end), or None if some block is not covered.
 
     Peers without a measured latency are treated as unreachable; peers that announced less KV-cache
-    room than `needed_tokens` are used only when there is no other way. Ties break on peer id, so
-    every client computes the same route from the same snapshot.
+    room than `needed_tokens` are used only when there is no other way; with `prefer_checkable`, so are hops
+    that no other peer could re-run (`checkable`). Ties break on peer id, so every client computes the same
+    route from the same snapshot.
     """
+    online = usable_spans(spans)
+    checkable_hops: dict[tuple[PeerID, int, int], bool] = {}
     candidates = [s for s in usable_spans(spans, excluded) if s.peer_id in latencies]
     candidates.sort(key=lambda s: s.peer_id.to_base58())
     points = sorted({start, end} | {b for s in candidates for b in (s.start, s.end) if start < b < end})
@@ -113,6 +128,11 @@ def find_route(
                 if here < there <= min(span.end, end):
                     new_cost = cost + hop_cost(span, here, there, latencies[span.peer_id], needed_tokens,
                                                (evidence or {}).get(span.peer_id))
+                    if prefer_checkable:
+                        key = (span.peer_id, here, there)
+                        if key not in checkable_hops:
+                            checkable_hops[key] = checkable(online, span, here, there)
+                        new_cost += 0.0 if checkable_hops[key] else UNCHECKABLE_PENALTY
                     if new_cost < best.get(there, float("inf")) - 1e-12:
                         best[there] = new_cost
                         previous[there] = (here, RouteHop(span.peer_id, here, there))

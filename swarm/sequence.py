@@ -90,10 +90,10 @@ class RemoteSequence:
         self.ban(next((s.peer_id for s in self._spans if str(s.peer_id) == error.peer), PeerID.from_base58(error.peer)))
 
     def banned(self) -> frozenset[PeerID]:
-        """Peers kept out of routes: failing ones for a while, and blacklisted ones."""
+        """Peers kept out of routes: failing ones for a while, and those the trust layer avoids (blacklisted ones)."""
         banned = set(self.cooldowns.active())
         if self.trust is not None:
-            banned |= {s.peer_id for s in self._spans if self.trust.is_blacklisted(str(s.peer_id))}
+            banned |= {s.peer_id for s in self._spans if self.trust.avoids(str(s.peer_id))}
         return frozenset(banned)
 
     async def refresh_spans(self, force: bool = False) -> list[PeerSpan]:
@@ -114,7 +114,8 @@ class RemoteSequence:
             latencies = await self.probe.ping_all(s.peer_id for s in spans)
             spans = [s for s in spans if s.peer_id not in self.cooldowns]  # a ping may have found junk
             evidence = {s.peer_id: self.evidence(s.peer_id) for s in spans}
-            route = routing.find_route(spans, latencies, start, end, needed_tokens=needed_tokens, evidence=evidence)
+            route = routing.find_route(spans, latencies, start, end, needed_tokens=needed_tokens, evidence=evidence,
+                                       prefer_checkable=self.trust is not None and self.cfg.route_on_evidence)
             if route is not None:
                 return route
             reachable = [s for s in spans if s.peer_id in latencies]

@@ -178,19 +178,19 @@ class InferenceSession:
         return reply
 
     async def _evict_blacklisted(self, position: int, mask: torch.Tensor | None) -> None:
-        """Route around hops whose peer was blacklisted since the last step, then rebuild every later hop's
-        cache from the replacement's outputs (what the blacklisted peer sent them cannot be trusted)."""
+        """Route around hops whose peer the trust layer avoids since the last step (blacklisted or disputed), then
+        rebuild every later hop's cache from the replacement's outputs (what that peer sent them cannot be trusted)."""
         trust = self.sequence.trust
         if trust is None or position == 0:
             return
         for _ in range(MAX_FAILOVERS_PER_STEP):
-            index = next((i for i, h in enumerate(self._hops) if trust.is_blacklisted(str(h.route.peer_id))), None)
+            index = next((i for i, h in enumerate(self._hops) if trust.avoids(str(h.route.peer_id))), None)
             if index is None:
                 return
             bad = self._hops[index].route.peer_id
             self._untrust(self._hops[index].since)
             count_before = len(self._hops)
-            output = await self._recover(index, RemoteError(str(bad), "blacklisted", "blacklisted by spot checks"), position, mask)
+            output = await self._recover(index, _avoided(trust, str(bad)), position, mask)
             past_mask = None if mask is None else mask[:, :position]
             for later in self._hops[index + 1 + len(self._hops) - count_before :]:
                 if output is None:
@@ -295,6 +295,13 @@ class InferenceSession:
         if self._hops is not None and self.observer is not None:
             self.observer.on_close(self.session_id)
         self._hops = None
+
+
+def _avoided(trust, peer: str) -> RemoteError:
+    """Why a session moves off a peer the trust layer avoids (a failover event's reason)."""
+    if trust.is_blacklisted(peer):
+        return RemoteError(peer, "blacklisted", "blacklisted by spot checks")
+    return RemoteError(peer, "disputed", "contradicted by every other execution of its blocks")
 
 
 def _failed_peer(error: PeerError, hops: list[_Hop]):

@@ -55,6 +55,13 @@ def split_compression(tag: str) -> tuple[str | None, str] | None:
     return svd, quant if plus else "none"
 
 
+def comparable(a: str, b: str) -> bool:
+    """Whether peers declaring compressions `a` and `b` can check each other: both known, with the same SVD factors
+    (or none); every dtype and quantisation pair has a calibrated tolerance (reputation.tolerance)."""
+    split_a, split_b = split_compression(a), split_compression(b)
+    return split_a is not None and split_b is not None and split_a[0] == split_b[0]
+
+
 def known_compression(tag: str) -> bool:
     """Whether `tag` is a compression a peer may declare (see the module docstring)."""
     return split_compression(tag) is not None

@@ -433,3 +433,14 @@ def test_what_was_signed_before_the_puzzle_was_solved_is_signed_again_for_gossip
     assert other.is_accused(subject)  # the early verdict reached the other node
     assert me._tallies() == tallies_before and len(me.inventory()) == 2  # replaced, not counted twice
     assert me.prove_unproven() == 0
+
+
+def test_a_disputed_peer_is_avoided_here_for_a_while_and_nothing_spreads(keys) -> None:
+    clock = Clock()
+    me = node(keys[0], clock, dispute_avoid_s=600.0)
+    peer = peer_id_of_key(keys[1])
+    me.dispute_seen(peer, "contradicted by 3 other executions")
+    assert me.avoids(peer) and not me.is_blacklisted(peer)
+    assert me.messages() == []  # a dispute this node could not settle is not a verdict: nothing to gossip
+    clock.now += 601
+    assert not me.avoids(peer)

@@ -12,6 +12,7 @@ from swarm.records import PeerSpan, ServerInfo, ServerState
 from swarm.routing import (
     PING_SMOOTHING,
     RouteHop,
+    checkable,
     find_route,
     missing_blocks,
     route_cost,
@@ -187,3 +188,30 @@ def test_trust_weighs_in_between_equally_fast_peers():
     fast = span("fast-stranger", 0, 30, throughput=1000.0)
     evidence[fast.peer_id] = PeerEvidence(throughput=1000.0, trust=0.0)
     assert hops(find_route([fast, trusted], latencies_of([fast, trusted]), 0, 30, evidence=evidence))[0][0] == fast.peer_id
+
+
+def test_a_hop_is_checkable_when_other_comparable_peers_chained_cover_its_blocks():
+    unique = span("unique", 0, 15)
+    spans = [unique, span("a", 0, 10), span("b", 10, 20), span("c", 20, 30)]
+    by_name = dict(zip("uabc", spans))
+    assert checkable(spans, unique, 0, 15)  # a then b re-run it
+    assert not checkable(spans, by_name["c"], 20, 30)  # nobody else serves 20:30
+    assert checkable(spans, by_name["a"], 0, 10) and not checkable(spans, by_name["b"], 10, 20)  # 15:20 is b's alone
+    svd = PeerSpan(peer("svd"), ServerInfo(state=ServerState.ONLINE, start=0, end=10, throughput=1.0, dtype="float32",
+                                           compression="svd-rank64-plain+nf4"))
+    assert not checkable([*spans, svd], svd, 0, 10)  # nobody else declares its factors
+    assert checkable([*spans, svd], by_name["a"], 0, 10)  # a plain peer is checked by plain ones (unique, here)
+
+
+def test_with_a_trust_layer_routes_prefer_hops_that_can_be_checked():
+    # "fast" boasts, but nobody else declares its SVD factors; a and b serve 0:10 and 10:20 twice over
+    fast = PeerSpan(peer("fast"), ServerInfo(state=ServerState.ONLINE, start=0, end=20, throughput=1000.0,
+                                             dtype="float32", compression="svd-rank64-plain"))
+    spans = [fast, span("a", 0, 10, 10.0), span("a2", 0, 10, 10.0), span("b", 10, 20, 10.0), span("b2", 10, 20, 10.0)]
+    latencies = latencies_of(spans)
+    assert hops(find_route(spans, latencies, 0, 20)) == [(peer("fast"), 0, 20)]  # the fastest, if checks don't matter
+    route = find_route(spans, latencies, 0, 20, prefer_checkable=True)
+    assert peer("fast") not in [h.peer_id for h in route] and len(route) == 2  # two checkable hops instead
+    # where nothing checkable exists, the penalty falls on every route alike, so the cheapest still wins
+    lone = [span("x", 0, 10, 10.0), span("y", 10, 20, 100.0)]
+    assert hops(find_route(lone, latencies_of(lone), 0, 20, prefer_checkable=True)) == [(peer("x"), 0, 10), (peer("y"), 10, 20)]

@@ -27,6 +27,9 @@ class Blacklist:
     def is_blacklisted(self, peer_id: str) -> bool:
         return peer_id in self.peers
 
+    def avoids(self, peer_id: str) -> bool:
+        return self.is_blacklisted(peer_id)
+
     def score(self, peer_id: str) -> float:
         return 1.0
 

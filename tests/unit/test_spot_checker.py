@@ -105,6 +105,7 @@ def never_blamed(node: ReputationNode, swarm: FakeSwarm, *names: str) -> None:
     for name in names:
         peer = str(swarm.by_name(name).peer_id)
         assert not node.is_blacklisted(peer), name
+        assert not node.avoids(peer), name
         assert all(row.fails == 0 for row in node.standings() if row.peer_id == peer), name
 
 
@@ -156,7 +157,8 @@ def test_untrusted_referees_convict_nobody():
     checker, node = checker_for(swarm)
     assert check(checker, served_step(swarm, swarm.by_name("liar"))) == "inconclusive"
     assert node.blacklisted() == frozenset()
-    # ...but the referees that agreed with the checker vouched for each other, so the next check decides
+    assert node.avoids(str(swarm.by_name("liar").peer_id))  # ...yet this client uses nothing it sent for a while
+    # ...and the referees that agreed with the checker vouched for each other, so the next check decides
     node.refresh(force=True)  # (once the background refresh has published it)
     assert check(checker, served_step(swarm, swarm.by_name("liar"), seed=2)) == "fail"
     never_blamed(node, swarm, "checker", "ref1", "ref2")
@@ -190,6 +192,7 @@ def test_a_disagreement_without_referees_is_inconclusive_and_blames_nobody():
     checker, node = checker_for(swarm)
     assert check(checker, served_step(swarm, swarm.by_name("liar"))) == "inconclusive"
     assert node.blacklisted() == frozenset()
+    assert not node.avoids(str(swarm.by_name("liar").peer_id))  # one untrusted word against another
 
 
 def test_newcomers_agreeing_with_each_other_earn_nothing_once_trusted_peers_are_around():
