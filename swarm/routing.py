@@ -1,7 +1,8 @@
 """Choosing the chain of peers that covers blocks [start, end): pure functions over a snapshot.
 
 The graph's nodes are block boundaries; an edge "peer p computes blocks i..j" costs
-latency(p) + (j - i) / throughput(p). The cheapest path is the route (DESIGN.md, Routing).
+latency(p) + (j - i) / throughput(p), plus RELAY_PENALTY when p is reachable only through a relay.
+The cheapest path is the route (DESIGN.md, Routing).
 Only boundaries where some peer starts or ends can be useful places to switch peers (the cost of a
 switch point between them is linear), so the graph stays small even for 80-block models.
 """
@@ -18,6 +19,11 @@ from swarm.records import PeerSpan, online_spans
 
 PING_SMOOTHING = 0.2  # weight of a new ping in the moving average
 NO_ROOM_PENALTY = 10.0  # seconds added to a hop whose peer announced too little KV-cache room
+# Seconds added to a hop whose peer is reachable only through a relay (it announces its relays). Its measured
+# round trip already includes the detour; this makes a direct peer win wherever the two are close (on one LAN a
+# relay adds well under a millisecond, below the ping's noise), since a relay is shared, caps each connection's
+# bytes and duration, and is one more machine that can fail. A relayed peer still wins by saving more than this.
+RELAY_PENALTY = 0.01
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ def missing_blocks(spans: Collection[PeerSpan], start: int, end: int) -> list[in
 
 def hop_cost(span: PeerSpan, start: int, end: int, latency: float, needed_tokens: int = 0) -> float:
     cost = latency + (end - start) / max(span.info.throughput, 1e-9)
+    if span.info.relayed:
+        cost += RELAY_PENALTY
     if span.info.cache_tokens_left < needed_tokens:
         cost += NO_ROOM_PENALTY  # likely to refuse the session: use it only if nobody else can
     return cost
