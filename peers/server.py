@@ -19,7 +19,9 @@ from peers.config import PeerConfig, parse_block_range
 from peers.compression.footprint import block_footprint
 from peers.compression.options import compression_tag
 from peers.handler import BlockHandler, HandlerConfig, HandlerFactory
+from peers.dialback import DialBackService
 from peers.loading import build_span
+from peers.reachability import Reachability, join_network, public_peers
 from peers.selection import choose_num_blocks, choose_span_start, rebalance_target
 from peers.reputation_service import PeerReputation
 from peers.status_log import TrustProvider, log_status
@@ -29,6 +31,7 @@ from swarm.models import BlockCheckpoint, open_model
 from swarm.network import Identity, create_dht, load_identity, signer_for
 from swarm.periodic import BackgroundTasks, run_periodically, wait_or_stop
 from swarm.records import ServerInfo, ServerState
+from swarm.relays import Relaying
 
 logger = logging.getLogger(__name__)
 
@@ -110,10 +113,24 @@ class Peer:
         self.identity: Identity = load_identity(cfg.identity)
         self.signer = signer_for(self.identity)
         validators = records.make_validators(self.checkpoint.dht_prefix, self.checkpoint.num_blocks, self.signer)
-        self.dht = create_dht(
-            initial_peers=cfg.initial_peers, host=cfg.host, port=cfg.port, identity=self.identity, validators=validators
-        )
+
+        def start_node(relaying: Relaying, port: int | None) -> DHT:
+            return create_dht(
+                initial_peers=cfg.initial_peers, host=cfg.host, port=cfg.port if port is None else port,
+                identity=self.identity, validators=validators, client_mode=relaying.relayed, relaying=relaying,
+                check_identity=port is None,
+            )
+
+        def read_public_peers(dht: DHT) -> list:
+            return public_peers(records.read_spans(dht, self.checkpoint.dht_prefix, self.checkpoint.num_blocks))
+
+        self.reach: Reachability
+        self.dht, self.reach = join_network(start_node, mode=cfg.relay, relay_service=cfg.relay_service,
+                                            initial_peers=cfg.initial_peers, public_peers=read_public_peers)
         self.subkey = records.owner_subkey(self.dht.peer_id, self.signer)
+        # a directly reachable peer checks newcomers' reachability (and relays for them, unless told not to)
+        direct = self.reach.reachable and not self.reach.relays
+        self.dial_back = DialBackService(relays=cfg.relay_service) if direct else None
         self.handler: BlockHandler | None = None
         self.plan: Plan | None = None
         self.tasks = BackgroundTasks()  # what the peer runs beside its upkeep; all awaited on shutdown
@@ -137,6 +154,8 @@ class Peer:
             cache_tokens_left=self.handler.info().cache_tokens_left if self.handler else self.plan.cache_tokens,
             version=swarm.__version__,
             public_name=self.cfg.public_name,
+            relays=self.reach.relay_ids,
+            reachable=self.reach.reachable,
         )
         if not records.announce(self.dht, self.checkpoint.dht_prefix, range(self.plan.start, self.plan.end), info, self.subkey, ttl):
             logger.warning(f"Announcing {state.value} was not stored by any DHT node")
@@ -163,6 +182,8 @@ class Peer:
         self.reputation.equip(self.handler, compression=compression_tag(self.cfg))
         p2p: P2P = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(p2p)
+        if self.dial_back is not None:
+            await self.dial_back.add_p2p_handlers(p2p)
         await self.reputation.start(p2p, stop)
         try:
             self.tasks.start(log_status(self.handler, stop, self.cfg.status_interval, self.trust_provider), name="status line")
@@ -182,6 +203,8 @@ class Peer:
             await loop.run_in_executor(None, self.announce, ServerState.OFFLINE)
             await self.reputation.stop(p2p)
             await self.handler.remove_p2p_handlers(p2p)
+            if self.dial_back is not None:
+                await self.dial_back.remove_p2p_handlers(p2p)
             self.handler.shutdown()
 
     async def keep_serving(self, stop: asyncio.Event) -> None:
