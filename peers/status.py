@@ -30,6 +30,15 @@ class PeerRow:
     rtt_ms: float | None  # None: did not answer
     trust: float | None = None  # relative trust (1.0 = average) from gossiped attestations; None: never checked
     blacklisted: bool = False
+    relays: tuple[str, ...] = ()  # peer ids of the relays it is reachable through (empty: dialled directly)
+    reachable: bool = True  # False: it announced that nobody can dial it and it uses no relay
+
+    @property
+    def reach(self) -> str:
+        """How clients reach the peer, for the table."""
+        if not self.reachable:
+            return "none (NAT, no relay)"
+        return "relay " + ",".join(self.relays) if self.relays else "direct"
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,8 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
             rtt_ms=None if rtt is None else round(rtt * 1000, 2),
             trust=round(standings[str(s.peer_id)].trust, 3) if str(s.peer_id) in standings else None,
             blacklisted=bool(standings.get(str(s.peer_id)) and standings[str(s.peer_id)].blacklisted),
+            relays=tuple(s.info.relays),
+            reachable=s.info.reachable,
         )
         for s, rtt in sorted(zip(spans, rtts), key=lambda pair: (pair[0].start, pair[0].end, str(pair[0].peer_id)))
     )
@@ -137,7 +148,7 @@ def coverage_ranges(report: StatusReport) -> list[tuple[int, int, int]]:
 
 
 def render_table(report: StatusReport) -> str:
-    header = ("blocks", "peer", "name", "state", "throughput", "dtype", "rtt", "trust")
+    header = ("blocks", "peer", "name", "state", "throughput", "dtype", "rtt", "reached", "trust")
     lines = [
         (
             f"{r.start}:{r.end}",
@@ -147,6 +158,7 @@ def render_table(report: StatusReport) -> str:
             f"{r.throughput:.1f}/s",
             r.dtype,
             "unreachable" if r.rtt_ms is None else f"{r.rtt_ms:.1f} ms",
+            r.reach,
             "BLACKLISTED" if r.blacklisted else ("-" if r.trust is None else f"{r.trust:.2f}"),
         )
         for r in report.peers
@@ -159,6 +171,13 @@ def render_table(report: StatusReport) -> str:
     if report.num_blocks:
         cells = [f"{start}:{end} x{count}" for start, end, count in coverage_ranges(report)]
         out.append("coverage (blocks x online peers): " + "  ".join(cells))
+    for r in report.peers:
+        if r.state == "online" and not r.reachable:
+            out.append(f"UNREACHABLE: peer {r.peer_id} (blocks {r.start}:{r.end}) cannot be dialled and uses no relay "
+                       "(behind NAT with --relay never); clients cannot use its blocks")
+    relayed = sum(1 for r in report.peers if r.state == "online" and r.relays)
+    if relayed:
+        out.append(f"{relayed} peer(s) behind NAT are reached through relays.")
     if report.missing:
         out.append(f"MISSING: no reachable online peer serves block(s) {format_block_spans(list(report.missing))}")
     else:

@@ -102,12 +102,14 @@ class RemoteSequence:
                 return route
             reachable = [s for s in spans if s.peer_id in latencies]
             missing = routing.missing_blocks(reachable, start, end)
+            undialable = [str(s.peer_id) for s in spans if not s.info.reachable and any(s.start <= b < s.end for b in missing)]
             if time.monotonic() >= deadline:
-                raise MissingBlocksError(self.model_name, missing)
+                raise MissingBlocksError(self.model_name, missing, undialable)
             if missing != warned:
+                behind_nat = f" ({', '.join(undialable)} cannot be dialled: behind NAT without a relay)" if undialable else ""
                 logger.warning(
-                    f"Waiting up to {deadline - time.monotonic():.0f} s for a peer serving block(s) "
-                    f"{format_block_spans(missing)} of {self.model_name}"
+                    f"Waiting up to {deadline - time.monotonic():.0f} s for a reachable peer serving block(s) "
+                    f"{format_block_spans(missing)} of {self.model_name}{behind_nat}"
                 )
                 warned = missing
             await asyncio.sleep(min(2.0, max(deadline - time.monotonic(), 0)))

@@ -57,6 +57,8 @@ class FakePeer:
     steps: int = 0
     forwards: int = 0
     key: RSAPrivateKey | None = None
+    relays: tuple[str, ...] = ()  # announced relays (reachable only through them)
+    dialable: bool = True  # False: announces that nobody can dial it, and cannot be reached
 
     def __post_init__(self) -> None:
         if self.sign:
@@ -68,7 +70,8 @@ class FakePeer:
     @property
     def span(self) -> PeerSpan:
         info = ServerInfo(state=ServerState.ONLINE, start=self.start, end=self.end, throughput=self.throughput,
-                          dtype="float32", compression="none", cache_tokens_left=100_000)
+                          dtype="float32", compression="none", cache_tokens_left=100_000,
+                          relays=list(self.relays), reachable=self.dialable)
         return PeerSpan(self.peer_id, info)
 
     def compute(self, start: int, end: int, full: torch.Tensor, new: int) -> torch.Tensor:
@@ -142,7 +145,7 @@ class FakeSwarm:
 
     def _peer(self, peer_id: PeerID) -> FakePeer:
         peer = self.peers[peer_id]
-        if peer.name in self.dead:
+        if peer.name in self.dead or not peer.dialable:
             raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is unreachable")
         return peer
 

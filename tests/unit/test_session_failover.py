@@ -161,6 +161,26 @@ def test_a_route_needs_every_block():
         run(session.step(PROMPT))
 
 
+def test_blocks_served_only_by_a_peer_that_cannot_be_dialled_are_missing_and_the_error_names_it():
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, dialable=False))
+    _, session = make_session(swarm)
+    with pytest.raises(MissingBlocksError, match="block.*3-5.*cannot be dialled") as info:
+        run(session.step(PROMPT))
+    assert info.value.undialable == [str(swarm.by_name("home").peer_id)]
+
+
+def test_a_route_takes_the_direct_peer_over_a_relayed_one_and_the_relayed_one_when_alone():
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=("QmRelay",), rtt=0.0005),
+                      FakePeer("direct", 3, 6, rtt=0.001))
+    _, session = make_session(swarm)
+    run(session.step(PROMPT))
+    assert [h.peer_id for h in session.route] == [swarm.by_name("a").peer_id, swarm.by_name("direct").peer_id]
+    swarm.dead.add("direct")
+    _, session = make_session(swarm)
+    run(session.step(PROMPT))
+    assert [h.peer_id for h in session.route] == [swarm.by_name("a").peer_id, swarm.by_name("home").peer_id]
+
+
 def test_a_blacklisted_peer_is_evicted_and_its_outputs_reported_untrusted_once():
     swarm = three_hops()
     trust = Blacklist()
