@@ -65,6 +65,10 @@ class RemoteSequence:
         """Never route to peers this view blacklists."""
         self.trust = trust
 
+    def relayed(self, peer_id: PeerID) -> bool:
+        """Whether the peer announced that it is reachable only through relays."""
+        return any(s.peer_id == peer_id and s.info.relayed for s in self._spans)
+
     def ban(self, peer_id: PeerID) -> float:
         """Keep a failing peer out of new routes for a while (longer on each repeat); returns the seconds."""
         self.probe.forget(peer_id)  # measure it afresh once the cooldown ends

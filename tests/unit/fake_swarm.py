@@ -59,6 +59,7 @@ class FakePeer:
     key: RSAPrivateKey | None = None
     relays: tuple[str, ...] = ()  # announced relays (reachable only through them)
     dialable: bool = True  # False: announces that nobody can dial it, and cannot be reached
+    drop_stream_at: int | None = None  # its stream drops once at this step count (as when its relay goes away)
 
     def __post_init__(self) -> None:
         if self.sign:
@@ -103,6 +104,10 @@ class FakeStream:
         if peer.name in self.swarm.dead or (peer.fail_after is not None and peer.steps >= peer.fail_after):
             self.swarm.dead.add(peer.name)
             raise PeerUnreachableError(str(peer.peer_id), f"peer {peer.peer_id} closed the stream")
+        if peer.drop_stream_at is not None and peer.steps == peer.drop_stream_at:
+            peer.drop_stream_at = None
+            peer.sessions.pop(meta.session_id, None)  # a peer's caches live as long as the stream
+            raise PeerUnreachableError(str(peer.peer_id), f"lost the stream to peer {peer.peer_id}")
         if peer.lose_cache_at_step is not None and peer.steps == peer.lose_cache_at_step:
             peer.lose_cache_at_step = None
             peer.sessions.pop(meta.session_id, None)

@@ -181,6 +181,28 @@ def test_a_route_takes_the_direct_peer_over_a_relayed_one_and_the_relayed_one_wh
     assert [h.peer_id for h in session.route] == [swarm.by_name("a").peer_id, swarm.by_name("home").peer_id]
 
 
+def test_a_relayed_peer_whose_stream_drops_is_dialled_again_and_rebuilds_its_cache():
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=("QmRelay", "QmOther"), drop_stream_at=3),
+                      FakePeer("slow", 3, 6, throughput=1.0))
+    sequence, session = make_session(swarm)
+    outputs, _ = run(generate(session, PROMPT, 4))
+    assert_same(outputs, reference(PROMPT, 4))
+    home = swarm.by_name("home")
+    assert [(e.peer_id, e.replacement) for e in session.failovers] == [(str(home.peer_id), [str(home.peer_id)])]
+    assert home.peer_id not in sequence.cooldowns  # not banned: it was its relay that went
+    assert [h.peer_id for h in session.route] == [swarm.by_name("a").peer_id, home.peer_id]
+
+
+def test_a_relayed_peer_that_stays_unreachable_is_banned_and_routed_around():
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=("QmRelay",), fail_after=3),
+                      FakePeer("slow", 3, 6, throughput=1.0))
+    sequence, session = make_session(swarm)
+    outputs, _ = run(generate(session, PROMPT, 4))
+    assert_same(outputs, reference(PROMPT, 4))
+    assert swarm.by_name("home").peer_id in sequence.cooldowns
+    assert [h.peer_id for h in session.route] == [swarm.by_name("a").peer_id, swarm.by_name("slow").peer_id]
+
+
 def test_a_blacklisted_peer_is_evicted_and_its_outputs_reported_untrusted_once():
     swarm = three_hops()
     trust = Blacklist()
