@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from peers.dialback import DialBackService
+from peers.forwarder import Forwarder
 from swarm.network import create_dht, load_identity, signer_for
-from swarm.relays import Relaying
 
 logger = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def run_bootstrap(*, host: str, port: int, identity: Path | None, initial_peers:
     ident = load_identity(identity)
     # Model-independent validation only: records under an owner's key must carry that owner's signature.
     dht = create_dht(initial_peers=initial_peers, host=host, port=port, identity=ident,
-                     validators=[signer_for(ident)], relaying=Relaying(service=relay_service))
+                     validators=[signer_for(ident)])
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -29,13 +29,15 @@ def run_bootstrap(*, host: str, port: int, identity: Path | None, initial_peers:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         p2p = await dht.replicate_p2p()
-        dial_back = DialBackService(relays=relay_service)
-        await dial_back.add_p2p_handlers(p2p)
+        services = [DialBackService(relays=relay_service), *([Forwarder()] if relay_service else [])]
+        for service in services:
+            await service.add_p2p_handlers(p2p)
         on_ready([str(a) for a in dht.get_visible_maddrs()])
         relaying = "relays for peers that cannot be dialled" if relay_service else "relays for nobody"
         logger.info(f"Bootstrap node {dht.peer_id} is up ({relaying}); stop it with Ctrl+C")
         await stop.wait()
-        await dial_back.remove_p2p_handlers(p2p)
+        for service in services:
+            await service.remove_p2p_handlers(p2p)
 
     try:
         asyncio.run(serve())

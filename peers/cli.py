@@ -116,10 +116,12 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--status-interval", default=60.0, show_default=True, type=click.FloatRange(min=0), help="Seconds between status lines in the log (0: none).")
 @click.option("--relay", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True, envvar="SWARM_RELAY", help=RELAY_HELP)
 @click.option("--no-relay-service", is_flag=True, help=NO_RELAY_SERVICE_HELP)
+@click.option("--relay-renew-period", hidden=True, default=20.0, type=click.FloatRange(min=0.1),
+              help="Seconds between renewals of relay registrations (a relay gone for two is replaced).")
 def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, max_sessions,
          cache_tokens, max_cache_gb, session_idle_timeout, rebalance_period, public_name,
          svd_rank, svd_energy, svd_params, svd_method, quant, offload, trusted_peers, gossip_period,
-         adversary, fellows, status_interval, relay, no_relay_service) -> None:
+         adversary, fellows, status_interval, relay, no_relay_service, relay_renew_period) -> None:
     """Load a span of blocks and serve it until Ctrl+C or SIGTERM."""
     from peers.compression import check_options
     from peers.handler import BlockHandler
@@ -157,6 +159,7 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
         status_interval=status_interval,
         relay=relay,
         relay_service=not no_relay_service,
+        relay_renew_period=relay_renew_period,
     )
     check_options(cfg)
     handler_factory = BlockHandler

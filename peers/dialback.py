@@ -1,16 +1,13 @@
 """Dial-back: a node asks another to open a fresh connection to it, to learn whether strangers can dial it.
 
-RPC `rpc_dial_back` (handler on bootstrap nodes and directly reachable peers, caller `call_dial_back`):
-
-- without `via`: the helper dials the requester's listening TCP ports at the IP address the request came from
-  (never an address the requester names, so a helper cannot be made to dial third parties). Behind NAT without
-  inbound forwarding that fails, which is the answer sought.
-- with `via` (a relay's peer id): the helper dials the requester through that relay's circuit, to confirm that
-  clients can reach a node that relies on the relay. The relay's address is one the helper itself knows.
+RPC `rpc_dial_back` (handler on bootstrap nodes and directly reachable peers, caller `call_dial_back`): the helper
+dials the requester's listening TCP ports at the IP address the request came from (never an address the requester
+names, so a helper cannot be made to dial third parties). Behind NAT without inbound forwarding that fails, which
+is the answer sought. The reply also says whether the helper relays (`swarm.relays`).
 
 The dialer is a throwaway p2p daemon with an identity of its own, so an existing connection between the two
 nodes cannot answer for a new one; the libp2p handshake proves that the requester's identity answered. One
-check runs at a time per helper; others get "busy" at once.
+check runs at a time per helper; others get "busy" at once and ask again.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from pydantic import Field
 
 from swarm.errors import ProtocolError
 from swarm.protocol import PROTOCOL_VERSION, WireModel, pack, unpack
-from swarm.relays import circuit_address, is_circuit
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +36,6 @@ Address = str  # a multiaddr, as text
 class DialBackRequest(WireModel):
     version: int = PROTOCOL_VERSION
     addresses: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=MAX_ADDRESSES)  # where it listens
-    via: str = Field(default="", max_length=128)  # a relay's peer id: dial through its circuit instead
 
 
 class DialBackReply(WireModel):
@@ -48,8 +43,13 @@ class DialBackReply(WireModel):
     checked: bool  # a dial was attempted (False: see `error`)
     reachable: bool = False  # the dial reached the requester
     dialed: list[str] = Field(default_factory=list, max_length=MAX_ADDRESSES)  # what the helper dialled
-    relays: bool = False  # the helper relays for nodes that cannot be dialled
+    relays: bool = False  # the helper forwards to nodes that cannot be dialled (swarm.relays)
     error: str = Field(default="", max_length=512)
+
+
+def is_circuit(address: Address) -> bool:
+    """A libp2p circuit-relay address (.../p2p/<relay>/p2p-circuit/...): not a direct one."""
+    return "p2p-circuit" in address.strip("/").split("/")
 
 
 def dial_targets(listening: Sequence[Address], observed: Address | None) -> list[Address]:
@@ -77,49 +77,12 @@ def dial_targets(listening: Sequence[Address], observed: Address | None) -> list
 Dialer = Callable[[PeerID, list[Address]], Awaitable[bool]]
 
 
-def _varint(number: int) -> bytes:
-    out = b""
-    while True:
-        low, number = number & 0x7F, number >> 7
-        if not number:
-            return out + bytes([low])
-        out += bytes([low | 0x80])
-
-
-P2P_CODE = 421  # the multiaddr protocol code of /p2p/
-
-
-def daemon_multiaddr(address: Address) -> Multiaddr:
-    """`address` as the Go daemon reads it in a connect request.
-
-    hivemind's multiaddr library writes a /p2p/ peer id as a CID, which p2pd rejects ("length greater than
-    remaining number of bytes in buffer"), so ids are written here as the plain multihash the daemon expects.
-    """
-    raw, pending = b"", []
-    parts = address.strip("/").split("/")
-    index = 0
-    while index < len(parts):
-        if parts[index] == "p2p" and index + 1 < len(parts):
-            if pending:
-                raw += Multiaddr("/" + "/".join(pending)).to_bytes()
-                pending = []
-            multihash = PeerID.from_base58(parts[index + 1]).to_bytes()
-            raw += _varint(P2P_CODE) + _varint(len(multihash)) + multihash
-            index += 2
-        else:
-            pending.append(parts[index])
-            index += 1
-    if pending:
-        raw += Multiaddr("/" + "/".join(pending)).to_bytes()
-    return Multiaddr(raw)
-
-
 async def dial_with_fresh_node(peer_id: PeerID, addresses: list[Address], timeout: float = DIAL_TIMEOUT) -> bool:
     """Whether a brand-new node (own daemon, own identity) can connect to `peer_id` at one of `addresses`."""
     dialer = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], dht_mode="client", auto_nat=False, nat_port_map=False)
     try:
         # hivemind has no public connect(); its own identity check uses the daemon client's the same way
-        await asyncio.wait_for(dialer._client.connect(peer_id, [daemon_multiaddr(a) for a in addresses]), timeout)
+        await asyncio.wait_for(dialer._client.connect(peer_id, [Multiaddr(a) for a in addresses]), timeout)
         return True
     except Exception as e:  # refused, timed out, wrong identity: all mean "not reachable there"
         logger.debug(f"Dial-back to {peer_id} at {addresses} failed: {e!r}")
@@ -165,36 +128,19 @@ class DialBackService(ServicerBase):
         return self._reply(checked=True, reachable=reachable, dialed=targets)
 
     async def _targets(self, meta: DialBackRequest, requester: PeerID) -> tuple[list[Address], str]:
-        assert self._p2p is not None
-        if meta.via:
-            relay = await self._address_of(meta.via)
-            if relay is None:
-                return [], f"this node has no direct connection to relay {meta.via}"
-            return [circuit_address(relay)], ""
         observed = await self._connection_address(requester)
         targets = dial_targets(meta.addresses, observed)
         return targets, "" if targets else f"no TCP address to dial back (request came from {observed})"
 
     async def _connection_address(self, peer_id: PeerID) -> Address | None:
         """The remote address of a direct connection to `peer_id`, if any."""
+        assert self._p2p is not None
         for info in await self._p2p.list_peers():
             if info.peer_id == peer_id:
                 for address in map(str, info.addrs):
                     if not is_circuit(address):
                         return address
         return None
-
-    async def _address_of(self, relay: str) -> Address | None:
-        """A multiaddr (ending in /p2p/<relay>) at which this node reaches `relay`: its own, or its connection's."""
-        if relay == self._p2p.peer_id.to_base58():
-            own = [str(a) for a in await self._p2p.get_visible_maddrs(latest=True) if not is_circuit(str(a))]
-            return own[0] if own else None
-        try:
-            peer_id = PeerID.from_base58(relay)
-        except Exception:  # not a peer id at all
-            return None
-        address = await self._connection_address(peer_id)
-        return None if address is None else f"{address}/p2p/{relay}"
 
 
 async def call_dial_back(p2p: P2P, helper: PeerID, request: DialBackRequest, timeout: float = 20.0,

@@ -1,10 +1,11 @@
-"""How a peer is reached: dialled directly, through relays, or not at all; found out as it joins.
+"""How a peer is reached: dialled directly, through relays, or not at all; found out as it joins, kept while it serves.
 
-`join_network` starts the peer's DHT node and asks the initial peers (and a few directly reachable peers) to dial
-it back (`peers.dialback`). When none can, it starts the node again, reachable through circuits on up to
-`MAX_RELAYS` of the helpers that relay, and has each circuit confirmed by a dial through it. `--relay always`
-relays without asking whether it is needed; `--relay never` stays direct and says that clients cannot reach it.
-The verdict and the choice are pure functions (`judge`, `needs_relay`, `choose_relays`).
+`join_network` starts the peer's DHT node and asks the initial peers (and a few directly reachable peers) to dial it
+back (`peers.dialback`). When none can, it starts the node again as a DHT client (other nodes would wait on a DHT
+server they cannot dial) and registers with up to `MAX_RELAYS` of the helpers that relay (`swarm.relays`).
+`--relay always` uses relays whatever the answer; `--relay never` uses none and says that clients cannot reach it.
+While the peer serves, `RelayKeeper` renews its registrations and replaces a relay that went away.
+The verdict and the choices are pure functions (`judge`, `needs_relay`, `relay_candidates`, `keep_relays`).
 """
 
 from __future__ import annotations
@@ -12,44 +13,39 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Sequence
 
 from hivemind import DHT
 from hivemind.dht.node import DHTNode
 from hivemind.p2p import P2P, PeerID
 
-from peers.dialback import DialBackReply, DialBackRequest, call_dial_back
+from peers.dialback import DialBackReply, DialBackRequest, call_dial_back, is_circuit
 from swarm.errors import SwarmConnectionError
+from swarm.periodic import run_periodically
 from swarm.records import PeerSpan, online_spans
-from swarm.relays import Relaying, is_circuit, relay_id
+from swarm.relays import RENEW_PERIOD, call_register
 
 logger = logging.getLogger(__name__)
 
 RELAY_MODES = ("auto", "always", "never")
-MAX_RELAYS = 2  # circuits a relayed peer holds: one may go away while clients still reach it through the other
+MAX_RELAYS = 2  # relays a hidden peer keeps: one may go away while clients still reach it through the other
 EXTRA_HELPERS = 2  # directly reachable peers asked besides the initial peers (more relays to choose from)
-CONFIRM_ATTEMPTS = 20  # dials through a new circuit before giving up on it (the reservation takes a moment)
-CONFIRM_DELAY = 0.5  # seconds between them
+MISSED_RENEWALS = 2  # renewals a relay may miss in a row before it is replaced
 
 
 @dataclass(frozen=True)
 class Reachability:
     """What a peer found out about itself as it joined (announced in its `ServerInfo`)."""
 
-    relays: tuple[str, ...] = ()  # multiaddrs of the relays it is reachable through (empty: none needed or none used)
+    relays: tuple[str, ...] = ()  # peer ids of the relays it is reachable through (empty: dialled directly)
     reachable: bool = True  # False: nobody can dial it and it uses no relay
-
-    @property
-    def relay_ids(self) -> list[str]:
-        return [relay_id(f"{address}/p2p-circuit") or address for address in self.relays]
 
 
 @dataclass(frozen=True)
 class HelperAnswer:
     helper: PeerID
     reply: DialBackReply | None  # None: it did not answer
-    address: str | None  # where this node reaches the helper directly (multiaddr with /p2p/<id>), if connected
 
 
 def judge(replies: Sequence[DialBackReply | None]) -> bool | None:
@@ -67,14 +63,19 @@ def needs_relay(mode: str, reachable: bool | None) -> bool:
     return mode == "always" or (mode == "auto" and reachable is False)
 
 
-def choose_relays(answers: Sequence[HelperAnswer], limit: int = MAX_RELAYS) -> list[str]:
-    """The addresses of up to `limit` helpers that relay and that this node reaches directly, in the order asked."""
-    chosen: list[str] = []
-    for answer in answers:
-        if answer.reply is not None and answer.reply.relays and answer.address and not is_circuit(answer.address):
-            if answer.address not in chosen:
-                chosen.append(answer.address)
-    return chosen[:limit]
+def relay_candidates(answers: Sequence[HelperAnswer]) -> list[PeerID]:
+    """The helpers that said they relay, in the order asked."""
+    return [a.helper for a in answers if a.reply is not None and a.reply.relays]
+
+
+def keep_relays(current: Sequence[PeerID], missed: dict[PeerID, int], candidates: Sequence[PeerID],
+                limit: int = MAX_RELAYS) -> tuple[list[PeerID], list[PeerID]]:
+    """(relays kept, candidates to try next): a relay that missed `MISSED_RENEWALS` renewals in a row is dropped,
+    and free places go to candidates not used (and not just dropped), in their order."""
+    kept = [r for r in current if missed.get(r, 0) < MISSED_RENEWALS]
+    dropped = set(current) - set(kept)
+    spare = [c for c in candidates if c not in kept and c not in dropped]
+    return kept, spare[: max(limit - len(kept), 0)]
 
 
 def helper_ids(initial_peers: Sequence[str], public_peers: Sequence[PeerID], own: PeerID,
@@ -90,63 +91,13 @@ def helper_ids(initial_peers: Sequence[str], public_peers: Sequence[PeerID], own
     return helpers + rng.sample(others, min(extra, len(others)))
 
 
-async def _daemon_address(_dht: DHT, node: DHTNode):
-    return node.p2p.daemon_listen_maddr
-
-
-async def own_replica(dht: DHT) -> P2P:
-    """A fresh client of the DHT's p2p daemon, for this caller's event loop (shut it down when done).
-
-    Not `dht.replicate_p2p()`: that one is cached and would be tied to this (short-lived) event loop.
-    """
-    return await P2P.replicate(dht.run_coroutine(_daemon_address))
-
-
-async def _connection_address(p2p: P2P, peer_id: PeerID) -> str | None:
-    for info in await p2p.list_peers():
-        if info.peer_id == peer_id:
-            for address in map(str, info.addrs):
-                if not is_circuit(address):
-                    return f"{address}/p2p/{peer_id}"
-    return None
-
-
-async def ask_helpers(dht: DHT, helpers: Sequence[PeerID]) -> list[HelperAnswer]:
-    """Every helper's dial-back answer for this node's listening addresses, with where this node reaches it."""
-    p2p = await own_replica(dht)
-    try:
-        listening = [str(a) for a in await p2p.get_visible_maddrs(latest=True) if not is_circuit(str(a))]
-        request = DialBackRequest(addresses=listening[:8])
-        replies = await asyncio.gather(*(call_dial_back(p2p, helper, request) for helper in helpers))
-        return [HelperAnswer(h, r, await _connection_address(p2p, h)) for h, r in zip(helpers, replies)]
-    finally:
-        await p2p.shutdown()
-
-
-async def confirm_relays(dht: DHT, relays: Sequence[str]) -> list[str]:
-    """The relays through which a fresh node did reach this one (each relay dials through its own circuit)."""
-    p2p = await own_replica(dht)
-    try:
-        async def confirm(relay: str) -> bool:
-            helper = PeerID.from_base58(relay.rstrip("/").split("/p2p/")[-1])
-            for _ in range(CONFIRM_ATTEMPTS):
-                reply = await call_dial_back(p2p, helper, DialBackRequest(via=helper.to_base58()))
-                if reply is not None and reply.reachable:
-                    return True
-                await asyncio.sleep(CONFIRM_DELAY)
-            return False
-
-        results = await asyncio.gather(*(confirm(r) for r in relays))
-        return [relay for relay, ok in zip(relays, results) if ok]
-    finally:
-        await p2p.shutdown()
-
-
-StartNode = Callable[[Relaying, "int | None"], DHT]  # (relaying, port when restarting the node) -> a started DHT node
+def public_peers(spans: Sequence[PeerSpan]) -> list[PeerID]:
+    """Online peers that are dialled directly (the ones that may check others and relay for them)."""
+    return [s.peer_id for s in online_spans(list(spans)) if s.info.reachable and not s.info.relayed]
 
 
 def listening_port(dht: DHT) -> int | None:
-    """The TCP port the node listens on (to restart it on the same one)."""
+    """The TCP port the node listens on (to start it again on the same one)."""
     for address in map(str, dht.get_visible_maddrs()):
         fields = address.strip("/").split("/")
         if len(fields) >= 4 and fields[2] == "tcp" and not is_circuit(address):
@@ -154,41 +105,91 @@ def listening_port(dht: DHT) -> int | None:
     return None
 
 
-def public_peers(spans: Sequence[PeerSpan]) -> list[PeerID]:
-    """Online peers that are dialled directly (the ones that may check others and relay for them)."""
-    return [s.peer_id for s in online_spans(list(spans)) if s.info.reachable and not s.info.relayed]
+async def _daemon_address(_dht: DHT, node: DHTNode):
+    return node.p2p.daemon_listen_maddr
 
 
-def join_network(start: StartNode, *, mode: str, relay_service: bool, initial_peers: Sequence[str],
-                 public_peers: Callable[[DHT], list[PeerID]]) -> tuple[DHT, Reachability]:
-    """Start the node, find out whether strangers can dial it, and if needed restart it behind relays."""
-    dht = start(Relaying(service=relay_service), None)
+async def own_replica(dht: DHT) -> P2P:
+    """A fresh client of the DHT's p2p daemon for this caller's event loop (shut it down when done).
+
+    Not `dht.replicate_p2p()`: that one is cached, and would stay tied to this short-lived event loop.
+    """
+    return await P2P.replicate(dht.run_coroutine(_daemon_address))
+
+
+async def ask_helpers(dht: DHT, helpers: Sequence[PeerID]) -> list[HelperAnswer]:
+    """Every helper's dial-back answer for this node's listening addresses."""
+    p2p = await own_replica(dht)
+    try:
+        listening = [str(a) for a in await p2p.get_visible_maddrs(latest=True) if not is_circuit(str(a))]
+        request = DialBackRequest(addresses=listening[:8])
+        replies = await asyncio.gather(*(call_dial_back(p2p, helper, request) for helper in helpers))
+        return [HelperAnswer(h, r) for h, r in zip(helpers, replies)]
+    finally:
+        await p2p.shutdown()
+
+
+async def register(p2p: P2P, relay: PeerID) -> bool:
+    """Whether `relay` took (or renewed) this node's registration."""
+    try:
+        reply = await call_register(p2p, relay)
+    except Exception as e:  # unreachable, no relay service there, junk: not a relay for us
+        logger.debug(f"Registering with relay {relay} failed: {e!r}")
+        return False
+    if not reply.ok:
+        logger.debug(f"Relay {relay} refused: {reply.error}")
+    return reply.ok
+
+
+async def register_with_some(p2p: P2P, candidates: Sequence[PeerID], limit: int = MAX_RELAYS) -> list[PeerID]:
+    """Register with candidates, in order, until `limit` took it; those that did."""
+    taken: list[PeerID] = []
+    for relay in candidates:
+        if len(taken) >= limit:
+            break
+        if await register(p2p, relay):
+            taken.append(relay)
+    return taken
+
+
+async def _register_from(dht: DHT, candidates: Sequence[PeerID]) -> list[PeerID]:
+    p2p = await own_replica(dht)
+    try:
+        return await register_with_some(p2p, candidates)
+    finally:
+        await p2p.shutdown()
+
+
+StartNode = Callable[[bool, "int | None"], DHT]  # (client_mode, port to start on again or None) -> a started node
+
+
+def join_network(start: StartNode, *, mode: str, initial_peers: Sequence[str],
+                 public_peers: Callable[[DHT], list[PeerID]]) -> tuple[DHT, Reachability, list[PeerID]]:
+    """Start the node and find out how clients reach it; (node, reachability, relay candidates for later)."""
+    dht = start(False, None)
     if not initial_peers:
-        return dht, Reachability()  # the first node of a new swarm: nobody to ask, nobody to relay
+        return dht, Reachability(), []  # the first node of a new swarm: nobody to ask, nobody to relay
     answers = asyncio.run(ask_helpers(dht, helper_ids(initial_peers, _safe(public_peers, dht), dht.peer_id)))
     reachable = judge([a.reply for a in answers])
+    candidates = relay_candidates(answers)
+    if reachable is False:
+        port = listening_port(dht)
+        dht.shutdown()
+        dht = start(True, port)
     if not needs_relay(mode, reachable):
-        return dht, _report_direct(mode, reachable, answers)
-    relays = choose_relays(answers)
+        return dht, _report_direct(reachable, answers), candidates
+    relays = asyncio.run(_register_from(dht, candidates))
     if not relays:
         if mode == "always":
             dht.shutdown()
-            raise SwarmConnectionError("--relay always, but no initial peer answered as a relay; check the "
-                                       "initial peers, or start them without --no-relay-service")
-        logger.warning("Not reachable: no helper could dial this peer, and none of them relays; clients cannot use "
-                       "it. Forward a port to it, or join through a bootstrap node that relays")
-        return dht, Reachability(reachable=False)
-    port = listening_port(dht)
-    dht.shutdown()
-    dht = start(Relaying(service=False, through=tuple(relays)), port)
-    confirmed = asyncio.run(confirm_relays(dht, relays))
-    if not confirmed:
-        logger.warning(f"No relay confirmed a dial through its circuit yet; announcing {', '.join(relays)} anyway")
-    reach = Reachability(relays=tuple(confirmed or relays))
-    why = "--relay always" if mode == "always" else "nobody could dial it directly (NAT or firewall)"
-    logger.info(f"Reachable only through relay {', '.join(reach.relay_ids)} ({why}); clients dial "
-                f"{' or '.join(f'{r}/p2p-circuit' for r in reach.relays)}")
-    return dht, reach
+            raise SwarmConnectionError("--relay always, but no initial peer took this peer's relay registration; "
+                                       "check the initial peers, or start them without --no-relay-service")
+        logger.warning("Not reachable: no helper could dial this peer and none of them relays for it, so clients "
+                       "cannot use it; forward a port to it, or join through a bootstrap node that relays")
+        return dht, Reachability(reachable=False), candidates
+    why = "--relay always" if mode == "always" else "nobody could dial it directly: NAT or firewall"
+    logger.info(f"Reachable only through relay {', '.join(map(str, relays))} ({why})")
+    return dht, Reachability(relays=tuple(map(str, relays))), candidates
 
 
 def _safe(public_peers: Callable[[DHT], list[PeerID]], dht: DHT) -> list[PeerID]:
@@ -199,7 +200,7 @@ def _safe(public_peers: Callable[[DHT], list[PeerID]], dht: DHT) -> list[PeerID]
         return []
 
 
-def _report_direct(mode: str, reachable: bool | None, answers: Sequence[HelperAnswer]) -> Reachability:
+def _report_direct(reachable: bool | None, answers: Sequence[HelperAnswer]) -> Reachability:
     asked = len(answers)
     if reachable:
         dialled = sum(1 for a in answers if a.reply is not None and a.reply.reachable)
@@ -212,3 +213,41 @@ def _report_direct(mode: str, reachable: bool | None, answers: Sequence[HelperAn
     logger.warning("Not reachable: no helper could dial this peer and --relay never is set, so clients cannot "
                    "use it; forward a port to it, or drop --relay never")
     return Reachability(reachable=False)
+
+
+@dataclass
+class RelayKeeper:
+    """Renews a hidden peer's registrations every `period`, and replaces relays that stop answering."""
+
+    p2p: P2P
+    relays: list[PeerID]
+    candidates: Callable[[], Awaitable[list[PeerID]]]  # relays to try when one goes away, in order of preference
+    on_change: Callable[[list[PeerID]], None]  # told the new list whenever it changes
+    period: float = RENEW_PERIOD
+    missed: dict[PeerID, int] = field(default_factory=dict)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await run_periodically(self.renew, self.period, stop, name="renewing relay registrations")
+
+    async def renew(self) -> None:
+        results = await asyncio.gather(*(register(self.p2p, relay) for relay in self.relays))
+        for relay, ok in zip(self.relays, results):
+            self.missed[relay] = 0 if ok else self.missed.get(relay, 0) + 1
+        kept, _ = keep_relays(self.relays, self.missed, [])
+        if len(kept) == len(self.relays) and len(kept) >= MAX_RELAYS:
+            return
+        gone = [r for r in self.relays if r not in kept]
+        kept, spare = keep_relays(self.relays, self.missed, await self.candidates())
+        added = await register_with_some(self.p2p, spare, MAX_RELAYS - len(kept))
+        relays = kept + added
+        if relays == self.relays:
+            return
+        for relay in gone:
+            self.missed.pop(relay, None)
+        self.relays = relays
+        lost = f" (relay {', '.join(map(str, gone))} went away)" if gone else ""
+        if relays:
+            logger.info(f"Reachable only through relay {', '.join(map(str, relays))} now{lost}")
+        else:
+            logger.warning(f"No relay left{lost}: clients cannot reach this peer until one takes it")
+        self.on_change(relays)

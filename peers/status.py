@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import random
 
+from hivemind.p2p import PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
 from reputation.attest import Attestation
@@ -15,7 +16,7 @@ from swarm import records, routing
 from swarm.errors import format_block_spans
 from swarm.models import open_model
 from swarm.network import create_client_dht
-from swarm.remote import call_info
+from swarm.remote import HivemindTransport
 
 
 @dataclass(frozen=True)
@@ -93,10 +94,12 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
 
         async def ping_all() -> tuple[list[float | None], ReputationNode]:
             p2p = await dht.replicate_p2p()
+            relays = {s.peer_id: [PeerID.from_base58(r) for r in s.info.relays] for s in spans}
+            transport = HivemindTransport(p2p, relays_of=lambda peer_id: relays.get(peer_id, []))
 
             async def ping(span) -> float | None:
                 try:
-                    return (await call_info(p2p, span.peer_id, timeout=3.0))[1]
+                    return (await transport.info(span.peer_id, timeout=3.0))[1]
                 except Exception:  # unreachable peers are shown as such, not raised
                     return None
 

@@ -20,7 +20,6 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.errors import ConfigError, SwarmConnectionError
-from swarm.relays import Relaying, RelayDHT, daemon_flags, p2p_options
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +102,12 @@ def create_dht(
     validators: Sequence = (),
     client_mode: bool = False,
     announce_host: str | None = None,
-    relaying: Relaying | None = None,
     check_identity: bool = True,
 ) -> DHT:
     """Start a hivemind DHT node; any failure becomes one SwarmConnectionError line.
 
-    `relaying` (default: the daemon's own defaults) sets whether this node relays for others, with which limits,
-    and the relays it is reachable through when it cannot be dialled (`swarm.relays`). `check_identity=False`
-    skips hivemind's check that no other node uses this identity (for a restart of this very node).
+    `check_identity=False` skips hivemind's check that no other node uses this identity (for a restart of this
+    very node, which is known to be gone).
     """
     kwargs = dict(
         initial_peers=list(initial_peers),
@@ -128,14 +125,11 @@ def create_dht(
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
     if not check_identity:
         kwargs["check_if_identity_free"] = False
-    if relaying is not None:
-        kwargs.update(p2p_options(relaying))
-        kwargs["daemon_flags"] = daemon_flags(relaying)
     # The DHT process and its p2pd inherit an ignored SIGINT, so Ctrl+C in a terminal (sent to the whole
     # process group) reaches only the main process, which can still say goodbye through the DHT.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() else None
     try:
-        return RelayDHT(**kwargs) if relaying is not None else DHT(**kwargs)
+        return DHT(**kwargs)
     except P2PDaemonError as e:
         reason = str(e).splitlines()[-1] if str(e) else type(e).__name__
         reason = re.sub(r"^Daemon failed to start: (\d{4}/\d\d/\d\d \d\d:\d\d:\d\d )?", "", reason)

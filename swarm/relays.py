@@ -1,128 +1,92 @@
-"""Circuit relays (libp2p circuit relay v2): the relay options of a node's p2p daemon, and a DHT that passes them.
+"""Relays: how a client reaches a peer that nobody can dial (behind NAT, no inbound ports).
 
-Every node's p2pd can relay for others: a node that cannot be dialled (behind NAT, no inbound ports) holds a
-reservation on a few relays and announces `<relay multiaddr>/p2p-circuit` addresses; a client dials one of them,
-and the relay splices the client's connection to the one the hidden node keeps open to it.
+The hidden peer connects out to a few relays (bootstrap nodes and public peers) and registers with each; it keeps
+those connections open. A relay can open streams on a connection the hidden peer opened, so it forwards a client's
+block RPCs to the peer over it, one forwarded stream per client stream, each message passed on unchanged (tensors
+are not decoded). The peer announces its relays' peer ids in its record; clients send its RPCs through one of them.
 
-hivemind 1.1.12's `P2P.create` passes some of the daemon's relay flags (`use_relay`, `use_auto_relay`,
-`force_reachability`, `announce_maddrs`) but not the relay service's switch, its limits, or `-relayDiscovery`
-(`p2pd -h` of the bundled daemon lists them). `RelayDHT` starts its p2pd with those as well: in its own child
-process, which hosts nothing but this DHT node, hivemind's DHT module is handed a `P2P` subclass that appends them
-to the daemon's command line (Go's flag package lets the last value of a repeated flag win).
+Why not libp2p's circuit relay v2, which the bundled p2pd also has (`/p2p/<relay>/p2p-circuit`): measured here, its
+relayed connections stop carrying data after 128 KiB in a direction (go-libp2p's "limited relay" defaults, meant for
+hole punching; the daemon's `-relayDataLimit` and other `-relay*` limit flags are accepted but change nothing in the
+bundled build), which is less than one session's prompt. The stall leaves the stream hanging until a timeout.
 
-Relayed traffic is limited by the relay (the daemon's `-relay*` flags, `RelayLimits`), so one relay cannot be
-drowned: a bounded number of reservations and of circuits per hidden node, a buffer per circuit, and a cap on the
-bytes and the duration of each relayed connection. A connection that reaches a cap is reset, and the client fails
-over as from any dropped peer (it reconnects through a relay, which opens a fresh circuit).
+RPCs of `RelayService` (handler: `peers.forwarder.Forwarder`; callers: below and `swarm.remote`):
+
+- `rpc_relay_register`   unary, hidden peer -> relay: forward to me for `ttl` seconds (renewed while it serves)
+- `rpc_relay_info`       unary: the target's `rpc_info` (the request's uid is the target's peer id)
+- `rpc_relay_forward`    unary: the target's `rpc_forward` (uid: the target's peer id)
+- `rpc_relay_inference`  stream: the target's `rpc_inference` (uid of each request: the target's peer id)
+
+A relay refuses (the call fails, and the client tries the peer's next relay) a target that has not registered, and
+whatever is over its `RelayLimits`, so one relay cannot be drowned.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping
+from dataclasses import dataclass
+from typing import AsyncIterator
 
-from hivemind import DHT
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
+from hivemind.proto import runtime_pb2
+from pydantic import Field
 
-CIRCUIT = "p2p-circuit"
+from swarm.protocol import PROTOCOL_VERSION, WireModel, pack, unpack
+
+REGISTRATION_TTL = 60.0  # seconds a registration lasts unless renewed
+RENEW_PERIOD = 20.0  # seconds between a hidden peer's renewals (also keeps its connections to relays open)
 
 
 @dataclass(frozen=True)
 class RelayLimits:
-    """What a relay grants the nodes behind it (p2pd `-relay*` flags; a connection past a cap is reset)."""
+    """What one relay grants: past a limit it refuses, or ends the forwarded stream."""
 
-    max_reservations: int = 128  # nodes that may hold a slot on this relay at once (also the cap per IP address)
-    max_circuits: int = 16  # relayed connections open at once to one node behind this relay
-    buffer_bytes: int = 64 * 1024  # per relayed connection: at most 128 x 16 x 64 KiB = 128 MiB of buffers
-    data_bytes: int = 4 * 2**30  # bytes one relayed connection may carry in each direction
-    seconds: int = 30 * 60  # how long one relayed connection may last
-
-    def flags(self) -> dict[str, object]:
-        return {
-            "relayMaxReservations": self.max_reservations,
-            "relayMaxCircuits": self.max_circuits,
-            "relayBufferSize": self.buffer_bytes,
-            "relayDataLimit": self.data_bytes,
-            "relayTimeLimit": f"{self.seconds}s",
-        }
+    max_registered: int = 128  # hidden peers it forwards to at once
+    max_streams_per_peer: int = 16  # forwarded streams open at once to one hidden peer
+    max_streams: int = 256  # forwarded streams open at once in all
+    max_stream_bytes: int = 4 * 2**30  # bytes one forwarded stream may carry (both directions together)
+    max_stream_seconds: float = 3600.0  # how long one forwarded stream may last
 
 
-@dataclass(frozen=True)
-class Relaying:
-    """How one node takes part in relaying."""
-
-    service: bool = True  # relay for nodes that cannot be dialled (off: --no-relay-service)
-    through: tuple[str, ...] = ()  # multiaddrs (with /p2p/<id>) of the relays this node is reachable through;
-    # empty: it is dialled directly
-    limits: RelayLimits = field(default_factory=RelayLimits)
-
-    @property
-    def relayed(self) -> bool:
-        return bool(self.through)
+class RegisterReply(WireModel):
+    version: int = PROTOCOL_VERSION
+    ok: bool
+    ttl: float = 0.0  # seconds until the registration lapses unless renewed
+    error: str = Field(default="", max_length=512)
 
 
-def circuit_address(relay: str) -> str:
-    """The address a node announces when it is reachable through `relay` (a multiaddr ending in /p2p/<id>)."""
-    return f"{relay.rstrip('/')}/{CIRCUIT}"
+class RelayService(ServicerBase):
+    """The relay's RPC signatures (peers.forwarder.Forwarder implements them); used here to build stubs."""
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        name = f"efedllm.Relay.{method_name}"
+        return name if namespace is None else f"{namespace}::{name}"
+
+    async def rpc_relay_register(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        raise NotImplementedError
+
+    async def rpc_relay_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        raise NotImplementedError
+
+    async def rpc_relay_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        raise NotImplementedError
+
+    async def rpc_relay_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+        yield  # pragma: no cover  (makes this an async generator, as the annotation says)
 
 
-def relay_id(address: str) -> str | None:
-    """The relay's peer id in a circuit address (.../p2p/<relay>/p2p-circuit[/p2p/<node>]), else None."""
-    parts = address.strip("/").split("/")
-    if CIRCUIT not in parts:
-        return None
-    before = parts[: parts.index(CIRCUIT)]
-    return before[-1] if len(before) >= 2 and before[-2] == "p2p" else None
+def relay_stub(p2p: P2P, relay: PeerID):
+    return RelayService.get_stub(p2p, relay)
 
 
-def is_circuit(address: str) -> bool:
-    return CIRCUIT in address.strip("/").split("/")
+async def call_register(p2p: P2P, relay: PeerID, timeout: float = 10.0) -> RegisterReply:
+    """Ask `relay` to forward to this node; raises whatever the call raises when the relay cannot be reached."""
+    reply = await relay_stub(p2p, relay).rpc_relay_register(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
+    return unpack(reply.serialized_info, RegisterReply)
 
 
-def daemon_flags(relaying: Relaying) -> dict[str, object]:
-    """The p2pd flags hivemind's `P2P.create` does not pass itself (see the module docstring)."""
-    flags: dict[str, object] = {"relayService": relaying.service and not relaying.relayed}
-    if flags["relayService"]:
-        flags.update(relaying.limits.flags())
-    if relaying.relayed:
-        # Reserve on exactly these relays, now: with discovery on, autorelay waits for 4 candidates or 3 minutes.
-        flags["relayDiscovery"] = False
-        flags["trustedRelays"] = ",".join(relaying.through)
-    return flags
-
-
-def p2p_options(relaying: Relaying) -> dict[str, object]:
-    """Keyword arguments of hivemind's `P2P.create` (through `DHT`) for this node's relaying."""
-    if not relaying.relayed:
-        return {}
-    return {
-        "use_auto_relay": True,  # keep reservations on the relays (the daemon's autorelay)
-        "force_reachability": "private",  # reserve at once rather than after AutoNAT has made up its mind
-        # Announce the circuits explicitly: autorelay announces only relays at public IP addresses.
-        "announce_maddrs": [circuit_address(relay) for relay in relaying.through],
-    }
-
-
-def _p2p_with_flags(flags: Mapping[str, object]) -> type[P2P]:
-    class FlaggedP2P(P2P):
-        @staticmethod
-        def _make_process_args(*args, **kwargs) -> list[str]:
-            return P2P._make_process_args(*args, **{**kwargs, **flags})
-
-    return FlaggedP2P
-
-
-class RelayDHT(DHT):
-    """A hivemind DHT whose p2pd also gets `daemon_flags` (relay service, limits, static relays)."""
-
-    def __init__(self, *args, daemon_flags: Mapping[str, object], **kwargs):
-        self._daemon_flags = dict(daemon_flags)
-        super().__init__(*args, **kwargs)
-
-    def run(self) -> None:
-        import hivemind.dht.node as node_module
-
-        # This runs in the DHT's child process only, before its node (and so its p2pd) is created.
-        node_module.P2P = _p2p_with_flags(self._daemon_flags)
-        super().run()
-
+def register_reply(reply: RegisterReply) -> runtime_pb2.ExpertInfo:
+    return runtime_pb2.ExpertInfo(serialized_info=pack(reply))

@@ -67,7 +67,14 @@ class RemoteSequence:
 
     def relayed(self, peer_id: PeerID) -> bool:
         """Whether the peer announced that it is reachable only through relays."""
-        return any(s.peer_id == peer_id and s.info.relayed for s in self._spans)
+        return bool(self.relays_of(peer_id))
+
+    def relays_of(self, peer_id: PeerID) -> list[PeerID]:
+        """The relays the peer announced (`swarm.relays`), in its order; empty: it is dialled directly."""
+        for span in self._spans:
+            if span.peer_id == peer_id:
+                return [relay for relay in map(_peer_id_or_none, span.info.relays) if relay is not None]
+        return []
 
     def ban(self, peer_id: PeerID) -> float:
         """Keep a failing peer out of new routes for a while (longer on each repeat); returns the seconds."""
@@ -118,3 +125,10 @@ class RemoteSequence:
                 warned = missing
             await asyncio.sleep(min(2.0, max(deadline - time.monotonic(), 0)))
             force = True
+
+
+def _peer_id_or_none(text: str) -> PeerID | None:
+    try:
+        return PeerID.from_base58(text)
+    except Exception:  # an announced relay that is not a peer id: ignore it
+        return None

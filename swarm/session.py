@@ -4,7 +4,7 @@ Each hop keeps one open stream (from the `Transport` the session is given) and i
 The client keeps the inputs it sent to every hop, so when a peer fails mid-session it is banned for a
 while, its blocks are routed to other peers, and those peers rebuild the KV cache from the replayed inputs
 before the step goes on. The caller sees at most a pause. A peer reachable only through relays whose stream
-drops is first dialled once more (its relay may have gone, not the peer; it holds circuits on others) and
+drops is first reached once more, through another of its relays (its relay may have gone, not the peer), and
 rebuilds its cache the same way; only if that fails too is it banned.
 
 A peer blacklisted by the trust layer is routed around the same way, and every later hop's cache is
@@ -191,7 +191,7 @@ class InferenceSession:
         await _close_quietly(failed.stream)
         history = failed.history(position)
         reopen = (isinstance(error, RemoteError) and error.kind in REOPEN_KINDS) or (
-            # a relayed peer's stream drops when its relay goes away: dial it again (through another of its relays)
+            # a relayed peer's stream drops when its relay goes away: reach it again through another relay
             isinstance(error, PeerUnreachableError) and self.sequence.relayed(failed.route.peer_id)
         )
         if not reopen:

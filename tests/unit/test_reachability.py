@@ -10,15 +10,17 @@ from types import SimpleNamespace
 import pytest
 from hivemind.p2p import PeerID
 
-from peers.dialback import DialBackReply, DialBackRequest, DialBackService, daemon_multiaddr, dial_targets
+from peers.dialback import DialBackReply, DialBackRequest, DialBackService, dial_targets
 from peers.reachability import (
+    MISSED_RENEWALS,
     HelperAnswer,
-    Reachability,
-    choose_relays,
+    RelayKeeper,
     helper_ids,
     judge,
+    keep_relays,
     needs_relay,
     public_peers,
+    relay_candidates,
 )
 from swarm.protocol import pack, unpack
 from swarm.records import PeerSpan, ServerInfo, ServerState
@@ -57,17 +59,9 @@ def test_targets_are_capped():
 
 
 def test_requests_and_replies_survive_the_wire():
-    request = DialBackRequest(addresses=["/ip4/10.0.0.2/tcp/4001"], via="QmRelay")
+    request = DialBackRequest(addresses=["/ip4/10.0.0.2/tcp/4001"])
     assert unpack(pack(request), DialBackRequest) == request
     assert unpack(pack(reply(reachable=True)), DialBackReply).reachable
-
-
-def test_the_daemon_gets_peer_ids_as_plain_multihashes():
-    relay = peer("relay").to_base58()
-    raw = daemon_multiaddr(f"/ip4/10.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit").to_bytes()
-    multihash = peer("relay").to_bytes()
-    assert bytes([0xA5, 0x03, len(multihash)]) + multihash in raw  # /p2p/ code 421, length, multihash (no CID prefix)
-    assert str(daemon_multiaddr(f"/ip4/10.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit")).endswith(f"{relay}/p2p-circuit")
 
 
 # --- verdicts ---
@@ -100,17 +94,17 @@ def test_an_unknown_mode_is_refused():
 # --- relay choice ---
 
 
-def test_relays_are_the_first_helpers_that_relay_and_are_directly_connected():
-    answers = [
-        HelperAnswer(A, reply(relays=False), "/ip4/10.0.0.1/tcp/1/p2p/a"),  # --no-relay-service
-        HelperAnswer(B, None, "/ip4/10.0.0.2/tcp/1/p2p/b"),  # did not answer
-        HelperAnswer(C, reply(), None),  # not connected
-        HelperAnswer(peer("d"), reply(), "/ip4/10.0.0.4/tcp/1/p2p/d"),
-        HelperAnswer(peer("e"), reply(), "/ip4/10.0.0.5/tcp/1/p2p/e"),
-        HelperAnswer(peer("f"), reply(), "/ip4/10.0.0.6/tcp/1/p2p/f"),
-    ]
-    assert choose_relays(answers) == ["/ip4/10.0.0.4/tcp/1/p2p/d", "/ip4/10.0.0.5/tcp/1/p2p/e"]
-    assert choose_relays(answers[:3]) == []
+def test_relay_candidates_are_the_helpers_that_relay_in_the_order_asked():
+    answers = [HelperAnswer(A, reply(relays=False)), HelperAnswer(B, None), HelperAnswer(C, reply()),
+               HelperAnswer(peer("d"), reply(checked=False, relays=True))]
+    assert relay_candidates(answers) == [C, peer("d")]
+
+
+def test_a_relay_that_misses_renewals_is_replaced_by_the_next_candidate():
+    d = peer("d")
+    assert keep_relays([A, B], {A: 0, B: MISSED_RENEWALS - 1}, [A, B, C, d]) == ([A, B], [])
+    assert keep_relays([A, B], {B: MISSED_RENEWALS}, [A, B, C, d]) == ([A], [C])  # never B again right away
+    assert keep_relays([], {}, [C, d]) == ([], [C, d])
 
 
 def test_helpers_are_the_initial_peers_then_a_few_public_peers_never_oneself():
@@ -131,10 +125,27 @@ def test_public_peers_are_online_direct_reachable_ones():
     assert public_peers(spans) == [peer("direct")]
 
 
-def test_reachability_names_its_relays_by_id():
-    reach = Reachability(relays=("/ip4/10.0.0.1/tcp/1/p2p/QmOne", "/ip4/10.0.0.2/tcp/1/p2p/QmTwo"))
-    assert reach.relay_ids == ["QmOne", "QmTwo"]
-    assert Reachability().relay_ids == [] and Reachability().reachable
+def test_the_keeper_renews_replaces_a_relay_gone_quiet_and_says_so(monkeypatch):
+    alive = {A, B, C}
+    registered = []
+
+    async def fake_register(p2p, relay):
+        registered.append(relay)
+        return relay in alive
+
+    changes = []
+
+    async def candidates():
+        return [A, B, C]
+
+    monkeypatch.setattr("peers.reachability.register", fake_register)
+    keeper = RelayKeeper(p2p=None, relays=[A, B], candidates=candidates, on_change=changes.append)
+    asyncio.run(keeper.renew())
+    assert changes == [] and keeper.relays == [A, B]
+    alive.discard(B)
+    for _ in range(MISSED_RENEWALS):
+        asyncio.run(keeper.renew())
+    assert keeper.relays == [A, C] and changes == [[A, C]]
 
 
 # --- the dial-back service, with a fake dialer and a fake daemon ---
@@ -172,22 +183,6 @@ def test_the_service_dials_back_at_the_observed_address_and_says_whether_it_rela
     answer = serve(service, DialBackRequest(addresses=["/ip4/10.77.1.2/tcp/4001"]), A)
     assert answer.checked and not answer.reachable and answer.relays
     assert dialled == [(A, ["/ip4/10.77.2.1/tcp/4001"])]
-
-
-def test_the_service_dials_through_a_relay_it_knows_itself():
-    dialled = []
-
-    async def dialer(peer_id, addresses):
-        dialled.append(addresses)
-        return True
-
-    service = DialBackService(relays=False, dialer=dialer)
-    service._p2p = FakeP2P(B, {C: "/ip4/10.77.2.5/tcp/4001"})
-    assert serve(service, DialBackRequest(via=str(B)), A).reachable  # through this very node
-    assert serve(service, DialBackRequest(via=str(C)), A).reachable  # through a relay it is connected to
-    assert dialled == [[f"/ip4/10.77.2.2/tcp/4001/p2p/{B}/p2p-circuit"], [f"/ip4/10.77.2.5/tcp/4001/p2p/{C}/p2p-circuit"]]
-    unknown = serve(service, DialBackRequest(via=str(peer("elsewhere"))), A)
-    assert not unknown.checked and "no direct connection" in unknown.error
 
 
 def test_the_service_refuses_a_requester_it_sees_only_through_a_relay():

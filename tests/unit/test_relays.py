@@ -1,71 +1,86 @@
-"""Tests of swarm.relays: the daemon flags and P2P options a node's relaying turns into, circuit addresses."""
+"""Tests of relaying (swarm.relays, peers.forwarder, swarm.remote): registrations, limits, relay order; no network."""
 
 from __future__ import annotations
 
-from hivemind.p2p import P2P
+import hashlib
 
-from swarm.relays import (
-    RelayLimits,
-    Relaying,
-    _p2p_with_flags,
-    circuit_address,
-    daemon_flags,
-    is_circuit,
-    p2p_options,
-    relay_id,
-)
+import pytest
+from hivemind.p2p import PeerID
 
-RELAY = "/ip4/10.0.0.1/tcp/4001/p2p/QmRelayOne"
-OTHER = "/ip4/10.0.0.2/tcp/4001/p2p/QmRelayTwo"
+from peers.forwarder import Registry, RelayRefused, StreamBudget
+from swarm.protocol import pack, unpack
+from swarm.relays import RegisterReply, RelayLimits
+from swarm.remote import RELAY_DOWN_SECONDS, HivemindTransport
 
 
-def test_a_direct_node_relays_with_the_documented_limits():
-    flags = daemon_flags(Relaying())
-    assert flags == {
-        "relayService": True,
-        "relayMaxReservations": 128,
-        "relayMaxCircuits": 16,
-        "relayBufferSize": 64 * 1024,
-        "relayDataLimit": 4 * 2**30,
-        "relayTimeLimit": "1800s",
-    }
-    assert p2p_options(Relaying()) == {}
+def peer(name: str) -> PeerID:
+    return PeerID(b"\x12\x20" + hashlib.sha256(name.encode()).digest())
 
 
-def test_no_relay_service_turns_the_service_off_and_sets_no_limits():
-    assert daemon_flags(Relaying(service=False)) == {"relayService": False}
+HOME, OTHER = peer("home"), peer("other")
 
 
-def test_limits_are_passed_as_given():
-    flags = daemon_flags(Relaying(limits=RelayLimits(max_reservations=3, max_circuits=2, buffer_bytes=1024,
-                                                     data_bytes=10, seconds=60)))
-    assert (flags["relayMaxReservations"], flags["relayMaxCircuits"], flags["relayBufferSize"],
-            flags["relayDataLimit"], flags["relayTimeLimit"]) == (3, 2, 1024, 10, "60s")
+def test_a_registration_lasts_its_ttl_unless_renewed():
+    registry = Registry(ttl=60.0)
+    assert registry.register(HOME, now=0.0) == RegisterReply(ok=True, ttl=60.0)
+    assert registry.target(str(HOME), now=59.0) == HOME
+    registry.register(HOME, now=50.0)  # renewed
+    assert registry.target(str(HOME), now=100.0) == HOME
+    with pytest.raises(RelayRefused, match="not registered"):
+        registry.target(str(HOME), now=111.0)
 
 
-def test_a_relayed_node_reserves_on_its_relays_announces_their_circuits_and_relays_for_nobody():
-    relaying = Relaying(through=(RELAY, OTHER))
-    assert relaying.relayed
-    assert daemon_flags(relaying) == {"relayService": False, "relayDiscovery": False,
-                                      "trustedRelays": f"{RELAY},{OTHER}"}
-    assert p2p_options(relaying) == {
-        "use_auto_relay": True,
-        "force_reachability": "private",
-        "announce_maddrs": [f"{RELAY}/p2p-circuit", f"{OTHER}/p2p-circuit"],
-    }
+def test_only_registered_peers_are_forwarded_to():
+    registry = Registry()
+    with pytest.raises(RelayRefused, match="not registered"):
+        registry.target(str(OTHER), now=0.0)
+    with pytest.raises(RelayRefused, match="not a peer id"):
+        registry.target("0OIl!", now=0.0)
 
 
-def test_circuit_addresses():
-    assert circuit_address(RELAY + "/") == f"{RELAY}/p2p-circuit"
-    assert relay_id(f"{RELAY}/p2p-circuit") == "QmRelayOne"
-    assert relay_id(f"{RELAY}/p2p-circuit/p2p/QmNode") == "QmRelayOne"
-    assert relay_id(RELAY) is None
-    assert relay_id("/p2p-circuit/p2p/QmNode") is None  # no relay named
-    assert is_circuit(f"{RELAY}/p2p-circuit") and not is_circuit(RELAY)
+def test_registrations_are_capped():
+    registry = Registry(RelayLimits(max_registered=1))
+    assert registry.register(HOME, 0.0).ok
+    refused = registry.register(OTHER, 0.0)
+    assert not refused.ok and "already forwards to 1 peers" in refused.error
+    assert registry.register(HOME, 1.0).ok  # renewing is always fine
 
 
-def test_the_flagged_daemon_gets_the_extra_flags_last_so_they_win():
-    flagged = _p2p_with_flags({"relayService": False, "relayDiscovery": False})
-    assert issubclass(flagged, P2P)
-    args = flagged._make_process_args("p2pd", relay=True, relayService=True)
-    assert args == ["p2pd", "-relay=1", "-relayService=0", "-relayDiscovery=0"]
+def test_streams_are_capped_per_peer_and_in_all():
+    registry = Registry(RelayLimits(max_streams_per_peer=2, max_streams=3))
+    for _ in range(2):
+        registry.open_stream(HOME)
+    with pytest.raises(RelayRefused, match="2 streams to"):
+        registry.open_stream(HOME)
+    registry.open_stream(OTHER)
+    with pytest.raises(RelayRefused, match="already forwards 3 streams"):
+        registry.open_stream(OTHER)
+    registry.close_stream(HOME)
+    registry.open_stream(OTHER)
+    assert dict(registry.streams) == {HOME: 1, OTHER: 2}
+
+
+def test_a_stream_is_capped_in_bytes_and_time():
+    budget = StreamBudget(RelayLimits(max_stream_bytes=100, max_stream_seconds=10.0), began=0.0)
+    budget.spend(100, now=1.0)
+    with pytest.raises(RelayRefused, match="100 bytes"):
+        budget.spend(1, now=1.0)
+    with pytest.raises(RelayRefused, match="10 s"):
+        StreamBudget(RelayLimits(max_stream_seconds=10.0), began=0.0).spend(1, now=11.0)
+
+
+def test_register_replies_survive_the_wire():
+    assert unpack(pack(RegisterReply(ok=False, error="full")), RegisterReply) == RegisterReply(ok=False, error="full")
+
+
+def test_a_relay_that_failed_is_tried_last_for_a_while(monkeypatch):
+    first, second = peer("relay1"), peer("relay2")
+    transport = HivemindTransport(p2p=None, relays_of=lambda peer_id: [first, second] if peer_id == HOME else [])
+    assert transport.relays(OTHER) == []
+    assert transport.relays(HOME) == [first, second]
+    clock = [1000.0]
+    monkeypatch.setattr("swarm.remote.time.monotonic", lambda: clock[0])
+    transport.relay_failed(HOME, first)
+    assert transport.relays(HOME) == [second, first]
+    clock[0] += RELAY_DOWN_SECONDS + 1
+    assert transport.relays(HOME) == [first, second]

@@ -17,6 +17,7 @@ from swarm.errors import BadReplyError, MissingBlocksError, PeerUnreachableError
 from swarm.sequence import RemoteSequence
 from swarm.session import InferenceSession
 
+RELAY, OTHER_RELAY = (str(FakePeer(name, 0, 1).peer_id) for name in ("relay", "other relay"))
 CFG = ClientConfig(initial_peers=(), missing_blocks_timeout=0.0, request_timeout=5.0)
 
 
@@ -170,7 +171,7 @@ def test_blocks_served_only_by_a_peer_that_cannot_be_dialled_are_missing_and_the
 
 
 def test_a_route_takes_the_direct_peer_over_a_relayed_one_and_the_relayed_one_when_alone():
-    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=("QmRelay",), rtt=0.0005),
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=(RELAY,), rtt=0.0005),
                       FakePeer("direct", 3, 6, rtt=0.001))
     _, session = make_session(swarm)
     run(session.step(PROMPT))
@@ -182,7 +183,7 @@ def test_a_route_takes_the_direct_peer_over_a_relayed_one_and_the_relayed_one_wh
 
 
 def test_a_relayed_peer_whose_stream_drops_is_dialled_again_and_rebuilds_its_cache():
-    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=("QmRelay", "QmOther"), drop_stream_at=3),
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=(RELAY, OTHER_RELAY), drop_stream_at=3),
                       FakePeer("slow", 3, 6, throughput=1.0))
     sequence, session = make_session(swarm)
     outputs, _ = run(generate(session, PROMPT, 4))
@@ -194,7 +195,7 @@ def test_a_relayed_peer_whose_stream_drops_is_dialled_again_and_rebuilds_its_cac
 
 
 def test_a_relayed_peer_that_stays_unreachable_is_banned_and_routed_around():
-    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=("QmRelay",), fail_after=3),
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=(RELAY,), fail_after=3),
                       FakePeer("slow", 3, 6, throughput=1.0))
     sequence, session = make_session(swarm)
     outputs, _ = run(generate(session, PROMPT, 4))
