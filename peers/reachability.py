@@ -91,6 +91,16 @@ def helper_ids(initial_peers: Sequence[str], public_peers: Sequence[PeerID], own
     return helpers + rng.sample(others, min(extra, len(others)))
 
 
+def on_this_machine_only(host: str, initial_peers: Sequence[str]) -> bool:
+    """A node listening on loopback only, joined through initial peers on loopback: a swarm on one machine, where
+    every node can dial every other and nobody else can dial any (no check needed, no relay would help)."""
+    def loopback(address: str) -> bool:
+        fields = address.strip("/").split("/")
+        return len(fields) >= 2 and (fields[:2] == ["ip6", "::1"] or (fields[0] == "ip4" and fields[1].startswith("127.")))
+
+    return (host.startswith("127.") or host == "::1") and all(loopback(a) for a in initial_peers)
+
+
 def public_peers(spans: Sequence[PeerSpan]) -> list[PeerID]:
     """Online peers that are dialled directly (the ones that may check others and relay for them)."""
     return [s.peer_id for s in online_spans(list(spans)) if s.info.reachable and not s.info.relayed]
@@ -163,12 +173,12 @@ async def _register_from(dht: DHT, candidates: Sequence[PeerID]) -> list[PeerID]
 StartNode = Callable[[bool, "int | None"], DHT]  # (client_mode, port to start on again or None) -> a started node
 
 
-def join_network(start: StartNode, *, mode: str, initial_peers: Sequence[str],
+def join_network(start: StartNode, *, mode: str, host: str, initial_peers: Sequence[str],
                  public_peers: Callable[[DHT], list[PeerID]]) -> tuple[DHT, Reachability, list[PeerID]]:
     """Start the node and find out how clients reach it; (node, reachability, relay candidates for later)."""
     dht = start(False, None)
-    if not initial_peers:
-        return dht, Reachability(), []  # the first node of a new swarm: nobody to ask, nobody to relay
+    if not initial_peers or (mode != "always" and on_this_machine_only(host, initial_peers)):
+        return dht, Reachability(), []  # the first node of a new swarm, or a swarm on one machine: nothing to ask
     answers = asyncio.run(ask_helpers(dht, helper_ids(initial_peers, _safe(public_peers, dht), dht.peer_id)))
     reachable = judge([a.reply for a in answers])
     candidates = relay_candidates(answers)

@@ -122,7 +122,8 @@ class Peer:
 
         self.reach: Reachability
         self.dht, self.reach, self._relay_candidates = join_network(
-            start_node, mode=cfg.relay, initial_peers=cfg.initial_peers, public_peers=self._read_public_peers)
+            start_node, mode=cfg.relay, host=cfg.host, initial_peers=cfg.initial_peers,
+            public_peers=self._read_public_peers)
         self.subkey = records.owner_subkey(self.dht.peer_id, self.signer)
         # a directly reachable peer checks newcomers' reachability and relays for those nobody can dial
         direct = self.reach.reachable and not self.reach.relays

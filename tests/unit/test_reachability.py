@@ -19,6 +19,7 @@ from peers.reachability import (
     judge,
     keep_relays,
     needs_relay,
+    on_this_machine_only,
     public_peers,
     relay_candidates,
 )
@@ -113,6 +114,12 @@ def test_helpers_are_the_initial_peers_then_a_few_public_peers_never_oneself():
     helpers = helper_ids(initial, [A, B, C, *others], own=C, rng=random.Random(0))
     assert helpers[:2] == [A, B] and len(helpers) == 4 and C not in helpers
     assert set(helpers[2:]) <= set(others)
+
+
+def test_a_swarm_on_one_machine_needs_no_check():
+    assert on_this_machine_only("127.0.0.1", [f"/ip4/127.0.0.1/tcp/1/p2p/{A}", f"/ip6/::1/tcp/1/p2p/{B}"])
+    assert not on_this_machine_only("0.0.0.0", [f"/ip4/127.0.0.1/tcp/1/p2p/{A}"])
+    assert not on_this_machine_only("127.0.0.1", [f"/ip4/127.0.0.1/tcp/1/p2p/{A}", f"/ip4/10.0.0.1/tcp/1/p2p/{B}"])
 
 
 def test_public_peers_are_online_direct_reachable_ones():
