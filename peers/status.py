@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import random
 
+from hivemind.p2p import PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
 from reputation.attest import Attestation
@@ -15,7 +16,7 @@ from swarm import records, routing
 from swarm.errors import format_block_spans
 from swarm.models import open_model
 from swarm.network import create_client_dht
-from swarm.remote import call_info
+from swarm.remote import HivemindTransport
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,15 @@ class PeerRow:
     trust: float | None = None  # relative trust (1.0 = average) from gossiped attestations; None: never checked
     blacklisted: bool = False
     accused: bool = False  # a verdict against it awaits this view's own checks
+    relays: tuple[str, ...] = ()  # peer ids of the relays it is reachable through (empty: dialled directly)
+    reachable: bool = True  # False: it announced that nobody can dial it and it uses no relay
+
+    @property
+    def reach(self) -> str:
+        """How clients reach the peer, for the table."""
+        if not self.reachable:
+            return "none (NAT, no relay)"
+        return "relay " + ",".join(self.relays) if self.relays else "direct"
 
 
 @dataclass(frozen=True)
@@ -86,10 +96,12 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
 
         async def ping_all() -> tuple[list[float | None], ReputationNode]:
             p2p = await dht.replicate_p2p()
+            relays = {s.peer_id: [PeerID.from_base58(r) for r in s.info.relays] for s in spans}
+            transport = HivemindTransport(p2p, relays_of=lambda peer_id: relays.get(peer_id, []))
 
             async def ping(span) -> float | None:
                 try:
-                    return (await call_info(p2p, span.peer_id, timeout=3.0))[1]
+                    return (await transport.info(span.peer_id, timeout=3.0))[1]
                 except Exception:  # unreachable peers are shown as such, not raised
                     return None
 
@@ -113,6 +125,8 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
             trust=round(standings[str(s.peer_id)].trust, 3) if str(s.peer_id) in standings else None,
             blacklisted=bool(standings.get(str(s.peer_id)) and standings[str(s.peer_id)].blacklisted),
             accused=bool(standings.get(str(s.peer_id)) and standings[str(s.peer_id)].accused),
+            relays=tuple(s.info.relays),
+            reachable=s.info.reachable,
         )
         for s, rtt in sorted(zip(spans, rtts), key=lambda pair: (pair[0].start, pair[0].end, str(pair[0].peer_id)))
     )
@@ -140,7 +154,7 @@ def coverage_ranges(report: StatusReport) -> list[tuple[int, int, int]]:
 
 
 def render_table(report: StatusReport) -> str:
-    header = ("blocks", "peer", "name", "state", "throughput", "dtype", "rtt", "trust")
+    header = ("blocks", "peer", "name", "state", "throughput", "dtype", "rtt", "reached", "trust")
     lines = [
         (
             f"{r.start}:{r.end}",
@@ -150,6 +164,7 @@ def render_table(report: StatusReport) -> str:
             f"{r.throughput:.1f}/s",
             r.dtype,
             "unreachable" if r.rtt_ms is None else f"{r.rtt_ms:.1f} ms",
+            r.reach,
             "BLACKLISTED" if r.blacklisted else "ACCUSED" if r.accused else ("-" if r.trust is None else f"{r.trust:.2f}"),
         )
         for r in report.peers
@@ -162,6 +177,13 @@ def render_table(report: StatusReport) -> str:
     if report.num_blocks:
         cells = [f"{start}:{end} x{count}" for start, end, count in coverage_ranges(report)]
         out.append("coverage (blocks x online peers): " + "  ".join(cells))
+    for r in report.peers:
+        if r.state == "online" and not r.reachable:
+            out.append(f"UNREACHABLE: peer {r.peer_id} (blocks {r.start}:{r.end}) cannot be dialled and uses no relay "
+                       "(behind NAT with --relay never); clients cannot use its blocks")
+    relayed = sum(1 for r in report.peers if r.state == "online" and r.relays)
+    if relayed:
+        out.append(f"{relayed} peer(s) behind NAT are reached through relays.")
     if report.missing:
         out.append(f"MISSING: no reachable online peer serves block(s) {format_block_spans(list(report.missing))}")
     else:

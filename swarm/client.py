@@ -163,6 +163,7 @@ class DistributedModelForCausalLM:
         self.transport = HivemindTransport(self.p2p)
         source = DhtSpanSource(self.dht, checkpoint.dht_prefix, checkpoint.num_blocks)
         self.sequence = RemoteSequence(source, self.transport, checkpoint.manifest.name, checkpoint.num_blocks, cfg)
+        self.transport.relays_of = self.sequence.relays_of  # peers behind NAT are reached through their relays
         self.trust_layer: TrustLayer | None = None  # receipt checks, spot checks and the blacklist, when on
         self.last_generation: GenerationReport | None = None  # the report of the last `generate` (any thread)
         if cfg.spot_checks:

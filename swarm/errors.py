@@ -80,12 +80,17 @@ class BadReceiptError(BadReplyError):
 class MissingBlocksError(SwarmError):
     """Some blocks of the model are served by no reachable peer."""
 
-    def __init__(self, model: str, missing: list[int]):
+    def __init__(self, model: str, missing: list[int], undialable: list[str] | None = None):
         self.model = model
         self.missing = list(missing)
+        self.undialable = list(undialable or [])  # peers that serve some of them but cannot be dialled
         spans = format_block_spans(self.missing)
+        behind_nat = (
+            f" (peer {', '.join(self.undialable)} serves some but cannot be dialled: behind NAT without a relay)"
+            if self.undialable else ""
+        )
         super().__init__(
-            f"no peer serves block(s) {spans} of {model}; start one with "
+            f"no reachable peer serves block(s) {spans} of {model}{behind_nat}; start one with "
             f"`swarm-peer join --model {model} --blocks {_first_span(self.missing)}`"
         )
 

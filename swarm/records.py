@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 
 RECORD_TTL = 60.0  # seconds a record lives without a refresh
 MAX_BLOCKS = 2**16  # no model has more blocks; a record claiming more is malformed
+MAX_RELAYS = 4  # relays one peer may announce
+_REACH_DEFAULTS = {"relays": [], "reachable": True}  # ServerInfo fields a record carries only when they differ
 
 
 class ServerState(str, enum.Enum):
@@ -68,6 +70,10 @@ class ServerInfo(StrictModel):
     cache_tokens_left: Count = 0
     version: str = Field(default="", max_length=64)
     public_name: str = Field(default="", max_length=128)
+    # Reachability (swarm.relays): the peer ids of the relays this peer is reachable through (empty: dialled
+    # directly), and False when it found that nobody can dial it and it uses no relay (--relay never behind NAT).
+    relays: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=MAX_RELAYS)
+    reachable: bool = True
 
     @field_validator("dtype")
     @classmethod
@@ -89,9 +95,18 @@ class ServerInfo(StrictModel):
         check_span(self.start, self.end)
         return self
 
+    @property
+    def relayed(self) -> bool:
+        return bool(self.relays)
+
     def to_record(self) -> dict:
-        """The DHT value: a map of plain msgpack types (the state by name)."""
-        return self.model_dump(mode="json")
+        """The DHT value: a map of plain msgpack types (the state by name).
+
+        The reachability fields are left out while they hold their defaults, so a directly reachable peer's
+        record stays what nodes of earlier versions (which reject unknown fields) accept.
+        """
+        omitted = {name for name, default in _REACH_DEFAULTS.items() if getattr(self, name) == default}
+        return self.model_dump(mode="json", exclude=omitted)
 
     @classmethod
     def from_record(cls, value: object) -> ServerInfo:

@@ -1,7 +1,7 @@
 """Choosing the chain of peers that covers blocks [start, end): pure functions over a snapshot.
 
 The graph's nodes are block boundaries; an edge "peer p computes blocks i..j" costs
-latency(p) + (j - i) / throughput(p). The cheapest path is the route (DESIGN.md, Routing). Throughput is
+latency(p) + (j - i) / throughput(p), plus RELAY_PENALTY when p is reachable only through a relay. The cheapest path is the route (DESIGN.md, Routing). Throughput is
 what the client measured on p's own steps once it has that (a peer measured far below its claim is demoted),
 and compute at peers without trust costs a little more (`PeerEvidence`). With a trust layer, a hop that no other
 peer could re-run in a spot check (nobody else serves those blocks in a comparable configuration, such as the same
@@ -35,6 +35,11 @@ class PeerEvidence:
 
     throughput: float | None = None  # block-steps per second measured on its own steps (None: not yet)
     trust: float | None = None  # relative trust (1.0 = average), None without a trust layer
+# Seconds added to a hop whose peer is reachable only through a relay (it announces its relays). Its measured
+# round trip already includes the detour; this makes a direct peer win wherever the two are close (on one LAN a
+# relay adds well under a millisecond, below the ping's noise), since a relay is shared, caps each connection's
+# bytes and duration, and is one more machine that can fail. A relayed peer still wins by saving more than this.
+RELAY_PENALTY = 0.01
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ def hop_cost(span: PeerSpan, start: int, end: int, latency: float, needed_tokens
     evidence = evidence or PeerEvidence()
     throughput = effective_throughput(span.info.throughput, evidence.throughput)
     cost = latency + (end - start) / max(throughput, 1e-9) * trust_factor(evidence.trust)
+    if span.info.relayed:
+        cost += RELAY_PENALTY
     if span.info.cache_tokens_left < needed_tokens:
         cost += NO_ROOM_PENALTY  # likely to refuse the session: use it only if nobody else can
     return cost

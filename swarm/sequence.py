@@ -66,6 +66,17 @@ class RemoteSequence:
         """Never route to peers this view blacklists."""
         self.trust = trust
 
+    def relayed(self, peer_id: PeerID) -> bool:
+        """Whether the peer announced that it is reachable only through relays."""
+        return bool(self.relays_of(peer_id))
+
+    def relays_of(self, peer_id: PeerID) -> list[PeerID]:
+        """The relays the peer announced (`swarm.relays`), in its order; empty: it is dialled directly."""
+        for span in self._spans:
+            if span.peer_id == peer_id:
+                return [relay for relay in map(_peer_id_or_none, span.info.relays) if relay is not None]
+        return []
+
     def ban(self, peer_id: PeerID) -> float:
         """Keep a failing peer out of new routes for a while (longer on each repeat); returns the seconds."""
         self.probe.forget(peer_id)  # measure it afresh once the cooldown ends
@@ -120,13 +131,22 @@ class RemoteSequence:
                 return route
             reachable = [s for s in spans if s.peer_id in latencies]
             missing = routing.missing_blocks(reachable, start, end)
+            undialable = [str(s.peer_id) for s in spans if not s.info.reachable and any(s.start <= b < s.end for b in missing)]
             if time.monotonic() >= deadline:
-                raise MissingBlocksError(self.model_name, missing)
+                raise MissingBlocksError(self.model_name, missing, undialable)
             if missing != warned:
+                behind_nat = f" ({', '.join(undialable)} cannot be dialled: behind NAT without a relay)" if undialable else ""
                 logger.warning(
-                    f"Waiting up to {deadline - time.monotonic():.0f} s for a peer serving block(s) "
-                    f"{format_block_spans(missing)} of {self.model_name}"
+                    f"Waiting up to {deadline - time.monotonic():.0f} s for a reachable peer serving block(s) "
+                    f"{format_block_spans(missing)} of {self.model_name}{behind_nat}"
                 )
                 warned = missing
             await asyncio.sleep(min(2.0, max(deadline - time.monotonic(), 0)))
             force = True
+
+
+def _peer_id_or_none(text: str) -> PeerID | None:
+    try:
+        return PeerID.from_base58(text)
+    except Exception:  # an announced relay that is not a peer id: ignore it
+        return None

@@ -3,7 +3,9 @@
 Each hop keeps one open stream (from the `Transport` the session is given) and its part of the KV cache.
 The client keeps the inputs it sent to every hop, so when a peer fails mid-session it is banned for a
 while, its blocks are routed to other peers, and those peers rebuild the KV cache from the replayed inputs
-before the step goes on. The caller sees at most a pause.
+before the step goes on. The caller sees at most a pause. A peer reachable only through relays whose stream
+drops is first reached once more, through another of its relays (its relay may have gone, not the peer), and
+rebuilds its cache the same way; only if that fails too is it banned.
 
 With a trust layer, every hop's reply must carry the peer's valid signed receipt for exactly that step
 (its `ReplyVerifier` decides); a reply without one is that peer's fault, handled like a bad reply at once.
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.errors import BadReceiptError, MissingBlocksError, PeerError, RemoteError, SwarmError
+from swarm.errors import BadReceiptError, MissingBlocksError, PeerError, PeerUnreachableError, RemoteError, SwarmError
 from swarm.hooks import HopStep, ReplyVerifier, StepObserver, StepRecord
 from swarm.protocol import StepRequest
 from swarm.routing import RouteHop
@@ -210,13 +212,17 @@ class InferenceSession:
         event = FailoverEvent(str(failed.route.peer_id), (failed.route.start, failed.route.end), _reason(error))
         await _close_quietly(failed.stream)
         history = failed.history(position)
-        reopen = isinstance(error, RemoteError) and error.kind in REOPEN_KINDS
+        reopen = (isinstance(error, RemoteError) and error.kind in REOPEN_KINDS) or (
+            # a relayed peer's stream drops when its relay goes away: reach it again through another relay
+            isinstance(error, PeerUnreachableError) and self.sequence.relayed(failed.route.peer_id)
+        )
         if not reopen:
             self.sequence.ban(failed.route.peer_id)
         for _ in range(MAX_FAILOVERS_PER_STEP):
             since = position  # the replacement serves from this step on
             if reopen:
-                route, reopen = [failed.route], False  # the peer is fine, it only lost our cache: try it once more
+                # the peer is fine, it only lost our cache or its relay: try it once more
+                route, reopen = [failed.route], False
                 since = failed.since  # ...and its earlier outputs are still its own
             else:
                 try:

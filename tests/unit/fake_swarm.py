@@ -108,6 +108,9 @@ class FakePeer:
     steps: int = 0
     forwards: int = 0
     key: RSAPrivateKey | None = None
+    relays: tuple[str, ...] = ()  # announced relays (reachable only through them)
+    dialable: bool = True  # False: announces that nobody can dial it, and cannot be reached
+    drop_stream_at: int | None = None  # its stream drops once at this step count (as when its relay goes away)
 
     def __post_init__(self) -> None:
         if self.sign:
@@ -119,7 +122,8 @@ class FakePeer:
     @property
     def span(self) -> PeerSpan:
         info = ServerInfo(state=ServerState.ONLINE, start=self.start, end=self.end, throughput=self.throughput,
-                          dtype=self.dtype, compression=self.compression, cache_tokens_left=100_000)
+                          dtype=self.dtype, compression=self.compression, cache_tokens_left=100_000,
+                          relays=list(self.relays), reachable=self.dialable)
         return PeerSpan(self.peer_id, info)
 
     def compute(self, start: int, end: int, full: torch.Tensor, new: int, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -174,6 +178,10 @@ class FakeStream:
         if peer.name in self.swarm.dead or (peer.fail_after is not None and peer.steps >= peer.fail_after):
             self.swarm.dead.add(peer.name)
             raise PeerUnreachableError(str(peer.peer_id), f"peer {peer.peer_id} closed the stream")
+        if peer.drop_stream_at is not None and peer.steps == peer.drop_stream_at:
+            peer.drop_stream_at = None
+            peer.sessions.pop(meta.session_id, None)  # a peer's caches live as long as the stream
+            raise PeerUnreachableError(str(peer.peer_id), f"lost the stream to peer {peer.peer_id}")
         if peer.lose_cache_at_step is not None and peer.steps == peer.lose_cache_at_step:
             peer.lose_cache_at_step = None
             peer.sessions.pop(meta.session_id, None)
@@ -241,7 +249,7 @@ class FakeSwarm:
 
     def _peer(self, peer_id: PeerID) -> FakePeer:
         peer = self.peers[peer_id]
-        if peer.name in self.dead:
+        if peer.name in self.dead or not peer.dialable:
             raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is unreachable")
         return peer
 

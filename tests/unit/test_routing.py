@@ -11,6 +11,7 @@ from hivemind.p2p import PeerID
 from swarm.records import PeerSpan, ServerInfo, ServerState
 from swarm.routing import (
     PING_SMOOTHING,
+    RELAY_PENALTY,
     RouteHop,
     checkable,
     find_route,
@@ -28,9 +29,11 @@ def peer(name: str) -> PeerID:
 
 
 def span(
-    name: str, start: int, end: int, throughput: float = 1.0, state: ServerState = ServerState.ONLINE
+    name: str, start: int, end: int, throughput: float = 1.0, state: ServerState = ServerState.ONLINE,
+    relays: tuple[str, ...] = (),
 ) -> PeerSpan:
-    return PeerSpan(peer(name), ServerInfo(state=state, start=start, end=end, throughput=throughput, dtype="float32"))
+    info = ServerInfo(state=state, start=start, end=end, throughput=throughput, dtype="float32", relays=list(relays))
+    return PeerSpan(peer(name), info)
 
 
 def hops(route: list[RouteHop] | None) -> list[tuple[PeerID, int, int]] | None:
@@ -215,3 +218,30 @@ def test_with_a_trust_layer_routes_prefer_hops_that_can_be_checked():
     # where nothing checkable exists, the penalty falls on every route alike, so the cheapest still wins
     lone = [span("x", 0, 10, 10.0), span("y", 10, 20, 100.0)]
     assert hops(find_route(lone, latencies_of(lone), 0, 20, prefer_checkable=True)) == [(peer("x"), 0, 10), (peer("y"), 10, 20)]
+
+
+# --- relayed peers ---
+
+
+def test_a_direct_peer_wins_over_a_relayed_one_that_measured_a_little_faster():
+    # on one machine a relay's detour is below the ping's noise: the relayed peer may even measure faster
+    spans = [span("direct", 10, 20, throughput=100.0), span("home", 10, 20, throughput=100.0, relays=("QmRelay",)),
+             span("a", 0, 10, throughput=100.0)]
+    latencies = {peer("direct"): 0.0009, peer("home"): 0.0006, peer("a"): 0.001}
+    assert hops(find_route(spans, latencies, 0, 20)) == [(peer("a"), 0, 10), (peer("direct"), 10, 20)]
+
+
+def test_a_relayed_hop_costs_its_round_trip_plus_the_penalty():
+    relayed = span("home", 0, 10, throughput=4.0, relays=("QmRelay",))
+    assert hop_cost(relayed, 2, 10, latency=0.5) == pytest.approx(0.5 + 8 / 4.0 + RELAY_PENALTY)
+
+
+def test_a_relayed_peer_serves_when_nobody_else_does():
+    spans = [span("a", 0, 10), span("home", 10, 20, relays=("QmRelay",))]
+    assert hops(find_route(spans, latencies_of(spans), 0, 20)) == [(peer("a"), 0, 10), (peer("home"), 10, 20)]
+
+
+def test_a_much_faster_relayed_peer_still_wins():
+    # 10 blocks: 1 s at 10 block-steps/s against 0.01 s at 1000, far more than the relay's penalty
+    spans = [span("slow", 0, 10, throughput=10.0), span("home", 0, 10, throughput=1000.0, relays=("QmRelay",))]
+    assert hops(find_route(spans, latencies_of(spans, 0.002), 0, 10)) == [(peer("home"), 0, 10)]
