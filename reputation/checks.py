@@ -17,7 +17,9 @@ exceed clearly that of those siding with the subject; referees siding clearly wi
 checker route (a chained route is only inconclusive: which of its hops erred is unknown) and pass the subject;
 anything else is inconclusive and blames nobody. Agreement between two executions mints trust (a "pass"
 attestation) only when one side is already trusted here, or while nobody serving those blocks is (a cold
-start); so newcomers agreeing with each other, however many, earn nothing once trusted peers are around.
+start); so newcomers agreeing with each other, however many, earn nothing once trusted peers are around. At a cold
+start an unsettled dispute is weighed again once that agreement is published as trust (`_second_look`); one that
+stays unsettled still keeps a contradicted, untrusted subject out of this client's routes for a while.
 
 When the hop ends at the model's last block and the client gave its head (final norm + LM head), each comparison
 also carries both outputs through that head (`reputation.effect`): a step whose top-1 token at the last position of
@@ -544,6 +546,10 @@ class SpotChecker:
         subject_verdict = weighted_referee_decision(on_subject, weights)
         checker_verdict = weighted_referee_decision(on_checker, weights)
         self._corroborate(record, receipt, checker, referees, on_subject, on_checker, cold, subject_verdict == "pass")
+        if cold and subject_verdict == "inconclusive" and checker_verdict == "inconclusive":
+            weights = await self._second_look(subject, referees)
+            subject_verdict = weighted_referee_decision(on_subject, weights)
+            checker_verdict = weighted_referee_decision(on_checker, weights)
         if subject_verdict == "fail":
             return self._conclude(receipt, agreement, "fail", profile, None, record, effect)
         if checker_verdict == "fail":
@@ -554,6 +560,14 @@ class SpotChecker:
             self._avoid_if_contradicted(record, checker, on_subject)
         votes = ", ".join(f"{'+'.join(r.peers)}: {v} (weight {w:.2f})" for r, v, w in zip(referees, on_subject, weights))
         return self._inconclusive(receipt, agreement, profile, f"the referees' trusted weight decides nothing ({votes})")
+
+    async def _second_look(self, subject: str, referees: list[Execution]) -> list[float]:
+        """The referees' weights again, once the trust that a cold start's agreement just minted (`_corroborate`)
+        is published: at a cold start that agreement is all there is to go on (the README's cold-start limit), and
+        it decides this dispute as it would decide the next one."""
+        await asyncio.to_thread(self.node.refresh, True)
+        self._snapshot_weights(subject)
+        return [self._route_weight(referee.peers) for referee in referees]
 
     def _avoid_if_contradicted(self, record: StepRecord, checker: Execution, on_subject: list[str]) -> None:
         """An unsettled dispute still decides what this client uses: a subject it does not trust, contradicted by

@@ -50,12 +50,12 @@ class View:
         return frozenset()
 
 
-def checker_for(swarm: FakeSwarm, seed: int = 0, head=None, num_blocks: int | None = None,
+def checker_for(swarm: FakeSwarm, seed: int = 0, head=None, num_blocks: int | None = None, referees: int = 2,
                 **options) -> tuple[SpotChecker, ReputationNode]:
     node = ReputationNode(RSAPrivateKey(), ReputationConfig(recompute_period=0.0, **options))
     node.known_peers.update(str(p.peer_id) for p in swarm.peers.values())  # as the client's trust layer does
     checker = SpotChecker(node, swarm, View(swarm), rng=random.Random(seed), check_rate=1.0, head=head,
-                          num_blocks=num_blocks)
+                          num_blocks=num_blocks, referees=referees)
     return checker, node
 
 
@@ -150,18 +150,27 @@ def test_a_lying_subject_is_convicted_by_trusted_referees():
     never_blamed(node, swarm, "checker", "ref1", "ref2")
 
 
-def test_untrusted_referees_convict_nobody():
-    # at a cold start everybody is a newcomer: a disagreement is only corroborated, never judged, by their votes
+def test_at_a_cold_start_the_referees_decide_once_their_agreement_made_them_trusted():
+    # everybody is a newcomer: the referees that agreed with the checker vouch for each other, and their votes
+    # are weighed again by that trust (agreement is all a cold start has to go on)
     swarm = FakeSwarm(*(FakePeer(n, 0, 3, sign=True) for n in ("checker", "ref1", "ref2")),
                       FakePeer("liar", 0, 3, sign=True, corrupt=lie))
     checker, node = checker_for(swarm)
-    assert check(checker, served_step(swarm, swarm.by_name("liar"))) == "inconclusive"
-    assert node.blacklisted() == frozenset()
-    assert node.avoids(str(swarm.by_name("liar").peer_id))  # ...yet this client uses nothing it sent for a while
-    # ...and the referees that agreed with the checker vouched for each other, so the next check decides
-    node.refresh(force=True)  # (once the background refresh has published it)
-    assert check(checker, served_step(swarm, swarm.by_name("liar"), seed=2)) == "fail"
+    assert check(checker, served_step(swarm, swarm.by_name("liar"))) == "fail"
+    assert node.is_blacklisted(str(swarm.by_name("liar").peer_id))
     never_blamed(node, swarm, "checker", "ref1", "ref2")
+
+
+def test_an_unsettled_dispute_at_a_cold_start_still_keeps_the_contradicted_output_out():
+    # the only referee lies too (differently): nobody agrees with anybody, so no trust is minted and nothing settles
+    swarm = FakeSwarm(FakePeer("liar", 0, 3, sign=True, corrupt=lie), FakePeer("checker", 0, 3, sign=True),
+                      FakePeer("other-liar", 0, 3, sign=True, corrupt=lie))
+    checker, node = checker_for(swarm, referees=1)
+    liar = str(swarm.by_name("liar").peer_id)
+    assert check(checker, served_step(swarm, swarm.by_name("liar"))) == "inconclusive"
+    assert not node.is_blacklisted(liar) and node.avoids(liar)  # not convicted, but this client uses it no more
+    assert checker.stats.avoided == 1
+    never_blamed(node, swarm, "checker")
 
 
 def test_a_lying_checker_is_the_one_blamed_when_trusted_referees_side_with_the_subject():
