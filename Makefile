@@ -31,8 +31,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check swarm peers reputation apps benchmarks examples tests
 	$(VENV)/bin/lint-imports
 
+# The NAT tests run in a pytest process of their own: a client they build inside a network namespace leaves the
+# process unable to start further DHT nodes ("Broken pipe"). Exit status 5 = those arguments selected no test.
 test: model lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not netns" $(PYTEST_ARGS)
+	$(PY) -m pytest -m netns $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: model
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

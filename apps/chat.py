@@ -1,7 +1,8 @@
 """`swarm-chat`: talk to a model served by the swarm, token by token.
 
 The conversation lives in one inference session: each turn sends only the tokens the peers have
-not seen yet (the new user message and the template around it), never the whole history.
+not seen yet (the new user message and the template around it), never the whole history. An answer that
+spot checks did not fully verify gets a one-line mark under it (`--strict` checks every step).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import click
 import torch
 
 from apps.streaming import StreamedText
+from swarm.config import STRICT
 from swarm.errors import SwarmError
 from swarm.models import DEFAULT_MODEL
 from swarm.network import initial_peers_from, trusted_peers_from
@@ -113,6 +115,7 @@ class ChatSession:
         self.session = model.inference_session(max_length)
         self.conversation = Conversation()
         self.last_stats: TurnStats | None = None
+        self.last_report = None  # swarm.client.GenerationReport of the last answer
 
     def reset(self) -> None:
         self.session.close()
@@ -131,7 +134,7 @@ class ChatSession:
         self.session.rollback(keep)
         stats = TurnStats(prompt_tokens=len(new_ids), started=time.perf_counter())
         streamer = TerminalStreamer(self.tokenizer, stats, out)
-        output = self.model.generate(
+        result = self.model.generate(
             torch.tensor([new_ids]),
             max_new_tokens=self.max_new_tokens,
             do_sample=self.temperature > 0,
@@ -139,8 +142,13 @@ class ChatSession:
             top_p=self.top_p,
             streamer=streamer,
             session=self.session,
+            return_dict_in_generate=True,
         )
-        generated = output[0, len(new_ids) :].tolist()
+        self.last_report = result.report
+        mark = result.report.mark()
+        if mark is not None:  # not fully verified: say so under the answer (on stderr: stdout is only answers)
+            click.echo(mark, err=True)
+        generated = result.sequences[0, len(new_ids) :].tolist()
         conv.fed_ids = full_ids + generated[:-1]  # the last token was sampled but not yet sent
         answer = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
         conv.messages = messages + [{"role": "assistant", "content": answer}]
@@ -220,15 +228,18 @@ def run_repl(chat: ChatSession) -> None:
 @click.option("--trusted-peers", multiple=True, help="Peer ids of pre-trusted seeds. Default: $SWARM_TRUSTED_PEERS.")
 @click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), help="Key file this client signs its spot-check verdicts with.")
 @click.option("--no-spot-checks", is_flag=True, help="Do not re-run a sample of steps on other peers.")
+@click.option("--strict", is_flag=True, help="Check every step of every answer, and wait for the checks before answering.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.pass_context
 def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_length, trusted_peers, identity,
-         no_spot_checks, verbose) -> None:
+         no_spot_checks, strict, verbose) -> None:
     """Chat with a model whose blocks are served by the swarm (`swarm-chat serve`: an OpenAI-compatible API)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     if ctx.invoked_subcommand is not None:
         return
+    if strict and no_spot_checks:
+        raise click.UsageError("--strict checks every step; it cannot go with --no-spot-checks")
     from reputation.client import ClientTrust
     from swarm.client import DistributedModelForCausalLM
 
@@ -239,7 +250,7 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
             f"through {plural(len(peers), 'initial peer')}..." if peers else
             "with no initial peers (see --initial-peers)..."))
         model_handle = DistributedModelForCausalLM.from_pretrained(
-            model, peers, spot_checks=not no_spot_checks,
+            model, peers, spot_checks=not no_spot_checks, **(STRICT if strict else {}),
             trusted_peers=trusted_peers_from(trusted_peers), identity=identity, trust_layer=ClientTrust,
         )
         progress(f"Looking for peers serving its {model_handle.sequence.num_blocks} blocks...")
@@ -270,14 +281,16 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
 @click.option("--max-length", default=2048, show_default=True, type=click.IntRange(min=2), help="Prompt + new tokens per request.")
 @click.option("--default-max-tokens", default=256, show_default=True, type=click.IntRange(min=1), help="New tokens when a chat request sets no max_tokens.")
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Requests generated at once.")
-def serve(model, initial_peers, host, port, max_length, default_max_tokens, workers) -> None:
+@click.option("--strict", is_flag=True, help="Check every step of every answer, and wait for the checks (streamed answers too).")
+def serve(model, initial_peers, host, port, max_length, default_max_tokens, workers, strict) -> None:
     """Serve /v1/models, /v1/chat/completions and /v1/completions (OpenAI's API) backed by the swarm."""
     from apps.api.serve import ServeConfig, serve as run_server
 
     logging.getLogger("apps.api").setLevel(logging.INFO)
     try:
         cfg = ServeConfig(model=model, initial_peers=tuple(initial_peers_from(initial_peers)), host=host, port=port,
-                          max_length=max_length, default_max_tokens=default_max_tokens, workers=workers)
+                          max_length=max_length, default_max_tokens=default_max_tokens, workers=workers,
+                          strict=strict)
         run_server(cfg)
     except SwarmError as e:
         click.echo(f"error: {e}", err=True)

@@ -10,6 +10,9 @@ the answer ended is not), and for the occasional cheater the formula's predictio
 
     .venv/bin/python benchmarks/trust_live.py               # ~5 min on 2 cores
     .venv/bin/python benchmarks/trust_live.py --cheat-trials 5
+
+`benchmarks/trust_matrix.py` runs the adversary matrix (unique span, unique compression, no receipts, padded-only,
+Sybil trio, steering, inflation with Sybil countersigners) through N answers each, at the default rates and strict.
 """
 
 from __future__ import annotations
@@ -95,9 +98,12 @@ def main() -> None:
             ("honest-bf16", "0:30", (*GOSSIP, "--dtype", "bfloat16")),
             ("honest-fp32-b", "0:30", GOSSIP),
         )
-        adaptive = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0)
+        # routes believe announcements here, so that each adversary (10x its throughput) draws the traffic
+        adaptive = DistributedModelForCausalLM.from_pretrained(
+            DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0, route_on_evidence=False
+        )
         fixed = DistributedModelForCausalLM.from_pretrained(
-            DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0, check_rate=args.p
+            DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0, check_rate=args.p, route_on_evidence=False
         )
         ids = chat_ids(adaptive)
         try:

@@ -8,9 +8,7 @@ prefer_passive_openmp()  # before torch is imported
 
 import json
 import logging
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
@@ -61,35 +59,27 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
+RELAY_HELP = ("auto: through a relay only if nobody can dial this peer (checked as it joins); always; never "
+              "($SWARM_RELAY).")
+NO_RELAY_SERVICE_HELP = "Do not relay for peers that cannot be dialled (by default every reachable node does)."
+
+
 @main.command(cls=SwarmCommand)
 @click.option("--host", default="0.0.0.0", show_default=True, envvar="SWARM_HOST", help="Interface to listen on ($SWARM_HOST).")
 @click.option("--port", default=0, type=click.IntRange(0, 65535), envvar="SWARM_PORT", help="TCP port ($SWARM_PORT; default: any free port).")
 @click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), envvar="SWARM_IDENTITY", help="Identity file; keeps the peer id across restarts ($SWARM_IDENTITY).")
 @click.option("--initial-peers", multiple=True, help="Join an existing DHT instead of starting a new one.")
-def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[str, ...]) -> None:
+@click.option("--no-relay-service", is_flag=True, help=NO_RELAY_SERVICE_HELP)
+def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[str, ...], no_relay_service: bool) -> None:
     """Start a DHT node that others join; print SWARM_INITIAL_PEERS=<multiaddr> on stdout."""
-    from swarm.network import create_dht, load_identity, signer_for
+    from peers.bootstrap import run_bootstrap
 
-    ident = load_identity(identity)
-    # Model-independent validation only: records under an owner's key must carry that owner's signature.
-    dht = create_dht(
-        initial_peers=initial_peers_from(initial_peers, {}),
-        host=host,
-        port=port,
-        identity=ident,
-        validators=[signer_for(ident)],
-    )
-    addresses = ",".join(str(a) for a in dht.get_visible_maddrs())
-    click.echo(f"SWARM_INITIAL_PEERS={addresses}")
-    sys.stdout.flush()
-    logger.info(f"Bootstrap node {dht.peer_id} is up; stop it with Ctrl+C")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    dht.shutdown()
-    if ident.temporary:
-        ident.path.unlink(missing_ok=True)
+    def announce(addresses: list[str]) -> None:
+        click.echo(f"SWARM_INITIAL_PEERS={','.join(addresses)}")
+        sys.stdout.flush()
+
+    run_bootstrap(host=host, port=port, identity=identity, initial_peers=initial_peers_from(initial_peers, {}),
+                  relay_service=not no_relay_service, on_ready=announce)
 
 
 @main.command(cls=SwarmCommand)
@@ -121,13 +111,17 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--trusted-peers", multiple=True, help=TRUSTED_HELP)
 @click.option("--gossip-period", default=5.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds between exchanges of attestations with other peers.")
 @click.option("--adversary", hidden=True, help="Misbehave on purpose, for tests: random, skip, noise, cheap-quant, cheat:Q, "
-              "collude, junk-info, nan, wrong-shape (peers.testing.adversaries).")
+              "collude, junk-info, nan, wrong-shape, padded-only, sybil, steer:R (peers.testing.adversaries).")
 @click.option("--fellows", hidden=True, default="", help="Comma-separated peer ids a colluding adversary vouches for.")
 @click.option("--status-interval", default=60.0, show_default=True, type=click.FloatRange(min=0), help="Seconds between status lines in the log (0: none).")
+@click.option("--relay", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True, envvar="SWARM_RELAY", help=RELAY_HELP)
+@click.option("--no-relay-service", is_flag=True, help=NO_RELAY_SERVICE_HELP)
+@click.option("--relay-renew-period", hidden=True, default=20.0, type=click.FloatRange(min=0.1),
+              help="Seconds between renewals of relay registrations (a relay gone for two is replaced).")
 def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, max_sessions,
          cache_tokens, max_cache_gb, session_idle_timeout, rebalance_period, public_name,
          svd_rank, svd_energy, svd_params, svd_method, quant, offload, trusted_peers, gossip_period,
-         adversary, fellows, status_interval) -> None:
+         adversary, fellows, status_interval, relay, no_relay_service, relay_renew_period) -> None:
     """Load a span of blocks and serve it until Ctrl+C or SIGTERM."""
     from peers.compression import check_options
     from peers.handler import BlockHandler
@@ -163,13 +157,17 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
         trusted_peers=trusted_peers_from(trusted_peers),
         gossip_period=gossip_period,
         status_interval=status_interval,
+        relay=relay,
+        relay_service=not no_relay_service,
+        relay_renew_period=relay_renew_period,
     )
     check_options(cfg)
     handler_factory = BlockHandler
     if adversary is not None:  # a bad --adversary fails here, before the model loads
         from peers.testing.adversaries import parse_adversary
 
-        handler_factory = parse_adversary(adversary, tuple(f for f in fellows.replace(",", " ").split() if f))
+        handler_factory = parse_adversary(adversary, tuple(f for f in fellows.replace(",", " ").split() if f),
+                                          model=cfg.model, cache_dir=cfg.cache_dir)
     run_peer(cfg, handler_factory)
 
 

@@ -43,6 +43,9 @@ class PeerConfig:
     offload: str = "none"  # none | cpu | disk: where block weights live between uses (peers.offload)
 
     status_interval: float = 60.0  # seconds between status lines in the log (0: none)
+    relay: str = "auto"  # auto: use relays only when nobody can dial this peer; always; never (peers.reachability)
+    relay_service: bool = True  # relay for peers that cannot be dialled, when this one can (swarm.relays)
+    relay_renew_period: float = 20.0  # seconds between renewals of this peer's relay registrations, if it has relays
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

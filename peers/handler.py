@@ -83,10 +83,11 @@ class PeerStats:
 
 
 class BlockHandler(BlockService):
-    """Serves a span of blocks. Subclasses may change what it serves through four extension points:
-    `prepare_span` (each span before it is served), `transform_output` (each computed output),
-    `advertised_throughput` (what the peer announces) and `background_work` (coroutines the peer runs
-    while it serves)."""
+    """Serves a span of blocks. Subclasses may change what it serves through six extension points:
+    `prepare_span` (each span before it is served), `transform_output` (each computed output), `transform_step`
+    (the same, knowing the request's attention mask and position), `sign_reply` (what is sent, and its
+    receipt), `advertised_throughput` (what the peer announces) and `background_work` (coroutines the peer
+    runs while it serves)."""
 
     def __init__(self, span: BlockSpan, config: HandlerConfig, throughput: float, cache_tokens: int):
         self.config = config
@@ -110,6 +111,20 @@ class BlockHandler(BlockService):
         """The output to send for the blocks' `output` on `inputs` (both on the compute device and dtype,
         called on the compute thread, before the receipt is signed). Default: as is."""
         return output
+
+    def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
+                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+        """The output to send for `output` computed from `hidden` on blocks [start, end) (both in the wire
+        dtype, on the CPU; called on the compute thread), and its receipt: base64, or "" when not signing.
+        `work` is (session id, step, cumulative batch x tokens). Default: the output as is, signed."""
+        if self.receipts is None:
+            return output, ""
+        return output, self.receipts.sign(work[0], work[1], start, end, work[2], hidden, output)
+
+    def transform_step(self, inputs: torch.Tensor, output: torch.Tensor, span_input: SpanInput) -> torch.Tensor:
+        """Like `transform_output`, with the request's attention mask and start position (called in its place).
+        Default: `transform_output(inputs, output)`."""
+        return self.transform_output(inputs, output)
 
     def advertised_throughput(self) -> float:
         """Block-steps per second this peer announces and reports. Default: the measured throughput."""
@@ -355,10 +370,8 @@ class BlockHandler(BlockService):
 
         def run() -> tuple[torch.Tensor, str]:
             inputs = hidden.to(self.config.device, self.config.dtype)
-            output = self.transform_output(inputs, self.span(inputs, cache, span_input, start, end))
-            output = output.to("cpu", wire_dtype)
-            receipt = "" if self.receipts is None else self.receipts.sign(work[0], work[1], start, end, work[2], hidden, output)
-            return output, receipt
+            output = self.transform_step(inputs, self.span(inputs, cache, span_input, start, end), span_input)
+            return self.sign_reply(hidden, output.to("cpu", wire_dtype), start, end, work)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 

@@ -30,6 +30,7 @@ class PeerProcess:
     process: subprocess.Popen
     log_path: Path
     peer_id: str | None = None
+    addresses: str = ""  # a bootstrap node's multiaddrs, comma-separated
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -60,6 +61,8 @@ class LocalSwarm:
     log_dir: Path | None = None
     startup_timeout: float = 120.0
     initial_peers: str = ""
+    host: str = "127.0.0.1"  # interface every node listens on
+    launcher: tuple[str, ...] = ()  # prefix of every node's command, e.g. `ip netns exec NAME` (peers.natlab)
     processes: list[PeerProcess] = field(default_factory=list)
 
     def __enter__(self) -> "LocalSwarm":
@@ -78,9 +81,10 @@ class LocalSwarm:
             env["SWARM_INITIAL_PEERS"] = self.initial_peers
         return env
 
-    def _spawn(self, name: str, args: Sequence[str], stdout=subprocess.DEVNULL) -> PeerProcess:
+    def _spawn(self, name: str, args: Sequence[str], stdout=subprocess.DEVNULL,
+               launcher: Sequence[str] | None = None) -> PeerProcess:
         log_path = self.log_dir / f"{name}.log"
-        command = [sys.executable, "-m", "peers.cli", *args]
+        command = [*(self.launcher if launcher is None else launcher), sys.executable, "-m", "peers.cli", *args]
         with open(log_path, "wb") as log:
             process = subprocess.Popen(
                 command, stdout=stdout, stderr=log, stdin=subprocess.DEVNULL, env=self.env, start_new_session=True
@@ -90,19 +94,30 @@ class LocalSwarm:
         return peer
 
     def start_bootstrap(self) -> None:
-        boot = self._spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1"], stdout=subprocess.PIPE)
-        line = boot.process.stdout.readline().decode().strip()
-        if not line.startswith("SWARM_INITIAL_PEERS="):
+        try:
+            self.initial_peers = self.add_bootstrap("bootstrap").addresses
+        except RuntimeError:
             self.stop()
-            raise RuntimeError(f"bootstrap node failed to start: {boot.log()[-2000:]}")
-        self.initial_peers = line.split("=", 1)[1]
+            raise
         logger.info(f"Bootstrap node at {self.initial_peers}")
 
-    def add_peer(self, blocks: str | None = None, *extra_args: str, wait: bool = True, name: str | None = None) -> PeerProcess:
-        args = ["join", "--model", self.model, "--host", "127.0.0.1", *extra_args]
+    def add_bootstrap(self, name: str, *extra_args: str) -> PeerProcess:
+        """Another bootstrap node (joined to the swarm's first one, if any); its multiaddrs in `.addresses`."""
+        boot = self._spawn(name, ["bootstrap", "--host", self.host, *extra_args], stdout=subprocess.PIPE)
+        line = boot.process.stdout.readline().decode().strip()
+        if not line.startswith("SWARM_INITIAL_PEERS="):
+            boot.kill_group()
+            raise RuntimeError(f"bootstrap node {name} failed to start: {boot.log()[-2000:]}")
+        boot.addresses = line.split("=", 1)[1]
+        boot.peer_id = boot.addresses.split(",")[0].rsplit("/p2p/", 1)[-1]
+        return boot
+
+    def add_peer(self, blocks: str | None = None, *extra_args: str, wait: bool = True, name: str | None = None,
+                 launcher: Sequence[str] | None = None) -> PeerProcess:
+        args = ["join", "--model", self.model, "--host", self.host, *extra_args]
         if blocks is not None:
             args += ["--blocks", blocks]
-        peer = self._spawn(name or f"peer{len(self.processes)}", args)
+        peer = self._spawn(name or f"peer{len(self.processes)}", args, launcher=launcher)
         if wait:
             self.wait_online(peer)
         return peer

@@ -1,4 +1,5 @@
-"""The peer's part in the trust layer: it signs receipts, keeps a reputation node, and relays gossip."""
+"""The peer's part in the trust layer: it signs receipts, keeps a reputation node (its trust view refreshed in
+the background, its identity puzzle solved once and kept beside its identity file), and relays gossip."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from hivemind.p2p import P2P
 from peers.config import PeerConfig
 from peers.handler import BlockHandler
 from peers.receipts import ReceiptSigner
+from reputation import identity_puzzle
 from reputation.gossip import GossipAgent, GossipService
 from reputation.node import ReputationConfig, ReputationNode
 from swarm import records
@@ -26,7 +28,9 @@ class PeerReputation:
     def __init__(self, cfg: PeerConfig, identity: Identity, dht, dht_prefix: str, num_blocks: int):
         self.cfg, self.dht = cfg, dht
         self.dht_prefix, self.num_blocks = dht_prefix, num_blocks
-        self.node = ReputationNode(identity.private_key, ReputationConfig(seeds=cfg.trusted_peers))
+        trust_cfg = ReputationConfig(seeds=cfg.trusted_peers)
+        puzzle = identity_puzzle.solve_in_background(identity, trust_cfg.puzzle_bits)
+        self.node = ReputationNode(identity.private_key, trust_cfg, puzzle_nonce=puzzle)
         self.service = GossipService(self.node)
         self._tasks = BackgroundTasks()
         self._peers: list = []
@@ -49,7 +53,7 @@ class PeerReputation:
         spans = await loop.run_in_executor(None, records.read_spans, self.dht, self.dht_prefix, self.num_blocks)
         spans = records.online_spans(spans)
         self._peers = [s.peer_id for s in spans]
-        self.node.known_peers.update(str(s.peer_id) for s in spans)
+        self.node.learn_peers(str(s.peer_id) for s in spans)
         return spans
 
     async def start(self, p2p: P2P, stop: asyncio.Event) -> None:
@@ -58,6 +62,7 @@ class PeerReputation:
         self._tasks.start(run_periodically(self.read_spans, self.period, stop, name="reading spans for gossip"),
                           name="gossip peers")
         self._tasks.start(agent.run(stop), name="gossip")
+        self._tasks.start(self.node.refresh_periodically(stop), name="trust refresh")
 
     async def stop(self, p2p: P2P) -> None:
         await self._tasks.close()

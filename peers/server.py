@@ -12,14 +12,17 @@ from dataclasses import dataclass
 import psutil
 import torch
 from hivemind import DHT
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 
 import swarm
 from peers.config import PeerConfig, parse_block_range
 from peers.compression.footprint import block_footprint
 from peers.compression.options import compression_tag
 from peers.handler import BlockHandler, HandlerConfig, HandlerFactory
+from peers.dialback import DialBackService
 from peers.loading import build_span
+from peers.forwarder import Forwarder
+from peers.reachability import Reachability, RelayKeeper, join_network, public_peers
 from peers.selection import choose_num_blocks, choose_span_start, rebalance_target
 from peers.reputation_service import PeerReputation
 from peers.status_log import TrustProvider, log_status
@@ -110,10 +113,24 @@ class Peer:
         self.identity: Identity = load_identity(cfg.identity)
         self.signer = signer_for(self.identity)
         validators = records.make_validators(self.checkpoint.dht_prefix, self.checkpoint.num_blocks, self.signer)
-        self.dht = create_dht(
-            initial_peers=cfg.initial_peers, host=cfg.host, port=cfg.port, identity=self.identity, validators=validators
-        )
+
+        def start_node(client_mode: bool, port: int | None) -> DHT:
+            return create_dht(
+                initial_peers=cfg.initial_peers, host=cfg.host, port=cfg.port if port is None else port,
+                identity=self.identity, validators=validators, client_mode=client_mode, check_identity=port is None,
+            )
+
+        self.reach: Reachability
+        self.dht, self.reach, self._relay_candidates = join_network(
+            start_node, mode=cfg.relay, host=cfg.host, initial_peers=cfg.initial_peers,
+            public_peers=self._read_public_peers)
         self.subkey = records.owner_subkey(self.dht.peer_id, self.signer)
+        # a directly reachable peer checks newcomers' reachability and relays for those nobody can dial
+        direct = self.reach.reachable and not self.reach.relays
+        self.dial_back = DialBackService(relays=cfg.relay_service) if direct else None
+        self.forwarder = Forwarder() if direct and cfg.relay_service else None
+        self.keeps_relays = bool(self.reach.relays) or (not self.reach.reachable and cfg.relay != "never")
+        self._announce_now = False  # set when how the peer is reached changed: the upkeep announces at once
         self.handler: BlockHandler | None = None
         self.plan: Plan | None = None
         self.tasks = BackgroundTasks()  # what the peer runs beside its upkeep; all awaited on shutdown
@@ -137,6 +154,8 @@ class Peer:
             cache_tokens_left=self.handler.info().cache_tokens_left if self.handler else self.plan.cache_tokens,
             version=swarm.__version__,
             public_name=self.cfg.public_name,
+            relays=list(self.reach.relays),
+            reachable=self.reach.reachable,
         )
         if not records.announce(self.dht, self.checkpoint.dht_prefix, range(self.plan.start, self.plan.end), info, self.subkey, ttl):
             logger.warning(f"Announcing {state.value} was not stored by any DHT node")
@@ -163,11 +182,18 @@ class Peer:
         self.reputation.equip(self.handler, compression=compression_tag(self.cfg))
         p2p: P2P = await self.dht.replicate_p2p()
         await self.handler.add_p2p_handlers(p2p)
+        for service in (self.dial_back, self.forwarder):
+            if service is not None:
+                await service.add_p2p_handlers(p2p)
         await self.reputation.start(p2p, stop)
         try:
             self.tasks.start(log_status(self.handler, stop, self.cfg.status_interval, self.trust_provider), name="status line")
             for name, work in self.handler.background_work(p2p, self.reputation, stop):
                 self.tasks.start(work, name=name)
+            if self.keeps_relays:
+                keeper = RelayKeeper(p2p, [PeerID.from_base58(r) for r in self.reach.relays], self._candidate_relays,
+                                     self._relays_changed, period=self.cfg.relay_renew_period)
+                self.tasks.start(keeper.run(stop), name="relays")
             await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
             logger.info(
                 f"ONLINE: serving blocks {self.plan.start}:{self.plan.end} of {self.name} as {self.dht.peer_id} "
@@ -182,6 +208,9 @@ class Peer:
             await loop.run_in_executor(None, self.announce, ServerState.OFFLINE)
             await self.reputation.stop(p2p)
             await self.handler.remove_p2p_handlers(p2p)
+            for service in (self.dial_back, self.forwarder):
+                if service is not None:
+                    await service.remove_p2p_handlers(p2p)
             self.handler.shutdown()
 
     async def keep_serving(self, stop: asyncio.Event) -> None:
@@ -204,7 +233,8 @@ class Peer:
                     stop.set()
                     return
                 checked, next_check = time.monotonic(), self._jittered(self.cfg.rebalance_period)
-            if time.monotonic() - announced >= self.cfg.refresh_period:
+            if self._announce_now or time.monotonic() - announced >= self.cfg.refresh_period:
+                self._announce_now = False
                 await loop.run_in_executor(None, self.announce, ServerState.ONLINE)
                 announced = time.monotonic()
 
@@ -213,6 +243,19 @@ class Peer:
         )
         if failure is not None:
             raise failure
+
+    def _read_public_peers(self, dht: DHT) -> list[PeerID]:
+        return public_peers(records.read_spans(dht, self.checkpoint.dht_prefix, self.checkpoint.num_blocks))
+
+    async def _candidate_relays(self) -> list[PeerID]:
+        """Relays to try when one goes away: the helpers that relayed when this peer joined, then public peers."""
+        loop = asyncio.get_running_loop()
+        public = await loop.run_in_executor(None, self._read_public_peers, self.dht)
+        return list(dict.fromkeys([*self._relay_candidates, *public]))
+
+    def _relays_changed(self, relays: list[PeerID]) -> None:
+        self.reach = Reachability(relays=tuple(map(str, relays)), reachable=bool(relays))
+        self._announce_now = True
 
     @staticmethod
     def _jittered(period: float) -> float:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import random
 
+from hivemind.p2p import PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
 from reputation.attest import Attestation
@@ -15,7 +16,7 @@ from swarm import records, routing
 from swarm.errors import format_block_spans
 from swarm.models import open_model
 from swarm.network import create_client_dht
-from swarm.remote import call_info
+from swarm.remote import HivemindTransport
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,16 @@ class PeerRow:
     rtt_ms: float | None  # None: did not answer
     trust: float | None = None  # relative trust (1.0 = average) from gossiped attestations; None: never checked
     blacklisted: bool = False
+    accused: bool = False  # a verdict against it awaits this view's own checks
+    relays: tuple[str, ...] = ()  # peer ids of the relays it is reachable through (empty: dialled directly)
+    reachable: bool = True  # False: it announced that nobody can dial it and it uses no relay
+
+    @property
+    def reach(self) -> str:
+        """How clients reach the peer, for the table."""
+        if not self.reachable:
+            return "none (NAT, no relay)"
+        return "relay " + ",".join(self.relays) if self.relays else "direct"
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,9 @@ class StatusReport:
 async def gather_reputation(p2p, spans, trusted_peers: tuple[str, ...], fanout: int = 3) -> ReputationNode:
     """A throwaway reputation node filled by gossip from a few online peers.
 
-    Without trusted seeds, every signer of an attestation is taken as a seed (equal weight) but nobody's
-    "fail" is taken as confirmed, since anyone can sign one: only --trusted-peers gives verdicts to rely on.
+    Without trusted seeds, every signer of an attestation is taken as a seed (equal weight); only
+    --trusted-peers gives verdicts to rely on. This node checks nobody, so a "fail" verdict shows here as an
+    accusation (ACCUSED), never as a blacklist: no signer's word alone convicts anyone, not even a seed's.
     """
     from reputation.gossip import SenderBudget, exchange
 
@@ -69,8 +81,8 @@ async def gather_reputation(p2p, spans, trusted_peers: tuple[str, ...], fanout: 
     seeds = trusted_peers or tuple(sorted({
         Attestation.decode(data).checker for kind, data in gathered.messages(limit=10**9) if kind == "attestation"
     }))
-    node = ReputationNode(RSAPrivateKey(), ReputationConfig(seeds=seeds, seeds_confirm_faults=bool(trusted_peers)))
-    node.known_peers.update(str(s.peer_id) for s in spans)
+    node = ReputationNode(RSAPrivateKey(), ReputationConfig(seeds=seeds))
+    node.learn_peers(str(s.peer_id) for s in spans)
     for kind, data in gathered.messages(limit=10**9):
         node.ingest(kind, data)
     return node
@@ -84,10 +96,12 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
 
         async def ping_all() -> tuple[list[float | None], ReputationNode]:
             p2p = await dht.replicate_p2p()
+            relays = {s.peer_id: [PeerID.from_base58(r) for r in s.info.relays] for s in spans}
+            transport = HivemindTransport(p2p, relays_of=lambda peer_id: relays.get(peer_id, []))
 
             async def ping(span) -> float | None:
                 try:
-                    return (await call_info(p2p, span.peer_id, timeout=3.0))[1]
+                    return (await transport.info(span.peer_id, timeout=3.0))[1]
                 except Exception:  # unreachable peers are shown as such, not raised
                     return None
 
@@ -97,7 +111,7 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
         rtts, node = asyncio.run(ping_all())
     finally:
         dht.shutdown()
-    standings = {row.peer_id: row for row in node.standings() if row.passes or row.fails or row.blacklisted}
+    standings = {row.peer_id: row for row in node.standings() if row.passes or row.fails or row.blacklisted or row.accused}
     rows = tuple(
         PeerRow(
             peer_id=str(s.peer_id),
@@ -110,6 +124,9 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
             rtt_ms=None if rtt is None else round(rtt * 1000, 2),
             trust=round(standings[str(s.peer_id)].trust, 3) if str(s.peer_id) in standings else None,
             blacklisted=bool(standings.get(str(s.peer_id)) and standings[str(s.peer_id)].blacklisted),
+            accused=bool(standings.get(str(s.peer_id)) and standings[str(s.peer_id)].accused),
+            relays=tuple(s.info.relays),
+            reachable=s.info.reachable,
         )
         for s, rtt in sorted(zip(spans, rtts), key=lambda pair: (pair[0].start, pair[0].end, str(pair[0].peer_id)))
     )
@@ -137,7 +154,7 @@ def coverage_ranges(report: StatusReport) -> list[tuple[int, int, int]]:
 
 
 def render_table(report: StatusReport) -> str:
-    header = ("blocks", "peer", "name", "state", "throughput", "dtype", "rtt", "trust")
+    header = ("blocks", "peer", "name", "state", "throughput", "dtype", "rtt", "reached", "trust")
     lines = [
         (
             f"{r.start}:{r.end}",
@@ -147,7 +164,8 @@ def render_table(report: StatusReport) -> str:
             f"{r.throughput:.1f}/s",
             r.dtype,
             "unreachable" if r.rtt_ms is None else f"{r.rtt_ms:.1f} ms",
-            "BLACKLISTED" if r.blacklisted else ("-" if r.trust is None else f"{r.trust:.2f}"),
+            r.reach,
+            "BLACKLISTED" if r.blacklisted else "ACCUSED" if r.accused else ("-" if r.trust is None else f"{r.trust:.2f}"),
         )
         for r in report.peers
     ]
@@ -159,12 +177,19 @@ def render_table(report: StatusReport) -> str:
     if report.num_blocks:
         cells = [f"{start}:{end} x{count}" for start, end, count in coverage_ranges(report)]
         out.append("coverage (blocks x online peers): " + "  ".join(cells))
+    for r in report.peers:
+        if r.state == "online" and not r.reachable:
+            out.append(f"UNREACHABLE: peer {r.peer_id} (blocks {r.start}:{r.end}) cannot be dialled and uses no relay "
+                       "(behind NAT with --relay never); clients cannot use its blocks")
+    relayed = sum(1 for r in report.peers if r.state == "online" and r.relays)
+    if relayed:
+        out.append(f"{relayed} peer(s) behind NAT are reached through relays.")
     if report.missing:
         out.append(f"MISSING: no reachable online peer serves block(s) {format_block_spans(list(report.missing))}")
     else:
         out.append(f"All {report.num_blocks} blocks are served.")
     if not report.trusted:
-        out.append("Trust: no --trusted-peers given, so every checker weighs the same and no verdict blacklists.")
+        out.append("Trust: no --trusted-peers given, so every checker weighs the same.")
     return "\n".join(out)
 
 
@@ -188,13 +213,14 @@ def render_rewards(standings: list[PeerStanding]) -> str:
     header = ("peer", "trust", "passed", "faults", "vested", "pending", "status")
     lines = [
         (r.peer_id, f"{r.trust:.2f}", str(r.passes), str(r.fails), f"{r.vested:.0f}", f"{r.pending:.0f}",
-         "BLACKLISTED" if r.blacklisted else "ok")
+         "BLACKLISTED" if r.blacklisted else "ACCUSED" if r.accused else "ok")
         for r in standings
     ]
     widths = [max(len(cell) for cell in column) for column in zip(header, *lines)]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in (header, *lines)]
     if not standings:
         out.append("(no attestations or countersigned work gathered yet)")
-    out.append("Credit: tokens x blocks from receipts clients countersigned, weighted by trust; "
-               "pending credit vests after 10 min, and a blacklisted peer forfeits it.")
+    out.append("Credit: tokens x blocks from receipts clients countersigned, at most what each client sent, weighted "
+               "by the client's trust and the peer's; pending credit vests after 10 min, and a blacklisted peer "
+               "forfeits it. ACCUSED: a verdict against it awaits this view's own checks.")
     return "\n".join(out)

@@ -1,11 +1,15 @@
-"""Signed receipts of work and signed spot-check attestations (issue 4, part 1).
+"""Signed receipts of work, signed spot-check attestations and countersigned receipts (issue 4, part 1; issue 12).
 
 A `Receipt` is a serving peer's signed statement "I computed blocks [start, end) of step `step` of session
 `session_id`, from the input whose digest is X, and returned the output whose digest is Y". An `Attestation` is
 a checker's signed verdict about such a receipt, carrying the receipt itself as evidence (TRUST.md: a negative
-verdict must carry evidence anyone can re-check).
+verdict must carry evidence anyone can re-check); a "fail" verdict may also carry `Evidence`, enough of the
+step to re-run it without the subject's cooperation. A `Countersigned` receipt is a client's signed statement
+"I received this work, and I sent this many tokens through that hop": the ledger pays at most that count.
+Attestations and countersignatures carry their signer's identity-puzzle nonce (reputation.identity_puzzle)
+in the signed body.
 
-All three messages are strict, frozen pydantic models (swarm.schema): every field typed and capped, so decoding
+All four messages are strict, frozen pydantic models (swarm.schema): every field typed and capped, so decoding
 either yields a message whose every field is usable as is, or raises MalformedMessageError.
 
 Wire form: msgpack of a list of [field, value] pairs sorted by field name, with a "version" pair; an embedded
@@ -18,9 +22,10 @@ SHA-256); the signer's public key travels in the signed body and must hash to th
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import logging
-from collections.abc import Set
+from collections.abc import Sequence, Set
 from typing import Annotated, Any, Literal, NamedTuple, Self
 
 import msgpack
@@ -34,8 +39,9 @@ from swarm.schema import Count, FiniteFloat, Float, StrictModel, check_span, fir
 
 logger = logging.getLogger(__name__)
 
-WIRE_VERSION = 1
-MAX_MESSAGE_BYTES = 16 * 1024  # an attestation with its receipt is about 2 KiB
+WIRE_VERSION = 2  # 2: puzzle nonces, evidence, and the client's token count in countersignatures
+MAX_EVIDENCE_BYTES = 1024 * 1024  # the tensors of one verdict's evidence, in all; more and it travels without
+MAX_MESSAGE_BYTES = 16 * 1024 + MAX_EVIDENCE_BYTES  # an attestation with its receipt is about 2 KiB, plus evidence
 _UNSIGNED = ("signature", "digest")  # travel beside the signed body
 
 Verdict = Literal["pass", "fail", "inconclusive"]
@@ -46,6 +52,9 @@ Name = Annotated[str, Field(max_length=64)]  # a dtype, compression or tolerance
 PublicKey = Annotated[bytes, Field(max_length=2048)]  # RSA, OpenSSH form (a 4096-bit key is about 720 bytes)
 Signature = Annotated[bytes, Field(max_length=1024)]
 Nonce = Annotated[bytes, Field(min_length=8, max_length=64)]
+PuzzleNonce = Annotated[bytes, Field(max_length=32)]  # solves the signer's identity puzzle (reputation.identity_puzzle)
+EvidenceBytes = Annotated[bytes, Field(max_length=MAX_EVIDENCE_BYTES)]
+EVIDENCE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -87,6 +96,12 @@ def _unpack(data: object) -> dict[str, object]:
     return fields
 
 
+@functools.lru_cache(maxsize=4096)  # a client verifies every reply of a few peers: parse each key once
+def _public_key(public_key: bytes) -> RSAPublicKey:
+    return RSAPublicKey.from_bytes(public_key)
+
+
+@functools.lru_cache(maxsize=4096)
 def _peer_id_of(public_key: bytes) -> str | None:
     try:
         return peer_id_of_public_key(public_key).to_base58()
@@ -110,11 +125,11 @@ class _Message(StrictModel):
     """The wire form shared by receipts, attestations and countersigned receipts."""
 
     def _fields(self) -> dict[str, object]:
-        """Every field as it travels: an embedded receipt as its own encoding."""
+        """Every field as it travels: an embedded message (a receipt, evidence) as its own encoding."""
         out: dict[str, object] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
-            out[name] = value.encode() if isinstance(value, Receipt) else value
+            out[name] = value.encode() if isinstance(value, _Message) else value
         return out
 
     def encode(self) -> bytes:
@@ -135,15 +150,16 @@ class _Message(StrictModel):
             raise MalformedMessageError(f"{cls.__name__} lacks fields of version {WIRE_VERSION}: {sorted(missing)}")
         return message
 
-    @field_validator("receipt", mode="before", check_fields=False)
+    @field_validator("receipt", "evidence", mode="before", check_fields=False)
     @classmethod
-    def _receipt_from_wire(cls, value: object, info: ValidationInfo) -> object:
-        if not (info.context and info.context.get("wire")):
+    def _embedded_from_wire(cls, value: object, info: ValidationInfo) -> object:
+        if not (info.context and info.context.get("wire")) or (value is None and info.field_name == "evidence"):
             return value
-        if not isinstance(value, bytes):  # on the wire a receipt is its own encoding, nothing else
-            raise ValueError(f"an embedded receipt must be bytes, not {type(value).__name__}")
+        embedded = Receipt if info.field_name == "receipt" else Evidence
+        if not isinstance(value, bytes):  # on the wire an embedded message is its own encoding, nothing else
+            raise ValueError(f"an embedded {info.field_name} must be bytes, not {type(value).__name__}")
         try:
-            return Receipt.decode(value)
+            return embedded.decode(value)
         except MalformedMessageError as e:
             raise ValueError(str(e)) from None
 
@@ -165,7 +181,7 @@ class _SignedMessage(_Message):
         if hashlib.sha256(body).hexdigest() != self.digest:
             return Check.ALTERED
         try:
-            key = RSAPublicKey.from_bytes(self.public_key)
+            key = _public_key(self.public_key)
         except Exception:  # unparsable key: nothing it signed can verify
             return Check.FORGED
         if not key.verify(body, self.signature):
@@ -203,6 +219,81 @@ class Receipt(_SignedMessage):
         return self.signer
 
 
+class Evidence(_Message):
+    """Enough of a checked step to re-run it without the subject: the hop's earlier inputs (float16, to fit),
+    and the step's own input and the subject's output exactly as received, so their digests match the
+    subject's receipt. Any node can re-run `prefix + inputs` on other peers serving those blocks and compare
+    the result with `output`. Travels inside a "fail" attestation, signed with it; over MAX_EVIDENCE_BYTES,
+    the attestation travels without it (an accusation only)."""
+
+    position: Count  # tokens the hop held before the step: the prefix's length
+    batch: Count
+    new: Count  # the step's tokens
+    hidden: Count
+    dtype: Name  # of `inputs` and `output`, one of EVIDENCE_DTYPES
+    prefix: EvidenceBytes  # float16, (batch, position, hidden), row-major
+    inputs: EvidenceBytes  # dtype, (batch, new, hidden)
+    output: EvidenceBytes  # dtype, (batch, new, hidden)
+
+    @model_validator(mode="after")
+    def _sizes_agree(self) -> Evidence:
+        if self.dtype not in EVIDENCE_DTYPES:
+            raise ValueError(f"evidence dtype must be one of {sorted(EVIDENCE_DTYPES)}, not {self.dtype!r}")
+        if self.batch < 1 or self.new < 1 or self.hidden < 1:
+            raise ValueError("evidence needs at least one row, one token and one channel")
+        itemsize = EVIDENCE_DTYPES[self.dtype].itemsize
+        expected = (self.batch * self.position * self.hidden * 2, self.batch * self.new * self.hidden * itemsize)
+        if (len(self.prefix), len(self.inputs), len(self.output)) != (expected[0], expected[1], expected[1]):
+            raise ValueError("evidence tensors do not match their declared shapes")
+        if len(self.prefix) + len(self.inputs) + len(self.output) > MAX_EVIDENCE_BYTES:
+            raise ValueError(f"evidence is over {MAX_EVIDENCE_BYTES} bytes")
+        return self
+
+    @classmethod
+    def of_step(
+        cls, history: Sequence[torch.Tensor], inputs: torch.Tensor, output: torch.Tensor, cap: int = MAX_EVIDENCE_BYTES
+    ) -> Evidence | None:
+        """Evidence of one step: `history` is every input the hop received so far, this step's last (a
+        StepRecord's); None when it would be over `cap` bytes or the tensors are of an unsupported dtype."""
+        dtype = str(inputs.dtype).removeprefix("torch.")
+        if dtype not in EVIDENCE_DTYPES or output.dtype != inputs.dtype or output.shape != inputs.shape or inputs.ndim != 3:
+            return None
+        batch, new, hidden = inputs.shape
+        held = sum(int(chunk.shape[1]) for chunk in history)
+        position = max(held - new, 0)
+        size = batch * hidden * (2 * position + 2 * new * inputs.element_size())
+        if size > cap or batch < 1 or new < 1:
+            return None
+        if position:
+            prefix = torch.cat([chunk.detach().to("cpu") for chunk in history], dim=1)[:, :position]
+            prefix_bytes = _raw(prefix.to(torch.float16))
+        else:
+            prefix_bytes = b""
+        return cls(position=position, batch=batch, new=new, hidden=hidden, dtype=dtype, prefix=prefix_bytes,
+                   inputs=_raw(inputs), output=_raw(output))
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prefix as float16, inputs, output), each (batch, tokens, hidden)."""
+        dtype = EVIDENCE_DTYPES[self.dtype]
+
+        def load(data: bytes, dt: torch.dtype, tokens: int) -> torch.Tensor:
+            if not data:
+                return torch.zeros(self.batch, tokens, self.hidden, dtype=dt)
+            return torch.frombuffer(bytearray(data), dtype=dt).reshape(self.batch, tokens, self.hidden)
+
+        return load(self.prefix, torch.float16, self.position), load(self.inputs, dtype, self.new), load(self.output, dtype, self.new)
+
+    def matches(self, receipt: Receipt) -> bool:
+        """Whether the step's input and output are exactly those the subject signed for."""
+        _, inputs, output = self.tensors()
+        return tensor_digest(inputs) == receipt.input_digest and tensor_digest(output) == receipt.output_digest
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
 class Attestation(_SignedMessage):
     """A checker's signed verdict on a subject's receipt (the receipt is the evidence)."""
 
@@ -216,9 +307,17 @@ class Attestation(_SignedMessage):
     issued_at: FiniteFloat  # unix seconds
     expires_at: FiniteFloat  # unix seconds; dropped after this
     nonce: Nonce  # random, unique per attestation (replay protection)
+    puzzle_nonce: PuzzleNonce = b""  # solves the checker's identity puzzle; without it nodes ignore the verdict
+    evidence: Evidence | None = None  # "fail" only: enough of the step to re-run it (None when over the cap)
     public_key: PublicKey = b""
     digest: BodyDigest = ""
     signature: Signature = b""
+
+    @model_validator(mode="after")
+    def _evidence_only_for_faults(self) -> Attestation:
+        if self.evidence is not None and self.verdict != "fail":
+            raise ValueError("only a fail verdict carries evidence")
+        return self
 
     def _signer(self) -> str:
         return self.checker
@@ -238,6 +337,8 @@ def verify_attestation(att: Attestation, now: float, seen_nonces: Set[bytes]) ->
     if result is Check.OK:
         if att.receipt.signer != att.subject or att.receipt.verify() is not Check.OK:
             result = Check.BAD_EVIDENCE
+        elif att.evidence is not None and not att.evidence.matches(att.receipt):
+            result = Check.BAD_EVIDENCE
         elif not att.issued_at <= now <= att.expires_at:
             result = Check.EXPIRED
         elif att.nonce in seen_nonces:
@@ -248,23 +349,35 @@ def verify_attestation(att: Attestation, now: float, seen_nonces: Set[bytes]) ->
 
 
 class Countersigned(_Message):
-    """A client's signature over a receipt's digest: the client accepted this work (the ledger's input)."""
+    """A client's signature over a receipt: "I received this work in my session, and I sent `tokens` (batch x
+    tokens, cumulative) through that hop". The ledger's input: it pays min(receipt.tokens, tokens) x blocks,
+    weighted by the client's own trust, so a receipt claiming more than the client sent earns nothing extra and
+    a client nobody trusts mints nothing."""
 
     receipt: Receipt
     client: PeerIdText  # base58 peer id of the client
+    tokens: Count  # what the client sent through the hop, by its own count
+    puzzle_nonce: PuzzleNonce  # solves the client's identity puzzle
     public_key: PublicKey  # client's RSA key (OpenSSH form)
-    signature: Signature  # over the receipt's digest
+    signature: Signature  # over _body(): the receipt's digest, the client, its count and its puzzle nonce
+
+    def _body(self) -> bytes:
+        return _pack({"receipt": self.receipt.digest, "client": self.client, "tokens": self.tokens,
+                      "puzzle_nonce": self.puzzle_nonce, "public_key": self.public_key})
 
     @classmethod
-    def make(cls, receipt: Receipt, client: str, private_key: RSAPrivateKey) -> Countersigned:
+    def make(cls, receipt: Receipt, client: str, private_key: RSAPrivateKey, tokens: int,
+             puzzle_nonce: bytes = b"") -> Countersigned:
         key = private_key.get_public_key().to_bytes()
-        return cls(receipt=receipt, client=client, public_key=key, signature=private_key.sign(receipt.digest.encode()))
+        unsigned = cls(receipt=receipt, client=client, tokens=tokens, puzzle_nonce=puzzle_nonce, public_key=key,
+                       signature=b"")
+        return unsigned.model_copy(update={"signature": private_key.sign(unsigned._body())})
 
     def verify(self) -> Check:
         if self.receipt.verify() is not Check.OK:
             return Check.BAD_EVIDENCE
         try:
-            ok = RSAPublicKey.from_bytes(self.public_key).verify(self.receipt.digest.encode(), self.signature)
+            ok = RSAPublicKey.from_bytes(self.public_key).verify(self._body(), self.signature)
         except Exception:  # unparsable key
             ok = False
         if not ok:

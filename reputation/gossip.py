@@ -6,7 +6,10 @@ other side answers with the messages the caller lacks and its own ids; the calle
 side lacks. Messages are verified by the receiving node (`ReputationNode.ingest`) before they are stored or
 passed on; duplicates are dropped by id; each sender gets a token bucket of messages and is ignored for a
 while after sending too many invalid ones (an exchange that does not validate, say one with a message of an
-unknown kind or over its size, is one invalid message, whichever side sent it). A newcomer catches up with one exchange as soon as it starts.
+unknown kind or over its size, is one invalid message, whichever side sent it). An exchange stays within what
+one hivemind call carries: the ids a node offers are capped, and the messages it sends are capped in bytes too
+(an attestation with evidence may be 1 MiB), so a large backlog travels over several rounds. A newcomer
+catches up with one exchange as soon as it starts.
 Peers serve the RPC; clients (which cannot be dialled) only call it, which push-pull makes enough.
 """
 
@@ -32,9 +35,12 @@ from swarm.schema import first_error, load_msgpack
 
 logger = logging.getLogger(__name__)
 
-MAX_EXCHANGE_BYTES = 16 * 2**20
+MAX_EXCHANGE_BYTES = 4 * 2**20 - 64 * 1024  # what one hivemind unary call carries (4 MiB), less its framing
 MAX_MESSAGES_PER_EXCHANGE = 2000
-MAX_IDS_PER_EXCHANGE = 200_000
+MAX_IDS_PER_EXCHANGE = 50_000  # 1.7 MiB of ids; a node's store holds 20,000 by default
+_ID_BYTES = 34  # one packed message id
+_PUSH_BYTES = MAX_EXCHANGE_BYTES - MAX_IDS_PER_EXCHANGE * _ID_BYTES - 64 * 1024  # left for messages, ids or not
+assert _PUSH_BYTES >= MAX_MESSAGE_BYTES, "one message of the largest size must fit in an exchange"
 
 MessageId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # reputation.node.message_id
 
@@ -97,6 +103,16 @@ class SenderBudget:
             self._invalid[sender] = 0
 
 
+def offered_ids(node: ReputationNode) -> list[str]:
+    """The ids a node offers in one exchange: its newest MAX_IDS_PER_EXCHANGE."""
+    return node.inventory()[-MAX_IDS_PER_EXCHANGE:]
+
+
+def messages_for(node: ReputationNode, missing: list[str]) -> list[tuple[Kind, bytes]]:
+    """What to send of `missing`, within the exchange's message and byte limits."""
+    return node.messages(missing, limit=MAX_MESSAGES_PER_EXCHANGE, max_bytes=_PUSH_BYTES)
+
+
 def receive(node: ReputationNode, budget: SenderBudget, sender: str, push: list[Pushed]) -> int:
     """Ingest pushed messages within the sender's budget; returns how many were new and valid."""
     allowed = budget.allow(sender, len(push), time.monotonic())
@@ -129,16 +145,16 @@ class GossipService(ServicerBase):
         if not incoming.pull:
             return runtime_pb2.ExpertResponse(metadata=pack_exchange(Exchange()))
         theirs = set(incoming.have)
-        mine = self.node.inventory()
+        mine = offered_ids(self.node)
         missing = [mid for mid in mine if mid not in theirs]
-        reply = Exchange(have=mine, push=self.node.messages(missing, limit=MAX_MESSAGES_PER_EXCHANGE))
+        reply = Exchange(have=mine, push=messages_for(self.node, missing))
         return runtime_pb2.ExpertResponse(metadata=pack_exchange(reply))
 
 
 async def exchange(node: ReputationNode, p2p: P2P, peer_id: PeerID, budget: SenderBudget, timeout: float = 10.0) -> tuple[int, int]:
     """One push-pull round with `peer_id`: (messages received and accepted, messages pushed)."""
     stub = GossipService.get_stub(p2p, peer_id)
-    request = runtime_pb2.ExpertRequest(uid="", metadata=pack_exchange(Exchange(have=node.inventory(), pull=True)))
+    request = runtime_pb2.ExpertRequest(uid="", metadata=pack_exchange(Exchange(have=offered_ids(node), pull=True)))
     reply = await stub.rpc_exchange(request, timeout=timeout)
     try:
         answer = unpack_exchange(reply.metadata)
@@ -148,10 +164,10 @@ async def exchange(node: ReputationNode, p2p: P2P, peer_id: PeerID, budget: Send
     loop = asyncio.get_running_loop()
     accepted = await loop.run_in_executor(None, receive, node, budget, str(peer_id), answer.push)
     theirs = set(answer.have)
-    missing = [mid for mid in node.inventory() if mid not in theirs]
+    missing = [mid for mid in offered_ids(node) if mid not in theirs]
     pushed = 0
     if missing:
-        push = node.messages(missing, limit=MAX_MESSAGES_PER_EXCHANGE)
+        push = messages_for(node, missing)
         request = runtime_pb2.ExpertRequest(uid="", metadata=pack_exchange(Exchange(push=push)))
         await stub.rpc_exchange(request, timeout=timeout)
         pushed = len(push)

@@ -70,6 +70,29 @@ def referee_decision(verdicts: Sequence[str], quorum: int | None = None) -> bool
     return sum(v == "fail" for v in verdicts) >= needed
 
 
+def weighted_referee_decision(
+    votes: Sequence[str], weights: Sequence[float], margin: float = 2.0, min_weight: float = 0.5
+) -> str:
+    """A verdict on an accused peer from votes weighed by trust, not by head count: "fail", "pass" or
+    "inconclusive".
+
+    votes[i] is voter i's verdict on the accused ("fail": its own execution contradicts the accused, "pass": it
+    agrees with the accused, anything else: neither); weights[i] is this node's trust in voter i (relative trust,
+    1.0 = an average peer; a newcomer's is near 0). "fail" needs the weight of "fail" votes to reach `min_weight`
+    and to exceed `margin` times the weight of "pass" votes; "pass" likewise the other way round. So any number of
+    untrusted identities weigh about nothing, and a split between trusted voters blames nobody.
+    """
+    if len(votes) != len(weights):
+        raise ValueError(f"{len(votes)} votes but {len(weights)} weights")
+    against = sum(max(w, 0.0) for v, w in zip(votes, weights) if v == "fail")
+    for_ = sum(max(w, 0.0) for v, w in zip(votes, weights) if v == "pass")
+    if against >= min_weight and against > margin * for_:
+        return "fail"
+    if for_ >= min_weight and for_ > margin * against:
+        return "pass"
+    return "inconclusive"
+
+
 def detection_probability(p: float, q: float, n: int) -> float:
     """Chance that a cheater corrupting a fraction q of responses is checked on a corrupt one within n responses."""
     return 1.0 - (1.0 - p * q) ** n

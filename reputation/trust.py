@@ -119,7 +119,7 @@ class BlacklistPolicy:
     """When to ban and for how long."""
 
     trust_threshold: float = 0.02  # ban an established peer whose relative trust (t * active peers) is below this
-    min_checks: int = 20  # ... once it has had at least this many checks (newcomers start low by design)
+    min_checks: int = 20  # ... once it has had at least this many checks (live: the node's own; newcomers start low)
     faults_to_ban: int = 1  # referee-confirmed faults that ban at once
     base_ban_s: float = 3600.0  # first ban length; doubles on every repeat (Petals bans 15 s, doubling)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -10,9 +11,9 @@ import torch
 from transformers import GenerationConfig
 
 from swarm.config import ClientConfig
-from swarm.generation import Rewind, SamplingConfig, Streamer, decode
+from swarm.generation import Rewind, SamplingConfig, Stopping, Streamer, decode
 from swarm.head import ClientHead
-from swarm.hooks import ClientContext, TrustLayer, TrustLayerFactory
+from swarm.hooks import ClientContext, Coverage, TrustLayer, TrustLayerFactory
 from swarm.loop import BackgroundLoop
 from swarm.models import BlockCheckpoint, open_model
 from swarm.network import create_client_dht, load_identity, split_multiaddrs
@@ -20,6 +21,7 @@ from swarm.plugins import default_trust_layer
 from swarm.remote import HivemindTransport
 from swarm.sequence import DhtSpanSource, RemoteSequence
 from swarm.session import InferenceSession
+from swarm.stateless import run_route
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,11 @@ def rewind_point(untrusted_from: int, start: int, prompt_length: int) -> tuple[i
     return untrusted_from - start + 1, untrusted_from
 
 
+async def _call(function):
+    """`function()` on the client's loop (the trust layer's state lives there)."""
+    return function()
+
+
 def _rewind_if_untrusted(session: "SyncSession", untrusted: int | None, start: int, prompt_length: int) -> None:
     """Raise `Rewind` (after rolling the session back) if outputs from position `untrusted` on passed through
     a peer since blacklisted, in a generation that began at `start`."""
@@ -42,8 +49,58 @@ def _rewind_if_untrusted(session: "SyncSession", untrusted: int | None, start: i
         return
     keep, resume = rewind_point(untrusted, start, prompt_length)
     session.rollback(resume)
-    logger.warning(f"Regenerating from token {keep - prompt_length}: a peer on the route was caught cheating")
-    raise Rewind(keep, "a peer on the route was blacklisted")
+    logger.warning(f"Regenerating from token {keep - prompt_length}: a peer on the route was caught cheating or "
+                   f"contradicted by others")
+    raise Rewind(keep, "a peer on the route was blacklisted or contradicted")
+
+
+@dataclass(frozen=True)
+class GenerationReport:
+    """What a `generate` call knows of its answer beyond the tokens: how much of it spot checks verified.
+
+    `verification` counts the answer's hop-steps (each hop's reply to each step that went into it) by how
+    far their checks got, once the answer waited for them (unless `settle_checks` was off). An answer is
+    `flagged` when it is not fully verified: some step was not checked, could not be, failed, or is still
+    being checked. Without a trust layer nothing is verified.
+    """
+
+    verification: Coverage
+    checked: bool  # a trust layer was on
+    rewinds: int = 0  # times part of the answer was dropped and written again (a peer on its route was caught)
+
+    @property
+    def steps(self) -> int:
+        return self.verification.steps
+
+    @property
+    def verified(self) -> int:
+        return self.verification.verified
+
+    @property
+    def coverage(self) -> float:
+        """The share of the answer's hop-steps that were checked and passed."""
+        return self.verification.coverage
+
+    @property
+    def flagged(self) -> bool:
+        return self.coverage < 1.0
+
+    def mark(self) -> str | None:
+        """One line to show under a flagged answer; None when it is fully verified."""
+        if not self.flagged:
+            return None
+        if not self.checked:
+            return f"[verified 0 of {self.steps} steps: spot checks are off]"
+        failed = f", {self.verification.failed} failed" if self.verification.failed else ""
+        return f"[verified {self.verified} of {self.steps} steps{failed}: not fully verified]"
+
+
+@dataclass(frozen=True)
+class GenerateOutput:
+    """`generate(..., return_dict_in_generate=True)`: the token ids and the answer's report."""
+
+    sequences: torch.LongTensor
+    report: GenerationReport
 
 
 class SyncSession:
@@ -51,8 +108,9 @@ class SyncSession:
 
     def __init__(self, model: "DistributedModelForCausalLM", max_length: int):
         self.model = model
-        observer = None if model.trust_layer is None else model.trust_layer.observer
-        self.inner = InferenceSession(model.sequence, model.transport, max_length, observer)
+        layer = model.trust_layer
+        observer, verifier = (None, None) if layer is None else (layer.observer, layer.verifier)
+        self.inner = InferenceSession(model.sequence, model.transport, max_length, observer, verifier)
 
     @property
     def position(self) -> int:
@@ -105,11 +163,14 @@ class DistributedModelForCausalLM:
         self.transport = HivemindTransport(self.p2p)
         source = DhtSpanSource(self.dht, checkpoint.dht_prefix, checkpoint.num_blocks)
         self.sequence = RemoteSequence(source, self.transport, checkpoint.manifest.name, checkpoint.num_blocks, cfg)
-        self.trust_layer: TrustLayer | None = None  # spot checks and the blacklist, when on
+        self.transport.relays_of = self.sequence.relays_of  # peers behind NAT are reached through their relays
+        self.trust_layer: TrustLayer | None = None  # receipt checks, spot checks and the blacklist, when on
+        self.last_generation: GenerationReport | None = None  # the report of the last `generate` (any thread)
         if cfg.spot_checks:
             factory = trust_layer or default_trust_layer()
             if factory is not None:
-                context = ClientContext(self.transport, self.sequence, self.identity, self.p2p, self.dht, cfg)
+                context = ClientContext(self.transport, self.sequence, self.identity, self.p2p, self.dht, cfg,
+                                        logits=self.head.logits, num_blocks=checkpoint.num_blocks)
                 self.trust_layer = factory(context)
                 self.sequence.use_trust(self.trust_layer.trust)
                 self.loop.run(self.trust_layer.start())
@@ -177,13 +238,19 @@ class DistributedModelForCausalLM:
         streamer: Streamer | None = None,
         session: SyncSession | None = None,
         settle_checks: bool | None = None,
-    ) -> torch.LongTensor:
+        stopping_criteria: Stopping | None = None,
+        return_dict_in_generate: bool = False,
+    ) -> torch.LongTensor | GenerateOutput:
         """Like `transformers.GenerationMixin.generate`: returns (batch, prompt + new) token ids.
 
         With `session`, `input_ids` continue that session (only the new tokens are sent), so a chat
         keeps its history on the peers. `settle_checks` (default: the client's setting) waits for the
         answer's own spot checks before returning it, and regenerates what a peer they catch computed.
+        `stopping_criteria(sequences, scores)` ends rows (or all) early, before the answer settles.
+        How much of the answer was verified is in `last_generation` (a `GenerationReport`), or returned
+        beside the ids with `return_dict_in_generate=True` (a `GenerateOutput`, for concurrent callers).
         """
+        self.last_generation = None
         if isinstance(input_ids, dict) or hasattr(input_ids, "input_ids"):  # a BatchEncoding
             attention_mask = input_ids.get("attention_mask", attention_mask)
             input_ids = input_ids["input_ids"]
@@ -209,23 +276,45 @@ class DistributedModelForCausalLM:
         own_session = session is None
         if own_session:
             session = self.inference_session(max_length=input_ids.shape[1] + max_new_tokens)
-        next_logits, settle = self._decoding_hooks(session, input_ids.shape[1], settle_checks)
+        start, hop_steps, rewinds = session.position, session.inner.hop_steps, [0]
+        next_logits, settle = self._decoding_hooks(session, input_ids.shape[1], settle_checks, rewinds)
         try:
-            return decode(next_logits, input_ids, attention_mask, cfg, streamer, settle)
+            sequences = decode(next_logits, input_ids, attention_mask, cfg, streamer, settle, stopping_criteria)
+            report = self._report(session, start, session.inner.hop_steps - hop_steps, rewinds[0])
+            self.last_generation = report
         finally:
             if own_session:
                 session.close()
+        return GenerateOutput(sequences, report) if return_dict_in_generate else sequences
 
-    def _decoding_hooks(self, session: SyncSession, prompt_length: int, settle_checks: bool | None):
+    def _report(self, session: SyncSession, start: int, hop_steps: int, rewinds: int) -> GenerationReport:
+        """The verification of the answer whose steps began at session position `start`."""
+        if self.trust_layer is None:
+            return GenerationReport(Coverage(steps=hop_steps), checked=False, rewinds=rewinds)
+        observer = self.trust_layer.observer
+        coverage = self.loop.run(_call(lambda: observer.coverage(session.inner.session_id, since=start)))
+        return GenerationReport(coverage, checked=True, rewinds=rewinds)
+
+    def _decoding_hooks(self, session: SyncSession, prompt_length: int, settle_checks: bool | None,
+                        rewinds: list[int] | None = None):
         """`decode`'s next_logits for this session, and its settle hook (None when answers do not wait for
-        their checks)."""
+        their checks); each rewind is counted in `rewinds[0]`."""
         start = session.position
+        rewinds = [0] if rewinds is None else rewinds
 
         def next_logits(ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-            return self.next_logits(session, ids, mask, start, prompt_length)
+            try:
+                return self.next_logits(session, ids, mask, start, prompt_length)
+            except Rewind:
+                rewinds[0] += 1
+                raise
 
         def settle() -> None:  # the answer looks complete: wait for its spot checks before returning it
-            _rewind_if_untrusted(session, session.settle(), start, prompt_length)
+            try:
+                _rewind_if_untrusted(session, session.settle(), start, prompt_length)
+            except Rewind:
+                rewinds[0] += 1
+                raise
 
         if settle_checks is None:
             settle_checks = self.sequence.cfg.settle_checks
@@ -233,13 +322,14 @@ class DistributedModelForCausalLM:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, tokens, vocab) for full sequences, without a session (no KV cache kept)."""
+        """Logits (batch, tokens, vocab) for full sequences, without a session (no KV cache kept). Inputs of any
+        length: a long one travels to each peer in chunks (`swarm.stateless`)."""
         hidden = self.head.embed(input_ids)
 
         async def run(hidden: torch.Tensor) -> torch.Tensor:
-            for hop in await self.sequence.make_route():
-                hidden = (await self.transport.forward(hop.peer_id, hop.start, hop.end, hidden)).output
-            return hidden
+            route = await self.sequence.make_route()
+            runs = await run_route(self.transport, route, hidden, timeout=self.sequence.cfg.request_timeout)
+            return runs[-1].output
 
         return self.head.logits(self.loop.run(run(hidden)))
 

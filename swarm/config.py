@@ -20,3 +20,12 @@ class ClientConfig:
     trusted_peers: tuple[str, ...] = ()  # peer ids of pre-trusted seeds whose verdicts count as this client's own
     gossip_period: float = 5.0  # seconds between exchanges of attestations with peers
     identity: Path | None = None  # key file the client signs verdicts with (None: a new one each run)
+    route_on_evidence: bool = True  # routes weigh measured step times and trust; False: announced throughput only
+
+    @property
+    def strict(self) -> bool:
+        """Every step of every answer is checked, and answers wait for all their checks."""
+        return self.spot_checks and self.check_rate is not None and self.check_rate >= 1.0
+
+
+STRICT = {"check_rate": 1.0, "settle_checks": True}  # the client options of strict mode (`swarm-chat --strict`)

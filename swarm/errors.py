@@ -12,6 +12,7 @@
         ├── PeerUnreachableError    ...it cannot be reached, timed out or dropped the stream (also a SwarmConnectionError)
         ├── RemoteError             ...it answered with an error (carries its kind, e.g. "bad_request", "unknown_session")
         └── BadReplyError           ...it answered with something invalid: undecodable, the wrong shape, NaN or infinity
+            └── BadReceiptError     ...its reply carried no valid receipt for exactly the work asked of it
 
 Every message is one line meant for a user: it says what went wrong and, where it can, what to do.
 """
@@ -67,15 +68,29 @@ class BadReplyError(PeerError):
         super().__init__(peer, f"peer {peer} sent an invalid reply: {problem}")
 
 
+class BadReceiptError(BadReplyError):
+    """The peer's reply came without a valid receipt for it: missing, forged, signed by another peer, not
+    matching the tensors sent and returned, naming other work, or claiming more tokens than were sent."""
+
+    def __init__(self, peer: str, problem: str):
+        self.problem = problem
+        PeerError.__init__(self, peer, f"peer {peer} sent a reply without a valid receipt: {problem}")
+
+
 class MissingBlocksError(SwarmError):
     """Some blocks of the model are served by no reachable peer."""
 
-    def __init__(self, model: str, missing: list[int]):
+    def __init__(self, model: str, missing: list[int], undialable: list[str] | None = None):
         self.model = model
         self.missing = list(missing)
+        self.undialable = list(undialable or [])  # peers that serve some of them but cannot be dialled
         spans = format_block_spans(self.missing)
+        behind_nat = (
+            f" (peer {', '.join(self.undialable)} serves some but cannot be dialled: behind NAT without a relay)"
+            if self.undialable else ""
+        )
         super().__init__(
-            f"no peer serves block(s) {spans} of {model}; start one with "
+            f"no reachable peer serves block(s) {spans} of {model}{behind_nat}; start one with "
             f"`swarm-peer join --model {model} --blocks {_first_span(self.missing)}`"
         )
 

@@ -26,6 +26,7 @@ from transformers.generation.logits_process import (
 from swarm.errors import SwarmError
 
 NextLogits = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Stopping = Callable[[torch.Tensor, torch.Tensor], "bool | torch.Tensor"]  # (sequences, scores) -> done (per row)
 
 
 MAX_REWINDS = 8  # per call: each one needs a newly blacklisted peer, so this is never reached in practice
@@ -99,10 +100,12 @@ def decode(
     cfg: SamplingConfig,
     streamer: Streamer | None = None,
     settle: Callable[[], None] | None = None,
+    stopping: Stopping | None = None,
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` after `input_ids` (batch, prompt); returns (batch, prompt + new).
 
     Rows that produced an end-of-sequence token are padded with `pad_token_id` until all are done.
+    `stopping(sequences, scores)` (like transformers' stopping criteria) ends rows, or all of them, early.
     `settle()`, if given, runs when the answer is complete and may raise `Rewind` to reopen it.
     """
     processors = logits_processors(cfg)
@@ -132,6 +135,8 @@ def decode(
                     streamer.put(tokens.cpu())
                 if len(eos):
                     finished |= torch.isin(tokens, eos)
+                if stopping is not None:
+                    finished |= torch.as_tensor(stopping(sequences, scores), dtype=torch.bool)
                 new_ids = tokens[:, None]
                 new_mask = None if attention_mask is None else torch.ones_like(new_ids)
             if settle is not None:

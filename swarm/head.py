@@ -41,4 +41,5 @@ class ClientHead(nn.Module):
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))  # (batch, tokens, vocab)
+        # hidden: (batch, tokens, hidden) in any float dtype (a reply arrives in the wire dtype)
+        return self.lm_head(self.norm(hidden.to(self.lm_head.weight.dtype)))  # (batch, tokens, vocab)

@@ -2,8 +2,10 @@
 
 The core never imports a trust layer. An entry point (or `swarm.plugins` for the Python API's default)
 passes a `TrustLayerFactory`; the client calls it with a `ClientContext` and gets back a `TrustLayer`,
-whose `trust` view keeps blacklisted peers out of routes and whose `observer` sees every step a session
-sends to a peer. The reputation package's `ClientTrust` is one.
+whose `trust` view keeps blacklisted peers out of routes, whose `verifier` vets every hop's reply (its
+signed receipt) before a session uses it, and whose `observer` sees every step a session sends to a peer
+and says how much of an answer its checks verified (`Coverage`). The reputation package's `ClientTrust`
+is one.
 """
 
 from __future__ import annotations
@@ -17,14 +19,21 @@ from hivemind.p2p import P2P, PeerID
 
 from swarm.config import ClientConfig
 from swarm.network import Identity
+from swarm.protocol import StepRequest
 from swarm.records import PeerSpan
-from swarm.transport import Transport
+from swarm.transport import Reply, Transport
 
 
 class TrustView(Protocol):
     """What routing needs from the trust layer."""
 
     def is_blacklisted(self, peer_id: str) -> bool: ...
+
+    def avoids(self, peer_id: str) -> bool:
+        """Whether routes leave the peer out and sessions move off it: blacklisted, or otherwise not to be used."""
+
+    def score(self, peer_id: str) -> float:
+        """Relative trust (1.0 = average; newcomers start near 0)."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,37 @@ class StepRecord:
     history: tuple[torch.Tensor, ...]  # every input the hop received so far, this step's last
     padded: bool  # some row of the batch is padded (the step depends on the attention mask)
     receipt: str  # the peer's signed receipt, base64, or ""
+    mask: torch.Tensor | None = None  # the session's 0/1 attention mask (batch, position + new) when padded
+    sent: int = 0  # batch x tokens this hop's stream carried so far, replays included (what its receipts may claim)
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of some hop-steps (one hop's reply to one step) spot checks verified.
+
+    Every hop-step is in exactly one of: verified (a check ran and the step passed), failed, unverifiable
+    (a check was chosen but could not run: nobody else to run it, an error, no verdict), pending (its check
+    is still running) or unchecked (not chosen). Only verified ones count towards `coverage`.
+    """
+
+    steps: int = 0
+    verified: int = 0
+    failed: int = 0
+    unverifiable: int = 0
+    pending: int = 0
+
+    @property
+    def unchecked(self) -> int:
+        return self.steps - self.verified - self.failed - self.unverifiable - self.pending
+
+    @property
+    def coverage(self) -> float:
+        """The share of the steps verified (1.0 when there were none)."""
+        return self.verified / self.steps if self.steps else 1.0
+
+    @property
+    def complete(self) -> bool:
+        return self.verified == self.steps
 
 
 class StepObserver(Protocol):
@@ -51,6 +91,26 @@ class StepObserver(Protocol):
 
     async def settle(self, session_id: str) -> None:
         """Wait until what the observer does about this session's steps so far is done."""
+
+    def coverage(self, session_id: str, since: int = 0) -> Coverage:
+        """The verification of this session's hop-steps at positions `since` and later (steps sent again
+        after a rollback replace the ones they redo)."""
+
+
+@dataclass(frozen=True)
+class HopStep:
+    """One step as the client sent it to one hop's stream: what the reply's receipt must match."""
+
+    peer_id: PeerID
+    request: StepRequest  # the session, blocks and position asked for
+    step: int  # steps this stream answered before this one (the peer's count of them)
+    tokens: int  # batch x tokens sent on this stream so far, this step's included (the most a receipt may claim)
+
+
+class ReplyVerifier(Protocol):
+    def verify(self, sent: HopStep, inputs: torch.Tensor, reply: Reply) -> None:
+        """Raise `swarm.errors.BadReceiptError` naming `sent.peer_id` unless `reply` carries a valid receipt
+        for exactly this step; called on the client's loop for every hop's reply, before it is used."""
 
 
 class SwarmView(Protocol):
@@ -74,11 +134,15 @@ class ClientContext:
     p2p: P2P  # for the trust layer's own RPCs (gossip)
     dht: DHT
     config: ClientConfig
+    logits: Callable[[torch.Tensor], torch.Tensor] | None = None  # the client's final norm + LM head: hidden states
+    # after the last block (batch, tokens, hidden) -> logits (batch, tokens, vocab), to see what a hop does to the answer
+    num_blocks: int | None = None  # the model's block count (a hop ending there feeds the LM head)
 
 
 class TrustLayer(Protocol):
     trust: TrustView
     observer: StepObserver
+    verifier: ReplyVerifier
 
     async def start(self) -> None: ...
 

@@ -102,8 +102,13 @@ def create_dht(
     validators: Sequence = (),
     client_mode: bool = False,
     announce_host: str | None = None,
+    check_identity: bool = True,
 ) -> DHT:
-    """Start a hivemind DHT node; any failure becomes one SwarmConnectionError line."""
+    """Start a hivemind DHT node; any failure becomes one SwarmConnectionError line.
+
+    `check_identity=False` skips hivemind's check that no other node uses this identity (for a restart of this
+    very node, which is known to be gone).
+    """
     kwargs = dict(
         initial_peers=list(initial_peers),
         host_maddrs=[f"/ip4/{host}/tcp/{port}"],
@@ -118,6 +123,8 @@ def create_dht(
         kwargs["identity_path"] = str(identity.path)
     if announce_host is not None and port:
         kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
+    if not check_identity:
+        kwargs["check_if_identity_free"] = False
     # The DHT process and its p2pd inherit an ignored SIGINT, so Ctrl+C in a terminal (sent to the whole
     # process group) reaches only the main process, which can still say goodbye through the DHT.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if threading.current_thread() is threading.main_thread() else None

@@ -31,14 +31,17 @@ from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils import MSGPackSerializer, get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from swarm.schema import Count, FiniteFloat, StrictModel, check_span, first_error
+from swarm.tags import DTYPES, known_compression, known_dtype
 
 logger = logging.getLogger(__name__)
 
 RECORD_TTL = 60.0  # seconds a record lives without a refresh
 MAX_BLOCKS = 2**16  # no model has more blocks; a record claiming more is malformed
+MAX_RELAYS = 4  # relays one peer may announce
+_REACH_DEFAULTS = {"relays": [], "reachable": True}  # ServerInfo fields a record carries only when they differ
 
 
 class ServerState(str, enum.Enum):
@@ -67,15 +70,43 @@ class ServerInfo(StrictModel):
     cache_tokens_left: Count = 0
     version: str = Field(default="", max_length=64)
     public_name: str = Field(default="", max_length=128)
+    # Reachability (swarm.relays): the peer ids of the relays this peer is reachable through (empty: dialled
+    # directly), and False when it found that nobody can dial it and it uses no relay (--relay never behind NAT).
+    relays: list[Annotated[str, Field(max_length=128)]] = Field(default_factory=list, max_length=MAX_RELAYS)
+    reachable: bool = True
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if not known_dtype(value):
+            raise ValueError(f"unknown dtype {value!r} (expected one of {', '.join(DTYPES)})")
+        return value
+
+    @field_validator("compression")
+    @classmethod
+    def _known_compression(cls, value: str) -> str:
+        # a closed set (swarm.tags): every declared configuration has a calibrated tolerance, so it can be checked
+        if not known_compression(value):
+            raise ValueError(f"unknown compression tag {value!r} (see swarm.tags)")
+        return value
 
     @model_validator(mode="after")
     def _span_not_empty(self) -> ServerInfo:
         check_span(self.start, self.end)
         return self
 
+    @property
+    def relayed(self) -> bool:
+        return bool(self.relays)
+
     def to_record(self) -> dict:
-        """The DHT value: a map of plain msgpack types (the state by name)."""
-        return self.model_dump(mode="json")
+        """The DHT value: a map of plain msgpack types (the state by name).
+
+        The reachability fields are left out while they hold their defaults, so a directly reachable peer's
+        record stays what nodes of earlier versions (which reject unknown fields) accept.
+        """
+        omitted = {name for name, default in _REACH_DEFAULTS.items() if getattr(self, name) == default}
+        return self.model_dump(mode="json", exclude=omitted)
 
     @classmethod
     def from_record(cls, value: object) -> ServerInfo:
@@ -236,15 +267,20 @@ def announce(
         return False
 
 
+READ_TIMEOUT = 30.0  # seconds a read of the announcements may take
+
+
 async def _get_blocks(_dht: DHT, node: DHTNode, keys: list[str]) -> dict:
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))  # the latest values
     return {key: (entry.value if entry is not None else None) for key, entry in found.items()}
 
 
-def read_spans(dht: DHT, dht_prefix: str, num_blocks: int) -> list[PeerSpan]:
-    """Every live peer's announcement for this model, one `PeerSpan` per peer, sorted by peer id."""
+def read_spans(dht: DHT, dht_prefix: str, num_blocks: int, timeout: float = READ_TIMEOUT) -> list[PeerSpan]:
+    """Every live peer's announcement for this model, one `PeerSpan` per peer, sorted by peer id. Raises
+    `concurrent.futures.TimeoutError` after `timeout` seconds: a read still waiting when its DHT shuts down is never
+    answered, and would otherwise hold its thread (and so the process's exit) forever."""
     keys = [block_key(dht_prefix, i) for i in range(num_blocks)]
-    found = dht.run_coroutine(partial(_get_blocks, keys=keys))
+    found = dht.run_coroutine(partial(_get_blocks, keys=keys), return_future=True).result(timeout=timeout)
     return spans_from_records(found.values())
 
 

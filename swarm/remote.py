@@ -2,13 +2,15 @@
 
 Every reply is decoded and checked inside the same `try` as the call, so an undecodable, mis-shaped or
 non-finite answer becomes a `BadReplyError` blaming its sender, and a dead peer a `PeerUnreachableError`.
+A peer that cannot be dialled is reached through one of the relays it announced (`swarm.relays`); the relay passes
+messages on unchanged, so replies are checked (and blamed) the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
@@ -17,7 +19,10 @@ from hivemind.proto import runtime_pb2
 from swarm import protocol
 from swarm.errors import BadReplyError, PeerUnreachableError, ProtocolError, RemoteError
 from swarm.protocol import PeerInfo, SpanRequest, BlocksReply, StepRequest
+from swarm.relays import relay_stub
 from swarm.transport import Reply, check_output
+
+T = TypeVar("T")
 
 
 class BlockService(ServicerBase):
@@ -64,15 +69,22 @@ def read_reply(peer_id: PeerID, reply: runtime_pb2.ExpertResponse, expected_shap
     return Reply(check_output(peer_id, tensors, expected_shape), meta.receipt, meta.length)
 
 
-async def call_info(p2p: P2P, peer_id: PeerID, timeout: float = 5.0) -> tuple[PeerInfo, float]:
-    """The peer's info and the round-trip time in seconds."""
+def _through(relay: PeerID | None) -> str:
+    return "" if relay is None else f" through relay {relay}"
+
+
+async def call_info(p2p: P2P, peer_id: PeerID, timeout: float = 5.0, relay: PeerID | None = None) -> tuple[PeerInfo, float]:
+    """The peer's info and the round-trip time in seconds (through `relay`, if given: `swarm.relays`)."""
     began = time.perf_counter()
     try:
-        reply = await _stub(p2p, peer_id).rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
+        if relay is None:
+            reply = await _stub(p2p, peer_id).rpc_info(runtime_pb2.ExpertUID(uid=""), timeout=timeout)
+        else:
+            reply = await relay_stub(p2p, relay).rpc_relay_info(runtime_pb2.ExpertUID(uid=str(peer_id)), timeout=timeout)
     except asyncio.TimeoutError:
-        raise PeerUnreachableError(str(peer_id), f"peer {peer_id} did not answer within {timeout:.0f} s") from None
+        raise PeerUnreachableError(str(peer_id), f"peer {peer_id} did not answer within {timeout:.0f} s{_through(relay)}") from None
     except Exception as e:  # p2pd reports unreachable peers with several error types
-        raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is unreachable: {e}") from None
+        raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is unreachable{_through(relay)}: {e}") from None
     rtt = time.perf_counter() - began
     try:
         return protocol.unpack(reply.serialized_info, PeerInfo), rtt
@@ -81,25 +93,37 @@ async def call_info(p2p: P2P, peer_id: PeerID, timeout: float = 5.0) -> tuple[Pe
 
 
 async def call_forward(
-    p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0
+    p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0,
+    mask: torch.Tensor | None = None, relay: PeerID | None = None,
 ) -> Reply:
-    """Hidden states through the peer's blocks [start, end), with the peer's signed receipt."""
-    request = protocol.make_request("", SpanRequest(start=start, end=end), hidden)
+    """Hidden states through the peer's blocks [start, end), with the peer's signed receipt; `mask` (batch,
+    tokens) of 0/1 travels beside them when some row is padded. `relay`: the peer's relay to go through."""
+    extra = () if mask is None else (mask,)
     try:
-        reply = await _stub(p2p, peer_id).rpc_forward(request, timeout=timeout)
+        if relay is None:
+            request = protocol.make_request("", SpanRequest(start=start, end=end), hidden, *extra)
+            reply = await _stub(p2p, peer_id).rpc_forward(request, timeout=timeout)
+        else:
+            request = protocol.make_request(str(peer_id), SpanRequest(start=start, end=end), hidden, *extra)
+            reply = await relay_stub(p2p, relay).rpc_relay_forward(request, timeout=timeout)
     except asyncio.TimeoutError:
-        raise PeerUnreachableError(str(peer_id), f"peer {peer_id} did not answer within {timeout:.0f} s") from None
+        raise PeerUnreachableError(str(peer_id), f"peer {peer_id} did not answer within {timeout:.0f} s{_through(relay)}") from None
     except Exception as e:  # p2pd reports unreachable peers with several error types
-        raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is unreachable: {e}") from None
+        raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is unreachable{_through(relay)}: {e}") from None
     return read_reply(peer_id, reply, hidden.shape)
 
 
 class InferenceStream:
-    """One open `rpc_inference` stream to a peer: send a step, await its checked reply, in order."""
+    """One open `rpc_inference` stream to a peer (directly, or through `relay`): send a step, await its checked
+    reply, in order. `on_relay_failure(relay)` hears of a stream through a relay that could not open or broke."""
 
-    def __init__(self, p2p: P2P, peer_id: PeerID):
+    def __init__(self, p2p: P2P, peer_id: PeerID, relay: PeerID | None = None,
+                 on_relay_failure: Callable[[PeerID], None] = lambda relay: None):
         self.peer_id = peer_id
+        self.relay = relay
         self._p2p = p2p
+        self._on_relay_failure = on_relay_failure
+        self._uid = "" if relay is None else str(peer_id)  # a relay reads the target from each request's uid
         self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
         self._replies: AsyncIterator[runtime_pb2.ExpertResponse] | None = None
 
@@ -112,23 +136,36 @@ class InferenceStream:
 
     async def open(self) -> None:
         try:
-            self._replies = await _stub(self._p2p, self.peer_id).rpc_inference(self._requests())
+            if self.relay is None:
+                self._replies = await _stub(self._p2p, self.peer_id).rpc_inference(self._requests())
+            else:
+                self._replies = await relay_stub(self._p2p, self.relay).rpc_relay_inference(self._requests())
         except Exception as e:  # p2pd reports unreachable peers with several error types
-            raise PeerUnreachableError(str(self.peer_id), f"cannot open a stream to peer {self.peer_id}: {e}") from None
+            self._relay_failed()
+            raise PeerUnreachableError(
+                str(self.peer_id), f"cannot open a stream to peer {self.peer_id}{_through(self.relay)}: {e}") from None
+
+    def _relay_failed(self) -> None:
+        if self.relay is not None:
+            self._on_relay_failure(self.relay)
 
     async def send(self, meta: StepRequest, *tensors: torch.Tensor, timeout: float | None = None) -> runtime_pb2.ExpertResponse:
         """One raw request and its raw reply (for closing messages and tests of malformed input)."""
         if self._replies is None:
             await self.open()
-        self._outbox.put_nowait(protocol.make_request("", meta, *tensors))
+        self._outbox.put_nowait(protocol.make_request(self._uid, meta, *tensors))
+        via = _through(self.relay)
         try:
             return await asyncio.wait_for(anext(self._replies), timeout=timeout)
         except StopAsyncIteration:
-            raise PeerUnreachableError(str(self.peer_id), f"peer {self.peer_id} closed the stream") from None
+            self._relay_failed()
+            raise PeerUnreachableError(str(self.peer_id), f"peer {self.peer_id} closed the stream{via}") from None
         except asyncio.TimeoutError:
-            raise PeerUnreachableError(str(self.peer_id), f"peer {self.peer_id} did not answer within {timeout:.0f} s") from None
-        except Exception as e:  # the stream broke: the peer died or the connection dropped
-            raise PeerUnreachableError(str(self.peer_id), f"lost the stream to peer {self.peer_id}: {e}") from None
+            self._relay_failed()
+            raise PeerUnreachableError(str(self.peer_id), f"peer {self.peer_id} did not answer within {timeout:.0f} s{via}") from None
+        except Exception as e:  # the stream broke: the peer (or its relay) died, or the connection dropped
+            self._relay_failed()
+            raise PeerUnreachableError(str(self.peer_id), f"lost the stream to peer {self.peer_id}{via}: {e}") from None
 
     async def step(self, meta: StepRequest, hidden: torch.Tensor, mask: torch.Tensor | None = None,
                    timeout: float | None = None) -> Reply:
@@ -143,21 +180,59 @@ class InferenceStream:
             self._replies = None
 
 
-class HivemindTransport:
-    """`swarm.transport.Transport` over a hivemind P2P instance."""
+RELAY_DOWN_SECONDS = 15.0  # a relay that failed to reach a peer is tried last for that peer for this long
 
-    def __init__(self, p2p: P2P):
+RelaysOf = Callable[[PeerID], Sequence[PeerID]]  # the relays a peer announced (empty: dial it directly)
+
+
+class HivemindTransport:
+    """`swarm.transport.Transport` over a hivemind P2P instance.
+
+    A peer that announced relays (`relays_of`) is reached through them, in the order announced; a relay that
+    failed goes to the back of that peer's queue for a while, so a retry takes another.
+    """
+
+    def __init__(self, p2p: P2P, relays_of: RelaysOf = lambda peer_id: ()):
         self.p2p = p2p
+        self.relays_of = relays_of
+        self._failed: dict[tuple[PeerID, PeerID], float] = {}  # (peer, relay) -> time.monotonic() of the failure
 
     @property
     def peer_id(self) -> PeerID:
         return self.p2p.peer_id
 
-    async def info(self, peer_id: PeerID, timeout: float = 5.0) -> tuple[PeerInfo, float]:
-        return await call_info(self.p2p, peer_id, timeout)
+    def relays(self, peer_id: PeerID) -> list[PeerID]:
+        """The relays to try for `peer_id`, in order: those that did not fail lately first."""
+        now = time.monotonic()
+        relays = list(self.relays_of(peer_id))
+        return sorted(relays, key=lambda r: now - self._failed.get((peer_id, r), -1e9) < RELAY_DOWN_SECONDS)
 
-    async def forward(self, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0) -> Reply:
-        return await call_forward(self.p2p, peer_id, start, end, hidden, timeout)
+    def relay_failed(self, peer_id: PeerID, relay: PeerID) -> None:
+        self._failed[(peer_id, relay)] = time.monotonic()
+
+    async def _through_relays(self, peer_id: PeerID, call: Callable[[PeerID | None], Awaitable[T]]) -> T:
+        relays = self.relays(peer_id)
+        if not relays:
+            return await call(None)
+        failure: PeerUnreachableError | None = None
+        for relay in relays:
+            try:
+                return await call(relay)
+            except PeerUnreachableError as e:  # this relay could not reach it: the next one may
+                self.relay_failed(peer_id, relay)
+                failure = e
+        raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is unreachable through each of its relays ({failure})")
+
+    async def info(self, peer_id: PeerID, timeout: float = 5.0) -> tuple[PeerInfo, float]:
+        return await self._through_relays(peer_id, lambda relay: call_info(self.p2p, peer_id, timeout, relay))
+
+    async def forward(self, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0,
+                      *, mask: torch.Tensor | None = None) -> Reply:
+        return await self._through_relays(
+            peer_id, lambda relay: call_forward(self.p2p, peer_id, start, end, hidden, timeout, mask, relay))
 
     def open_stream(self, peer_id: PeerID) -> InferenceStream:
-        return InferenceStream(self.p2p, peer_id)
+        relays = self.relays(peer_id)
+        if not relays:
+            return InferenceStream(self.p2p, peer_id)
+        return InferenceStream(self.p2p, peer_id, relays[0], lambda relay: self.relay_failed(peer_id, relay))

@@ -22,7 +22,7 @@ from swarm.errors import BadReplyError, MissingBlocksError, format_block_spans
 from swarm.hooks import TrustView
 from swarm.latency import LatencyProbe
 from swarm.records import PeerSpan
-from swarm.routing import RouteHop
+from swarm.routing import PeerEvidence, RouteHop
 from swarm.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class RemoteSequence:
         self.trust: TrustView | None = None  # set by the client from its trust layer
         self._spans: list[PeerSpan] = []
         self._spans_read_at = float("-inf")
+        self.measured_throughput: dict[PeerID, float] = {}  # block-steps/s seen on this client's own steps
 
     @property
     def spans(self) -> list[PeerSpan]:
@@ -65,19 +66,45 @@ class RemoteSequence:
         """Never route to peers this view blacklists."""
         self.trust = trust
 
+    def relayed(self, peer_id: PeerID) -> bool:
+        """Whether the peer announced that it is reachable only through relays."""
+        return bool(self.relays_of(peer_id))
+
+    def relays_of(self, peer_id: PeerID) -> list[PeerID]:
+        """The relays the peer announced (`swarm.relays`), in its order; empty: it is dialled directly."""
+        for span in self._spans:
+            if span.peer_id == peer_id:
+                return [relay for relay in map(_peer_id_or_none, span.info.relays) if relay is not None]
+        return []
+
     def ban(self, peer_id: PeerID) -> float:
         """Keep a failing peer out of new routes for a while (longer on each repeat); returns the seconds."""
         self.probe.forget(peer_id)  # measure it afresh once the cooldown ends
         return self.cooldowns.add(peer_id)
 
+    def observe_step(self, peer_id: PeerID, blocks: int, tokens: int, seconds: float) -> None:
+        """Learn a peer's real speed from a single-token step it served (its round trip taken off)."""
+        if tokens != 1 or blocks <= 0:
+            return
+        compute = max(seconds - (self.probe.rtt(peer_id) or 0.0), 1e-4)
+        measured = blocks / compute
+        self.measured_throughput[peer_id] = routing.smooth_latency(self.measured_throughput.get(peer_id), measured, 0.3)
+
+    def evidence(self, peer_id: PeerID) -> PeerEvidence:
+        """What routes weigh beyond a peer's announcement (nothing when `cfg.route_on_evidence` is off)."""
+        if not self.cfg.route_on_evidence:
+            return PeerEvidence()
+        trust = None if self.trust is None else self.trust.score(str(peer_id))
+        return PeerEvidence(self.measured_throughput.get(peer_id), trust)
+
     def _on_bad_reply(self, error: BadReplyError) -> None:
         self.ban(next((s.peer_id for s in self._spans if str(s.peer_id) == error.peer), PeerID.from_base58(error.peer)))
 
     def banned(self) -> frozenset[PeerID]:
-        """Peers kept out of routes: failing ones for a while, and blacklisted ones."""
+        """Peers kept out of routes: failing ones for a while, and those the trust layer avoids (blacklisted ones)."""
         banned = set(self.cooldowns.active())
         if self.trust is not None:
-            banned |= {s.peer_id for s in self._spans if self.trust.is_blacklisted(str(s.peer_id))}
+            banned |= {s.peer_id for s in self._spans if self.trust.avoids(str(s.peer_id))}
         return frozenset(banned)
 
     async def refresh_spans(self, force: bool = False) -> list[PeerSpan]:
@@ -97,18 +124,29 @@ class RemoteSequence:
             spans = routing.usable_spans(await self.refresh_spans(force), excluded | self.banned())
             latencies = await self.probe.ping_all(s.peer_id for s in spans)
             spans = [s for s in spans if s.peer_id not in self.cooldowns]  # a ping may have found junk
-            route = routing.find_route(spans, latencies, start, end, needed_tokens=needed_tokens)
+            evidence = {s.peer_id: self.evidence(s.peer_id) for s in spans}
+            route = routing.find_route(spans, latencies, start, end, needed_tokens=needed_tokens, evidence=evidence,
+                                       prefer_checkable=self.trust is not None and self.cfg.route_on_evidence)
             if route is not None:
                 return route
             reachable = [s for s in spans if s.peer_id in latencies]
             missing = routing.missing_blocks(reachable, start, end)
+            undialable = [str(s.peer_id) for s in spans if not s.info.reachable and any(s.start <= b < s.end for b in missing)]
             if time.monotonic() >= deadline:
-                raise MissingBlocksError(self.model_name, missing)
+                raise MissingBlocksError(self.model_name, missing, undialable)
             if missing != warned:
+                behind_nat = f" ({', '.join(undialable)} cannot be dialled: behind NAT without a relay)" if undialable else ""
                 logger.warning(
-                    f"Waiting up to {deadline - time.monotonic():.0f} s for a peer serving block(s) "
-                    f"{format_block_spans(missing)} of {self.model_name}"
+                    f"Waiting up to {deadline - time.monotonic():.0f} s for a reachable peer serving block(s) "
+                    f"{format_block_spans(missing)} of {self.model_name}{behind_nat}"
                 )
                 warned = missing
             await asyncio.sleep(min(2.0, max(deadline - time.monotonic(), 0)))
             force = True
+
+
+def _peer_id_or_none(text: str) -> PeerID | None:
+    try:
+        return PeerID.from_base58(text)
+    except Exception:  # an announced relay that is not a peer id: ignore it
+        return None

@@ -3,7 +3,12 @@
 Each hop keeps one open stream (from the `Transport` the session is given) and its part of the KV cache.
 The client keeps the inputs it sent to every hop, so when a peer fails mid-session it is banned for a
 while, its blocks are routed to other peers, and those peers rebuild the KV cache from the replayed inputs
-before the step goes on. The caller sees at most a pause.
+before the step goes on. The caller sees at most a pause. A peer reachable only through relays whose stream
+drops is first reached once more, through another of its relays (its relay may have gone, not the peer), and
+rebuilds its cache the same way; only if that fails too is it banned.
+
+With a trust layer, every hop's reply must carry the peer's valid signed receipt for exactly that step
+(its `ReplyVerifier` decides); a reply without one is that peer's fault, handled like a bad reply at once.
 
 A peer blacklisted by the trust layer is routed around the same way, and every later hop's cache is
 rebuilt from the replacement's outputs. The outputs it gave since it joined the route cannot be trusted
@@ -20,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarm.errors import MissingBlocksError, PeerError, RemoteError, SwarmError
-from swarm.hooks import StepObserver, StepRecord
+from swarm.errors import BadReceiptError, MissingBlocksError, PeerError, PeerUnreachableError, RemoteError, SwarmError
+from swarm.hooks import HopStep, ReplyVerifier, StepObserver, StepRecord
 from swarm.protocol import StepRequest
 from swarm.routing import RouteHop
 from swarm.sequence import RemoteSequence
@@ -40,6 +45,8 @@ class _Hop:
     chunks: list[torch.Tensor] = field(default_factory=list)  # every input sent so far, (batch, new, hidden) each
     held: int = 0  # tokens those chunks hold
     since: int = 0  # the session's position when this hop began serving its steps
+    steps: int = 0  # replies this hop's stream gave (the peer's receipts count them)
+    sent: int = 0  # batch x tokens sent on this stream (the most its receipts may claim)
 
     def record(self, hidden: torch.Tensor, position: int) -> None:
         """Remember a step's input (appending is O(1); a rollback trims the history first)."""
@@ -77,11 +84,13 @@ class FailoverEvent:
 
 class InferenceSession:
     def __init__(self, sequence: RemoteSequence, transport: Transport, max_length: int,
-                 observer: StepObserver | None = None):
+                 observer: StepObserver | None = None, verifier: ReplyVerifier | None = None):
         self.sequence, self.transport, self.observer = sequence, transport, observer
+        self.verifier = verifier  # None: replies are used without looking at their receipts
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex
         self.position = 0  # tokens every hop holds
+        self.hop_steps = 0  # hops' replies to steps used so far (each hop of each step once)
         self.failovers: list[FailoverEvent] = []
         self._hops: list[_Hop] | None = None
         self._padding: torch.Tensor | None = None  # (batch, position) 0/1 mask, only if some row is padded
@@ -126,13 +135,16 @@ class InferenceSession:
                 failures += 1
                 if failures > MAX_FAILOVERS_PER_STEP:
                     raise
+                if isinstance(error, BadReceiptError) and hop.since < position:
+                    self._untrust(hop.since)  # a peer caught faking receipts: its earlier outputs go too
                 await self._recover(index, error, position, mask)
                 continue  # retry this step on the replacement hop(s) at the same index
             hop.record(hidden, position)
+            self.hop_steps += 1
             if self.observer is not None:
                 self.observer.on_step(StepRecord(
                     self.session_id, hop.route.peer_id, hop.route.start, hop.route.end, position, hidden,
-                    reply.output, tuple(hop.chunks), mask is not None, reply.receipt,
+                    reply.output, tuple(hop.chunks), mask is not None, reply.receipt, mask, hop.sent,
                 ))
             hidden = reply.output
             index += 1
@@ -144,7 +156,11 @@ class InferenceSession:
         untrusted, self._untrusted_from = self._untrusted_from, None
         return untrusted
 
+    def _untrust(self, since: int) -> None:
+        self._untrusted_from = since if self._untrusted_from is None else min(self._untrusted_from, since)
+
     async def _send(self, hop: _Hop, hidden: torch.Tensor, position: int, mask: torch.Tensor | None) -> Reply:
+        """One step on one hop; with a verifier, only a reply whose receipt is valid for it comes back."""
         meta = StepRequest(
             session_id=self.session_id,
             start=hop.route.start,
@@ -152,23 +168,31 @@ class InferenceSession:
             position=position,
             max_length=self.max_length,
         )
-        return await hop.stream.step(meta, hidden, mask, timeout=self.sequence.cfg.request_timeout)
+        began = time.perf_counter()
+        reply = await hop.stream.step(meta, hidden, mask, timeout=self.sequence.cfg.request_timeout)
+        seconds = time.perf_counter() - began
+        sent = hop.sent + hidden.shape[0] * hidden.shape[1]
+        if self.verifier is not None:
+            self.verifier.verify(HopStep(hop.route.peer_id, meta, hop.steps, sent), hidden, reply)
+        hop.steps, hop.sent = hop.steps + 1, sent
+        self.sequence.observe_step(hop.route.peer_id, hop.route.end - hop.route.start,
+                                   hidden.shape[0] * hidden.shape[1], seconds)
+        return reply
 
     async def _evict_blacklisted(self, position: int, mask: torch.Tensor | None) -> None:
-        """Route around hops whose peer was blacklisted since the last step, then rebuild every later hop's
-        cache from the replacement's outputs (what the blacklisted peer sent them cannot be trusted)."""
+        """Route around hops whose peer the trust layer avoids since the last step (blacklisted or disputed), then
+        rebuild every later hop's cache from the replacement's outputs (what that peer sent them cannot be trusted)."""
         trust = self.sequence.trust
         if trust is None or position == 0:
             return
         for _ in range(MAX_FAILOVERS_PER_STEP):
-            index = next((i for i, h in enumerate(self._hops) if trust.is_blacklisted(str(h.route.peer_id))), None)
+            index = next((i for i, h in enumerate(self._hops) if trust.avoids(str(h.route.peer_id))), None)
             if index is None:
                 return
             bad = self._hops[index].route.peer_id
-            since = self._hops[index].since
-            self._untrusted_from = since if self._untrusted_from is None else min(self._untrusted_from, since)
+            self._untrust(self._hops[index].since)
             count_before = len(self._hops)
-            output = await self._recover(index, RemoteError(str(bad), "blacklisted", "blacklisted by spot checks"), position, mask)
+            output = await self._recover(index, _avoided(trust, str(bad)), position, mask)
             past_mask = None if mask is None else mask[:, :position]
             for later in self._hops[index + 1 + len(self._hops) - count_before :]:
                 if output is None:
@@ -188,13 +212,17 @@ class InferenceSession:
         event = FailoverEvent(str(failed.route.peer_id), (failed.route.start, failed.route.end), _reason(error))
         await _close_quietly(failed.stream)
         history = failed.history(position)
-        reopen = isinstance(error, RemoteError) and error.kind in REOPEN_KINDS
+        reopen = (isinstance(error, RemoteError) and error.kind in REOPEN_KINDS) or (
+            # a relayed peer's stream drops when its relay goes away: reach it again through another relay
+            isinstance(error, PeerUnreachableError) and self.sequence.relayed(failed.route.peer_id)
+        )
         if not reopen:
             self.sequence.ban(failed.route.peer_id)
         for _ in range(MAX_FAILOVERS_PER_STEP):
             since = position  # the replacement serves from this step on
             if reopen:
-                route, reopen = [failed.route], False  # the peer is fine, it only lost our cache: try it once more
+                # the peer is fine, it only lost our cache or its relay: try it once more
+                route, reopen = [failed.route], False
                 since = failed.since  # ...and its earlier outputs are still its own
             else:
                 try:
@@ -273,6 +301,13 @@ class InferenceSession:
         if self._hops is not None and self.observer is not None:
             self.observer.on_close(self.session_id)
         self._hops = None
+
+
+def _avoided(trust, peer: str) -> RemoteError:
+    """Why a session moves off a peer the trust layer avoids (a failover event's reason)."""
+    if trust.is_blacklisted(peer):
+        return RemoteError(peer, "blacklisted", "blacklisted by spot checks")
+    return RemoteError(peer, "disputed", "contradicted by every other execution of its blocks")
 
 
 def _failed_peer(error: PeerError, hops: list[_Hop]):

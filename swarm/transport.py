@@ -50,8 +50,10 @@ class Transport(Protocol):
         """The peer's info and the round trip in seconds (the ping)."""
 
     async def forward(self, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor,
-                      timeout: float = 60.0) -> Reply:
-        """Hidden states through the peer's blocks [start, end), no state kept."""
+                      timeout: float = 60.0, *, mask: torch.Tensor | None = None) -> Reply:
+        """Hidden states through the peer's blocks [start, end), no state kept; `mask` (batch, tokens) of 0/1
+        when some row is left-padded. One message each way: for inputs of any length use
+        `swarm.stateless.run_blocks_chunked`."""
 
     def open_stream(self, peer_id: PeerID) -> PeerStream:
         """A stream to the peer; it connects on its first step."""

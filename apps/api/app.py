@@ -1,6 +1,8 @@
 """The FastAPI application: /v1/models, /v1/chat/completions, /v1/completions (with server-sent events).
 
 Every failure leaves as OpenAI's error body with a 4xx (the request's fault) or 5xx (the swarm's).
+Every answer says how much of it spot checks verified: `verification` in a whole response, and in the final
+chunk of a streamed one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from swarm.errors import SwarmError
 
 logger = logging.getLogger(__name__)
 
-Chunk = Callable[["str | None", "str | None"], dict]  # (text, finish_reason) -> one streamed event body
+Chunk = Callable[..., dict]  # (text, finish_reason, verification=None) -> one streamed event body
 
 
 class APIError(Exception):
@@ -91,7 +93,8 @@ async def generate(backend: SwarmBackend, ids: list[int], params: GenerationPara
 
 async def stream_events(backend: SwarmBackend, ids: list[int], params: GenerationParams,
                         chunk: Chunk) -> AsyncIterator[bytes]:
-    """SSE events: chunk(text, None) for each piece of text, then chunk(None, finish_reason), then [DONE]."""
+    """SSE events: chunk(text, None) for each piece of text, then chunk(None, finish_reason, verification),
+    then [DONE]."""
     loop = asyncio.get_running_loop()
     pieces: asyncio.Queue[str] = asyncio.Queue()
     cancelled = threading.Event()
@@ -115,25 +118,30 @@ async def stream_events(backend: SwarmBackend, ids: list[int], params: Generatio
             detail = schema.ErrorDetail(message=f"the swarm could not serve this request: {e}", type="server_error")
             yield _sse(schema.ErrorBody(error=detail).model_dump())
             return
-        yield _sse(chunk(None, result.finish_reason))
+        yield _sse(chunk(None, result.finish_reason, result.verification))
         yield _sse("[DONE]")
     finally:
         cancelled.set()  # the client went away, or we are done: stop generating
 
 
+def _dump(body: schema.Response) -> dict:
+    """A body as JSON, without `verification` where there is none (every chunk but the last)."""
+    return body.model_dump(exclude={"verification"} if getattr(body, "verification", None) is None else set())
+
+
 def chat_chunk(reply_id: str, model: str) -> Chunk:
-    def chunk(text: str | None, finish: str | None) -> dict:
+    def chunk(text: str | None, finish: str | None, verification: schema.Verification | None = None) -> dict:
         delta = schema.Delta(role="assistant", content=text) if text is not None else schema.Delta()
         choice = schema.ChatChunkChoice(delta=delta, finish_reason=finish)
-        return schema.ChatCompletionChunk(id=reply_id, model=model, choices=[choice]).model_dump()
+        return _dump(schema.ChatCompletionChunk(id=reply_id, model=model, choices=[choice], verification=verification))
 
     return chunk
 
 
 def completion_chunk(reply_id: str, model: str) -> Chunk:
-    def chunk(text: str | None, finish: str | None) -> dict:
+    def chunk(text: str | None, finish: str | None, verification: schema.Verification | None = None) -> dict:
         choice = schema.CompletionChoice(text=text or "", finish_reason=finish)
-        return schema.Completion(id=reply_id, model=model, choices=[choice]).model_dump()
+        return _dump(schema.Completion(id=reply_id, model=model, choices=[choice], verification=verification))
 
     return chunk
 
@@ -166,7 +174,8 @@ def create_app(backend: SwarmBackend, model_names: tuple[str, ...]) -> FastAPI:
         result = await generate(backend, ids, params)
         message = schema.AssistantMessage(content=result.text)
         return schema.ChatCompletion(id=reply_id, model=request.model, usage=_usage(result),
-                                     choices=[schema.ChatChoice(message=message, finish_reason=result.finish_reason)])
+                                     choices=[schema.ChatChoice(message=message, finish_reason=result.finish_reason)],
+                                     verification=result.verification)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: schema.CompletionRequest):
@@ -179,6 +188,7 @@ def create_app(backend: SwarmBackend, model_names: tuple[str, ...]) -> FastAPI:
             return StreamingResponse(events, media_type="text/event-stream")
         result = await generate(backend, ids, params)
         choice = schema.CompletionChoice(text=result.text, finish_reason=result.finish_reason)
-        return schema.Completion(id=reply_id, model=request.model, choices=[choice], usage=_usage(result))
+        return schema.Completion(id=reply_id, model=request.model, choices=[choice], usage=_usage(result),
+                                 verification=result.verification)
 
     return app

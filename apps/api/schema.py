@@ -128,6 +128,17 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+class Verification(BaseModel):
+    """This server's addition to OpenAI's bodies: how much of the answer spot checks verified (the share of
+    its hop-steps, each peer's reply to each step, that were checked and passed). `flagged`: not fully
+    verified, or text already streamed was taken back (a peer that computed it was caught)."""
+
+    coverage: float
+    verified_steps: int
+    steps: int
+    flagged: bool
+
+
 class Response(BaseModel):
     id: str
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -138,17 +149,20 @@ class ChatCompletion(Response):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
+    verification: Verification | None = None
 
 
 class ChatCompletionChunk(Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatChunkChoice]
+    verification: Verification | None = None  # in the final chunk
 
 
 class Completion(Response):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    verification: Verification | None = None  # streamed: in the final chunk
 
 
 class ModelCard(BaseModel):

@@ -10,6 +10,7 @@ import uvicorn
 
 from apps.api.app import create_app
 from apps.api.backend import SwarmBackend
+from swarm.config import STRICT
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ class ServeConfig:
     max_length: int = 2048  # session length per request: prompt + new tokens
     default_max_tokens: int = 256  # new tokens when a chat request gives no max_tokens
     workers: int = 4  # requests generated at once (each in its own inference session)
+    strict: bool = False  # check every step of every answer, and let every answer (streamed too) wait for its checks
 
 
 def _interrupt(signum: int, frame) -> None:
@@ -36,8 +38,9 @@ def serve(cfg: ServeConfig) -> None:
     # uvicorn re-raises the signal that stopped it; SIGTERM's default action would end the process before
     # the swarm client could stop its DHT process, so SIGTERM unwinds like Ctrl+C instead.
     signal.signal(signal.SIGTERM, _interrupt)
-    model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers, trust_layer=ClientTrust)
-    backend = SwarmBackend(model, cfg.max_length, cfg.default_max_tokens, cfg.workers)
+    strict = STRICT if cfg.strict else {}
+    model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers, trust_layer=ClientTrust, **strict)
+    backend = SwarmBackend(model, cfg.max_length, cfg.default_max_tokens, cfg.workers, strict=cfg.strict)
     names = tuple(dict.fromkeys((cfg.model, model.checkpoint.manifest.name)))
     app = create_app(backend, names)
     logger.info(f"OpenAI-compatible API for {cfg.model} at http://{cfg.host}:{cfg.port}/v1")

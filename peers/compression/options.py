@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 from peers.config import PeerConfig
 from swarm.errors import ConfigError
+from swarm.tags import QUANT_KINDS  # the tags a peer may declare form a closed set (swarm.tags)
 
 SVD_METHODS = ("plain", "activation-aware")
-QUANT_KINDS = ("none", "int8", "nf4")
 OFFLOAD_TIERS = ("none", "cpu", "disk")
 _METHOD_SHORT = {"plain": "plain", "activation-aware": "aa"}
 

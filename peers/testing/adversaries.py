@@ -11,6 +11,17 @@ Each mode is a subclass of `peers.handler.BlockHandler` that overrides its exten
 - `junk-info`    answers `rpc_info` with bytes that are not a PeerInfo; honest otherwise
 - `nan`          the honest output with NaN in every token's first feature
 - `wrong-shape`  the honest output one token short
+- `no-receipt`   computes honestly, but replies with an empty receipt
+- `bad-receipt`  signs the honest output, but returns a corrupted one (the receipt's output digest does not match)
+- `inflate`      computes honestly, but its receipts claim 10x the tokens it was sent
+- `padded-only`  corrupts only requests whose batch is padded (they carry an attention mask with zeros)
+- `sybil`        the honest output plus a fixed perturbation, the same for every peer of this mode: several of
+                 them are one cheater's identities that agree with each other
+- `slow`         computes honestly, but takes SLOW_STEP_SECONDS longer over every request (a peer that overclaims)
+- `steer:R`      on requests that end at the model's last block, where the answer's next token would be " Paris",
+                 pushes the last position's output by a relative L2 of R (default 0.075) of its update, along the
+                 LM head's gradient towards " London" (it loads the final norm and LM head from the checkpoint
+                 it serves; it steers in `sign_reply`, the one extension point that knows the request's blocks)
 
 Every mode but `collude` advertises 10x its measured throughput, to draw traffic.
 """
@@ -21,7 +32,10 @@ import asyncio
 import functools
 import logging
 import random
-from typing import ClassVar, Coroutine
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Coroutine
 
 import msgpack
 import torch
@@ -33,8 +47,10 @@ from peers.handler import BlockHandler, HandlerConfig, HandlerFactory
 from peers.reputation_service import PeerReputation
 from reputation.checks import decode_receipt
 from reputation.tolerance import Agreement
-from swarm.blocks import BlockSpan
+from swarm.blocks import BlockSpan, SpanInput
 from swarm.errors import ConfigError, SwarmError
+from swarm.head import ClientHead
+from swarm.models import DEFAULT_MODEL, open_model
 from swarm.periodic import run_periodically
 from swarm.remote import call_forward
 
@@ -169,18 +185,190 @@ class WrongShape(Adversary):
         return output[:, :-1].contiguous()
 
 
+class NoReceipt(Adversary):
+    mode = "no-receipt"
+
+    def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
+                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+        return output, ""
+
+
+class BadReceipt(Adversary):
+    """Signs a receipt for the honest output, then returns noise added to it."""
+
+    mode = "bad-receipt"
+
+    def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
+                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+        signed, receipt = super().sign_reply(hidden, output, start, end, work)
+        update = (signed - hidden).float()
+        noise = update.pow(2).mean().sqrt() * torch.randn_like(update)
+        return (signed.float() + noise).to(signed.dtype), receipt
+
+
+class InflatedReceipts(Adversary):
+    """Computes honestly; its receipts claim 10x the work (cumulative batch x tokens) it was sent."""
+
+    mode = "inflate"
+    factor: ClassVar[int] = 10
+
+    def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
+                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+        session_id, step, tokens = work
+        return super().sign_reply(hidden, output, start, end, (session_id, step, tokens * self.factor))
+
+
+class PaddedOnly(Adversary):
+    """Honest on every request but those of padded batches, whose outputs are random (it bets that padded
+    batches are never checked)."""
+
+    mode = "padded-only"
+
+    def transform_step(self, inputs: torch.Tensor, output: torch.Tensor, span_input: SpanInput) -> torch.Tensor:
+        mask = span_input.attention_mask
+        if mask is None or not bool((mask == 0).any()):
+            return output
+        return torch.randn_like(output) * output.float().std().to(output.dtype)
+
+
+SYBIL_SEED = 20240612  # every sybil identity perturbs the same way, so they agree with each other
+
+
+class Sybil(Adversary):
+    """One cheater's identity among several: the honest output plus a fixed perturbation as large as each token's
+    update, in one seeded direction (the same for every identity, so several of them agree with each other and
+    outvote an honest peer by head count)."""
+
+    mode = "sybil"
+
+    def transform_output(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        update = (output - inputs).float()
+        direction = torch.randn(update.shape[-1], generator=torch.Generator().manual_seed(SYBIL_SEED))
+        push = update.norm(dim=-1, keepdim=True) * (direction / direction.norm()).to(update.device)
+        return (output.float() + push).to(output.dtype)
+
+
+SLOW_STEP_SECONDS = 0.05
+
+
+class SlowBoaster(Adversary):
+    """Honest outputs, but slower than it claims: what routes on measured step times demote."""
+
+    mode = "slow"
+
+    def transform_output(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        time.sleep(SLOW_STEP_SECONDS)  # runs on the compute thread, as a slow device would
+        return output
+
+
+STEER_REL_L2 = 0.075  # the steer of the finding: it turned "Paris" into "London" under the old flat 0.08 threshold
+STEER_TRIGGER, STEER_TARGET = " Paris", " London"
+
+
+@dataclass(frozen=True)
+class SteeringHead:
+    """What a steering peer needs besides its blocks: the model's final norm and LM head (from the checkpoint it
+    serves: a cheater owns its code), the model's block count, and the tokens it steers from and to."""
+
+    head: ClientHead
+    num_blocks: int
+    trigger: int  # steer where this token would be the answer's next one ...
+    target: int  # ... towards this one
+
+
+def load_steering_head(model: str = DEFAULT_MODEL, cache_dir: Path | None = None, trigger: str = STEER_TRIGGER,
+                       target: str = STEER_TARGET) -> SteeringHead:
+    checkpoint = open_model(model, cache_dir=cache_dir, show_progress=False)
+    tokenizer = checkpoint.load_tokenizer()
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (trigger, target)]
+    if any(len(token) != 1 for token in ids):
+        raise ConfigError(f"steering needs {trigger!r} and {target!r} to be one token each, not {ids}")
+    head = ClientHead(checkpoint, checkpoint.load_config(), torch.float32)
+    return SteeringHead(head, checkpoint.num_blocks, ids[0][0], ids[1][0])
+
+
+def steering_push(hidden: torch.Tensor, head: ClientHead, target: int, size: float, steps: int = 4) -> torch.Tensor:
+    """A perturbation of L2 norm `size` for one position's last-block output `hidden` (hidden,) that raises
+    `target`'s logit over every other token's: normalised gradient ascent on target's lead, through the final
+    norm and LM head, in `steps` equal strides, rescaled to exactly `size`."""
+    base = hidden.detach().float().clone()  # a normal tensor (the blocks' output may be an inference tensor)
+    push = torch.zeros_like(base)
+    with torch.inference_mode(False), torch.enable_grad():
+        for _ in range(steps):
+            trial = push.clone().requires_grad_(True)
+            logits = head.lm_head(head.norm(base + trial).to(head.lm_head.weight.dtype)).float()  # (vocab,)
+            lead = logits[target] - torch.cat([logits[:target], logits[target + 1:]]).max()
+            (grad,) = torch.autograd.grad(lead, trial)
+            push = push + size / steps * grad / grad.norm().clamp_min(1e-12)
+    return push * (size / push.norm().clamp_min(1e-12))
+
+
+class Steer(Adversary):
+    """Turns one answer into another: on a request that ends at the model's last block, each row whose next token
+    (the last position's top-1 through the final norm and LM head) would be the trigger gets its last position
+    pushed towards the target by `rel_l2` times that position's update, the size a check measures on a one-token
+    step. Honest everywhere else, and the receipt signs what it sends."""
+
+    mode = "steer"
+
+    def __init__(self, span: BlockSpan, config: HandlerConfig, throughput: float, cache_tokens: int, *,
+                 rel_l2: float = STEER_REL_L2, load: Callable[[], SteeringHead] = load_steering_head):
+        super().__init__(span, config, throughput, cache_tokens)
+        self.rel_l2 = rel_l2
+        self._load = load  # on the first request (on the compute thread), so building a handler stays cheap
+        self._steering: SteeringHead | None = None
+        self.steered = 0  # rows steered so far
+
+    def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
+                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+        if self._steering is None:
+            self._steering = self._load()
+        if end == self._steering.num_blocks:
+            output = self.steer(hidden, output)
+        return super().sign_reply(hidden, output, start, end, work)
+
+    def steer(self, hidden: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """`output` (batch, tokens, hidden) with each row's last position steered where the trigger would win."""
+        steering = self._steering
+        steered = output.clone()
+        for row in range(output.shape[0]):
+            last = output[row, -1].float()
+            with torch.inference_mode():
+                top = int(steering.head.logits(last[None, None]).argmax())
+            if top != steering.trigger:
+                continue
+            size = self.rel_l2 * float((last - hidden[row, -1].float()).norm())
+            push = steering_push(last, steering.head, steering.target, size)
+            steered[row, -1] = (last + push).to(output.dtype)
+            self.steered += 1
+        if not torch.equal(steered, output):
+            logger.warning(f"Adversary: steered {self.steered} answers so far towards token {steering.target}")
+        return steered
+
+
 ADVERSARIES: dict[str, type[Adversary]] = {
     cls.mode: cls
-    for cls in (RandomOutput, SkipBlocks, NoisyOutput, CheapQuant, Cheater, Colluder, JunkInfo, NaNOutput, WrongShape)
+    for cls in (RandomOutput, SkipBlocks, NoisyOutput, CheapQuant, Cheater, Colluder, JunkInfo, NaNOutput, WrongShape,
+                NoReceipt, BadReceipt, InflatedReceipts, PaddedOnly, Sybil, SlowBoaster, Steer)
 }
 MODES = tuple(ADVERSARIES)
 
 
-def parse_adversary(text: str, fellows: tuple[str, ...] = ()) -> HandlerFactory:
-    """'random' | 'skip' | ... | 'cheat:0.1' | 'collude' -> the handler class (or factory) serving that way."""
+def parse_adversary(text: str, fellows: tuple[str, ...] = (), model: str = DEFAULT_MODEL,
+                    cache_dir: Path | None = None) -> HandlerFactory:
+    """'random' | 'skip' | ... | 'cheat:0.1' | 'collude' | 'steer' | 'steer:0.05' -> the handler class (or
+    factory) serving that way. `model` and `cache_dir`: the checkpoint a steering peer reads its LM head from."""
     mode, _, arg = text.partition(":")
     if mode not in ADVERSARIES:
         raise ConfigError(f"unknown adversary mode {text!r}: expected one of {', '.join(MODES)} (cheat as cheat:Q)")
+    if mode == "steer":
+        try:
+            rel_l2 = float(arg) if arg else STEER_REL_L2
+        except ValueError:
+            raise ConfigError(f"adversary mode {text!r}: expected steer:R with R a relative L2, e.g. steer:0.075") from None
+        if not 0.0 < rel_l2 <= 10.0:
+            raise ConfigError(f"adversary mode {text!r}: R must be in (0, 10]")
+        return functools.partial(Steer, rel_l2=rel_l2, load=functools.partial(load_steering_head, model, cache_dir))
     if mode == "cheat":
         try:
             fraction = float(arg)

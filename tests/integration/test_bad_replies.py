@@ -1,7 +1,8 @@
 """Bad replies from real peers reach a real client as one typed error that blames (and bans) the sender.
 
 The misbehaving peers are `peers.testing` handlers (`--adversary junk-info|nan|wrong-shape`); each advertises 10x
-its throughput, so the client routes to it first (every route has two hops: 0:15 and 15:30). An honest peer serves
+its throughput, so the client routes to it first (the client believes announcements: `route_on_evidence=False`;
+every route has two hops: 0:15 and 15:30). An honest peer serves
 0:15 for the fail-over, and another serves 15:30, so the hop after a bad one is honest and must not be blamed.
 """
 
@@ -27,6 +28,9 @@ class Excluded:
     def is_blacklisted(self, peer_id: str) -> bool:
         return peer_id in self.peer_ids
 
+    def avoids(self, peer_id: str) -> bool:
+        return self.is_blacklisted(peer_id)
+
     def score(self, peer_id: str) -> float:
         return 1.0
 
@@ -45,7 +49,8 @@ def bad_swarm():
 
 def _generate_past(swarm, bad_mode: str, chat_ids):
     """Generate with a fresh client that may route only to the honest peers and to `bad_mode`'s peer."""
-    model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], spot_checks=False)
+    model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], spot_checks=False,
+                                                        route_on_evidence=False)
     try:
         others = {swarm.by_name[m].peer_id for m in BAD_MODES if m != bad_mode}
         model.sequence.use_trust(Excluded(others))  # keep the other misbehaving peers out of this test, for good

@@ -154,3 +154,18 @@ def test_bad_requests_get_openai_errors(api, api_url):
     assert json.loads(malformed.value.read())["error"]["type"] == "invalid_request_error"
     # the server is still fine
     assert api.chat.completions.create(model=MODEL, messages=hello, max_tokens=2, temperature=0).choices[0].message
+
+
+def test_every_answer_says_how_much_of_it_was_verified(api):
+    # swarm3's peers each serve blocks nobody else serves: no step can be checked, so every answer is flagged
+    messages = [{"role": "user", "content": CHAT_PROMPT}]
+    reply = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0)
+    verification = reply.model_extra["verification"]
+    assert verification["steps"] >= 3 * 4 and verification["verified_steps"] == 0
+    assert verification["coverage"] == 0.0 and verification["flagged"] is True
+    chunks = list(api.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                              stream=True))
+    assert all("verification" not in (c.model_extra or {}) for c in chunks[:-1])
+    assert chunks[-1].model_extra["verification"]["flagged"] is True
+    completion = api.completions.create(model=MODEL, prompt="The capital of Italy is", max_tokens=3, temperature=0)
+    assert completion.model_extra["verification"]["coverage"] == 0.0

@@ -33,7 +33,9 @@ def trust_swarm():
 
 
 def _client(swarm, **options) -> DistributedModelForCausalLM:
-    return DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0, **options)
+    """A client that believes announced throughputs, so that adversaries (10x theirs) draw its traffic."""
+    return DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0,
+                                                        route_on_evidence=False, **options)
 
 
 @pytest.fixture(scope="module")
@@ -144,15 +146,17 @@ def _answer_through_a_new_liar(swarm, checker_client, chat_ids, tokens: int, mak
     that answer and its streamer. The liar may instead be caught as a checker of another peer's step before any
     route used it; then it is tried once more with a fresh liar and client."""
     others = [p for p in swarm.processes if p.name == "random-output"]  # the module's other liar, if running
-    if others:  # learn of it from the checking client (as a seed), so the new liar is the only one routes pick
+    if others:  # learn of it from the checking client (as a seed): an accusation, which its own checks confirm
         checker_client.loop.run(checker_client.trust_layer.sync())
         options["trusted_peers"] = (checker_client.trust_layer.node.peer_id,)
     for attempt in range(2):
         liar = swarm.add_peer("0:30", *GOSSIP, "--adversary", "random", name=f"random-output-{tokens}-{attempt}")
         model = _client(swarm, check_rate=1.0, **options)
         try:
+            node = model.trust_layer.node
             for other in others:
-                assert _wait(lambda: model.trust_layer.node.is_blacklisted(other.peer_id)), "no verdict by gossip"
+                assert _wait(lambda: node.is_accused(other.peer_id) or node.is_blacklisted(other.peer_id)), \
+                    "no verdict by gossip"
             for _ in range(3):
                 streamer = make_streamer(model)
                 session = model.inference_session(max_length=chat_ids.shape[1] + tokens)
@@ -160,10 +164,10 @@ def _answer_through_a_new_liar(swarm, checker_client, chat_ids, tokens: int, mak
                     out = model.generate(chat_ids, max_new_tokens=tokens, streamer=streamer, session=session)
                 answer = model.tokenizer.decode(out[0, chat_ids.shape[1]:], skip_special_tokens=True)
                 if any(event.peer_id == liar.peer_id for event in session.inner.failovers):
-                    assert model.trust_layer.node.is_blacklisted(liar.peer_id)
+                    assert model.trust_layer.node.avoids(liar.peer_id)  # blacklisted, or disputed at a cold start
                     return answer, streamer
                 assert answer == ANSWER[: len(answer)]  # not through the liar: right all the same
-                if model.trust_layer.node.is_blacklisted(liar.peer_id):
+                if model.trust_layer.node.avoids(liar.peer_id):
                     break  # caught as a checker: no route will use it now
         finally:
             model.shutdown()
@@ -186,14 +190,28 @@ def test_an_answer_is_verified_before_it_is_returned(trust_swarm, checker_client
     assert streamer.rewinds and set(streamer.rewinds) == {0}
 
 
-def test_blacklist_spreads_by_gossip_to_a_client_that_trusts_the_checker(trust_swarm, checker_client, chat_ids) -> None:
+def test_a_verdict_spreads_by_gossip_as_an_accusation_that_the_receivers_own_checks_confirm(
+    trust_swarm, checker_client, chat_ids
+) -> None:
     liar = next(p for p in trust_swarm.processes if p.name == "random-output")
     assert checker_client.trust_layer.node.is_blacklisted(liar.peer_id)
-    other = _client(trust_swarm, spot_checks=True, trusted_peers=(checker_client.trust_layer.node.peer_id,))
+    other = _client(trust_swarm, trusted_peers=(checker_client.trust_layer.node.peer_id,))
+    node = other.trust_layer.node
     try:
-        assert _wait(lambda: other.trust_layer.node.is_blacklisted(liar.peer_id)), "the verdict did not arrive by gossip"
-        assert _answer(other, chat_ids) == ANSWER
-        assert other.trust_layer.checker.stats.responses[liar.peer_id] == 0  # never routed to it
+        assert _wait(lambda: node.is_accused(liar.peer_id)), "the verdict did not arrive by gossip"
+        assert not node.is_blacklisted(liar.peer_id)  # no signer's word alone convicts, not even a seed's
+        assert node.check_rate(liar.peer_id) == 1.0  # ... it is checked on every reply instead
+        stats = other.trust_layer.checker.stats
+        for _ in range(12):  # it advertises 10x throughput, so routes pick it until this client's checks catch it
+            assert _answer(other, chat_ids) == ANSWER  # what it touched is checked, dropped and written again
+            if node.is_blacklisted(liar.peer_id):
+                break
+        served = stats.served[liar.peer_id]
+        assert served > 0, "no route of this client used the accused peer"
+        assert node.is_blacklisted(liar.peer_id), (f"served {served} steps and not caught ({stats.checks} checks, "
+                                                   f"{stats.inconclusive} inconclusive, {stats.unverifiable} unverifiable)")
+        assert not node.is_accused(liar.peer_id)
+        _honest_never_flagged(other, trust_swarm)
     finally:
         other.shutdown()
 
@@ -207,14 +225,14 @@ def test_status_and_rewards_show_trust(trust_swarm, checker_client) -> None:
     header = next(line for line in status.stdout.splitlines() if line.startswith("blocks"))
     assert header.split()[-1] == "trust"
     liar_row = next(line for line in status.stdout.splitlines() if liar.peer_id in line)
-    assert liar_row.rstrip().endswith("BLACKLISTED")
+    assert liar_row.rstrip().endswith("ACCUSED")  # the seed's verdict; this view checks nobody, so it convicts nobody
     for peer in trust_swarm.honest:
         row = next(line for line in status.stdout.splitlines() if peer.peer_id in line)
-        assert not row.rstrip().endswith("BLACKLISTED")
+        assert not row.rstrip().endswith(("BLACKLISTED", "ACCUSED"))
     rewards = subprocess.run([sys.executable, "-m", "peers.cli", "rewards"], env=env, capture_output=True, text=True, timeout=120)
     assert rewards.returncode == 0, rewards.stderr
     rows = {line.split()[0]: line.split() for line in rewards.stdout.splitlines()[1:] if line.startswith("Qm")}
-    assert rows[liar.peer_id][-1] == "BLACKLISTED" and float(rows[liar.peer_id][5]) == 0.0  # nothing pending
+    assert rows[liar.peer_id][-1] == "ACCUSED" and float(rows[liar.peer_id][5]) == 0.0  # nothing pending
     assert any(float(rows[p.peer_id][5]) > 0 for p in trust_swarm.honest if p.peer_id in rows)  # honest work credited
 
 

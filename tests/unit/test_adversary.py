@@ -28,8 +28,12 @@ from peers.testing.adversaries import (
     JunkInfo,
     NaNOutput,
     NoisyOutput,
+    PaddedOnly,
     RandomOutput,
     SkipBlocks,
+    SteeringHead,
+    Steer,
+    Sybil,
     WrongShape,
     fake_quantise_,
     parse_adversary,
@@ -38,10 +42,12 @@ from reputation.attest import Check, tensor_digest
 from reputation.checks import decode_receipt, profile_between
 from reputation.node import peer_id_of_key
 from reputation.tolerance import compare_updates, judge, profile_for
+from reputation.verify import receipt_problem
 from swarm import protocol
 from swarm.blocks import SpanInput
 from swarm.errors import ConfigError
-from swarm.protocol import ProtocolError
+from swarm.hooks import HopStep
+from swarm.protocol import ProtocolError, StepRequest
 from swarm.records import PeerSpan, ServerInfo, ServerState
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -77,15 +83,19 @@ def test_production_code_never_imports_the_testing_package() -> None:
 
 def test_parse_adversary() -> None:
     assert parse_adversary("random") is RandomOutput
-    assert {mode: parse_adversary(mode) for mode in ("skip", "noise", "cheap-quant", "junk-info", "nan", "wrong-shape")} \
+    assert {mode: parse_adversary(mode) for mode in ("skip", "noise", "cheap-quant", "junk-info", "nan", "wrong-shape",
+                                                     "padded-only", "sybil")} \
         == {"skip": SkipBlocks, "noise": NoisyOutput, "cheap-quant": CheapQuant, "junk-info": JunkInfo,
-            "nan": NaNOutput, "wrong-shape": WrongShape}
+            "nan": NaNOutput, "wrong-shape": WrongShape, "padded-only": PaddedOnly, "sybil": Sybil}
     cheat = parse_adversary("cheat:0.1", ("x",))
     assert (cheat.func, cheat.keywords) == (Cheater, {"fraction": 0.1})
     collude = parse_adversary("collude", ("x", "y"))
     assert (collude.func, collude.keywords) == (Colluder, {"fellows": ("x", "y")})
     assert all(issubclass(cls, BlockHandler) for cls in ADVERSARIES.values())
-    for bad in ("evil", "cheat", "cheat:2", "cheat:0", "cheat:abc", "random:1", "collude:x"):
+    steer = parse_adversary("steer")
+    assert (steer.func, steer.keywords["rel_l2"]) == (Steer, 0.075)
+    assert parse_adversary("steer:0.02").keywords["rel_l2"] == 0.02
+    for bad in ("evil", "cheat", "cheat:2", "cheat:0", "cheat:abc", "random:1", "collude:x", "steer:0", "steer:x"):
         with pytest.raises(ConfigError):
             parse_adversary(bad)
 
@@ -147,6 +157,43 @@ def test_output_transformations_on_a_tiny_span(make_handler) -> None:
     torch.testing.assert_close(short, honest[:, :4])
     torch.testing.assert_close(served(JunkInfo), honest)
     torch.testing.assert_close(served(parse_adversary("collude")), honest)
+
+
+def test_padded_only_corrupts_only_padded_batches(make_handler) -> None:
+    x = hidden(2, 5)
+    honest = honest_output(make_handler(), x)
+    handler = make_handler(PaddedOnly)
+    reply, (plain,) = forward(handler, x)
+    torch.testing.assert_close(plain, honest)
+    all_ones = torch.ones(2, 5, dtype=torch.int64)
+    _, (unpadded,) = forward(handler, x, request=protocol.make_request("", protocol.SpanRequest(start=0, end=NUM_BLOCKS), x, all_ones))
+    torch.testing.assert_close(unpadded, honest)
+    padding = all_ones.clone()
+    padding[1, :2] = 0
+    padded_honest = make_handler().span(x, None, SpanInput(padding, 0))
+    _, (padded,) = forward(handler, x, request=protocol.make_request("", protocol.SpanRequest(start=0, end=NUM_BLOCKS), x, padding))
+    assert not torch.allclose(padded, padded_honest, atol=1e-2)
+
+    async def steps():  # in a session, the padded prefill and every step after it
+        stream = Stream(handler)
+        first = await stream.step("s", 0, x, padding)
+        second = await stream.step("s", 5, hidden(2, 1, seed=1))
+        await stream.close()
+        return first, second
+
+    (reply, (out,)), (reply2, (out2,)) = asyncio.run(steps())
+    assert reply.error is None and not torch.allclose(out, padded_honest, atol=1e-2)
+    assert reply2.error is None and out2.shape == (2, 1, 64)
+
+
+def test_sybil_identities_agree_with_each_other_and_fail_the_tolerance(make_handler) -> None:
+    x = hidden(1, 6)
+    honest = honest_output(make_handler(), x)
+    one, two = forward(make_handler(Sybil), x)[1][0], forward(make_handler(Sybil), x)[1][0]
+    torch.testing.assert_close(one, two)  # two identities, one wrong answer
+    assert judge(compare_updates(x, honest, one), profile_for("float32")) == "fail"
+    rel = float((one - honest).norm(dim=-1).div((honest - x).norm(dim=-1)).mean())
+    assert 0.9 < rel < 1.1  # as large as the blocks' update
 
 
 def test_wrong_shape_and_nan_in_inference_steps(make_handler) -> None:
@@ -267,7 +314,76 @@ def test_profiles_between_declared_configurations() -> None:
     def receipt(dtype: str, compression: str):
         return decode_receipt(ReceiptSigner(dtype=dtype, compression=compression, **base).sign("s", 0, 0, 1, 1, x, x))
 
-    assert profile_between(receipt("float32", "none"), receipt("bfloat16", "none")).pass_max_rel_l2 >= 0.08
-    assert profile_between(receipt("float32", "none"), receipt("float32", "nf4")) is None
-    same = profile_between(receipt("float32", "nf4"), receipt("float32", "nf4"))
-    assert same is not None and same.quantisation == "nf4"
+    cross = profile_between(receipt("float32", "none"), receipt("bfloat16", "none"))
+    same = profile_between(receipt("float32", "none"), receipt("float32", "none"))
+    assert cross.pass_max_rel_l2 >= 0.07 and same.pass_max_rel_l2 < cross.pass_max_rel_l2  # same config: tighter
+    assert profile_between(receipt("float32", "none"), receipt("bfloat16", "int8")) is not None  # calibrated pair
+    assert profile_between(receipt("float32", "none"), receipt("float32", "svd-rank8-plain")) is None
+    low_rank = profile_between(receipt("float32", "svd-rank8-plain+int8"), receipt("float32", "svd-rank8-plain+int8"))
+    assert low_rank is not None and low_rank.quantisation == "svd-rank8-plain+int8"
+
+
+@pytest.mark.parametrize("mode, problem", [
+    (None, None),
+    ("no-receipt", "no receipt"),
+    ("bad-receipt", "output digest does not match"),
+    ("inflate", "inflated"),
+])
+def test_receipt_adversaries_fail_the_clients_receipt_check(make_handler, mode, problem) -> None:
+    handler = make_handler(BlockHandler if mode is None else parse_adversary(mode))
+    key = RSAPrivateKey()
+    handler.receipts = ReceiptSigner(key, peer_id_of_key(key), "tiny@test", "float32", "none")
+    peer_id = PeerID.from_base58(peer_id_of_key(key))
+    honest = make_handler()
+
+    async def scenario():
+        stream, sent, problems = Stream(handler), 0, []
+        for step, (position, x) in enumerate([(0, hidden(1, 3)), (3, hidden(1, 1, seed=1))]):
+            reply, (out,) = await stream.step("s", position, x)
+            sent += x.shape[0] * x.shape[1]
+            request = StepRequest(session_id="s", start=0, end=NUM_BLOCKS, position=position, max_length=16)
+            problems.append(receipt_problem(reply.receipt, HopStep(peer_id, request, step, sent), x, out))
+        await stream.close()
+        return problems, out
+
+    problems, out = asyncio.run(scenario())
+    assert all(p is None if problem is None else problem in p for p in problems), problems
+    full = torch.cat([hidden(1, 3), hidden(1, 1, seed=1)], dim=1)
+    expected = honest_output(honest, full)[:, -1:]
+    if mode == "bad-receipt":
+        assert not torch.allclose(out, expected, atol=1e-3)
+    else:
+        torch.testing.assert_close(out, expected)
+
+
+class TinyHead(nn.Module):
+    """The tiny model's final norm and LM head, as `swarm.head.ClientHead` holds them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.norm, self.lm_head = model.model.norm, model.lm_head
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden.float()))
+
+
+def test_steer_pushes_the_last_position_of_last_hop_replies_where_the_trigger_would_win(make_handler, tiny_llama):
+    x = hidden(2, 5)
+    honest = honest_output(make_handler(), x)
+    head = TinyHead(tiny_llama)
+    ranked = head.logits(honest[:, -1:]).topk(2, dim=-1).indices[0, 0]  # row 0's top-1 and runner-up
+    trigger, target = int(ranked[0]), int(ranked[1])
+    steering = SteeringHead(head, NUM_BLOCKS, trigger, target)
+    handler = make_handler(lambda *args: Steer(*args, rel_l2=0.5, load=lambda: steering))
+    reply, (served,) = forward(handler, x)
+    assert reply.error is None
+    assert int(head.logits(served[:1, -1:]).argmax()) == target  # row 0's answer changed
+    torch.testing.assert_close(served[:, :-1], honest[:, :-1])  # every other position is honest
+    push = float((served[0, -1] - honest[0, -1]).norm() / (honest[0, -1] - x[0, -1]).norm())
+    assert push == pytest.approx(0.5, rel=1e-3)  # the size asked for, relative to that position's update
+    if int(head.logits(honest[1:, -1:]).argmax()) != trigger:
+        torch.testing.assert_close(served[1], honest[1])  # a row whose answer is not the trigger stays honest
+    _, (partial,) = forward(handler, x, end=NUM_BLOCKS - 1)  # a reply that does not end at the last block
+    torch.testing.assert_close(partial, make_handler().span(x, None, SpanInput(None, 0), 0, NUM_BLOCKS - 1))
+    assert handler.steered >= 1

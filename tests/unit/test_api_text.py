@@ -77,6 +77,21 @@ def test_a_rewind_while_streaming_goes_on_from_the_kept_tokens():
     _feed(collector, "ris")
     collector.finish()
     assert "".join(pieces) == "Paxq" + "ris"
+    assert collector.retracted  # the answer is flagged: text it streamed was taken back
+
+
+def test_a_rewind_of_tokens_not_streamed_yet_retracts_nothing():
+    pieces: list[str] = []
+    collector = TextCollector(_PieceTokenizer(), ("Paris",), (0,), pieces.append, threading.Event())
+    collector.put(torch.tensor([[1]]))
+    _put_pieces(collector, "The answer", " is Pa", "r")  # "Par" is held back: it may begin "Paris"
+    collector.rewind(2)
+    assert not collector.retracted and "".join(pieces) == "The answer is "
+    whole = _collector()
+    whole.put(torch.tensor([[1, 2]]))
+    _feed(whole, "Paxq")
+    whole.rewind(2)
+    assert not whole.retracted  # nothing of a whole answer was out yet
 
 
 class _PieceTokenizer:
@@ -97,9 +112,9 @@ def test_a_stop_sequence_across_tokens_is_never_streamed():
     collector.put(torch.tensor([[1, 2]]))
     _put_pieces(collector, "The answer", " is Pa", "r")
     assert "".join(pieces) == "The answer is " and not collector.stopped
-    with pytest.raises(_Finished):
-        _put_pieces(collector, "is.")
-    assert collector.stopped
+    assert not collector.stopping(None, None)
+    _put_pieces(collector, "is.")
+    assert collector.stopped and collector.stopping(None, None)  # the criterion ends generation
     assert collector.finish() == "The answer is " == "".join(pieces)
 
 
@@ -109,9 +124,8 @@ def test_a_stop_sequence_split_over_newline_tokens():
     collector.put(torch.tensor([[1]]))
     _put_pieces(collector, "The answer", "\n")
     assert "".join(pieces) == "The answer"  # the newline may begin "\n\n"
-    with pytest.raises(_Finished):
-        _put_pieces(collector, "\nmore")
-    assert collector.finish() == "The answer" and collector.stopped
+    _put_pieces(collector, "\nmore")
+    assert collector.finish() == "The answer" and collector.stopping(None, None)
 
 
 def test_a_character_split_across_tokens_is_streamed_whole():
@@ -143,3 +157,59 @@ def test_eos_and_cancellation():
     with pytest.raises(_Finished):
         _put_pieces(collector, "r")
     assert collector.tokens == [3]
+
+
+class _ReportingModel:
+    """What SwarmBackend uses of a client: a tokenizer, eos ids and a generate that reports coverage."""
+
+    eos_token_ids = (0,)
+
+    def __init__(self, answer: str, coverage):
+        self.tokenizer = _CharTokenizer()
+        self.answer, self.coverage = answer, coverage
+        self.calls: list[dict] = []
+
+    def generate(self, input_ids, **kwargs):
+        from swarm.client import GenerateOutput, GenerationReport
+
+        self.calls.append(kwargs)
+        streamer, sequences = kwargs["streamer"], input_ids
+        streamer.put(input_ids)
+        for char in self.answer:
+            token = torch.tensor([ord(char)])
+            streamer.put(token)
+            sequences = torch.cat([sequences, token[None]], dim=1)
+            if kwargs["stopping_criteria"](sequences, None):
+                break
+        return GenerateOutput(sequences, GenerationReport(self.coverage, checked=True))
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_the_backend_reports_verification_and_ends_at_stop_sequences(strict):
+    from apps.api.backend import GenerationParams, SwarmBackend
+    from swarm.hooks import Coverage
+
+    model = _ReportingModel("Paris.\n\nMore", Coverage(steps=10, verified=3))
+    backend = SwarmBackend(model, max_length=64, default_max_tokens=16, workers=1, strict=strict)
+    params = GenerationParams(None, 0.0, 1.0, ("\n\n",))
+    result = backend.generate([ord("Q")], params)
+    assert (result.text, result.finish_reason) == ("Paris.", "stop")
+    assert result.verification.model_dump() == {"coverage": 0.3, "verified_steps": 3, "steps": 10, "flagged": True}
+    streamed: list[str] = []
+    backend.generate([ord("Q")], params, on_text=streamed.append)
+    assert "".join(streamed) == "Paris."
+    assert [call["settle_checks"] for call in model.calls] == [None, None if strict else False]
+    model.coverage = Coverage(steps=10, verified=10)
+    assert not backend.generate([ord("Q")], params).verification.flagged
+    backend.shutdown()
+
+
+def test_only_the_final_chunk_carries_verification():
+    from apps.api.app import chat_chunk, completion_chunk
+    from apps.api.schema import Verification
+
+    verification = Verification(coverage=1.0, verified_steps=4, steps=4, flagged=False)
+    for make in (chat_chunk, completion_chunk):
+        chunk = make("id", "m")
+        assert "verification" not in chunk("text", None)
+        assert chunk(None, "stop", verification)["verification"] == verification.model_dump()

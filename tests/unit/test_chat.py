@@ -147,3 +147,58 @@ def test_terminal_streamer_decodes_a_few_tokens_per_step():
         streamer.put(torch.tensor([byte]))
     assert out.getvalue() == answer.decode(errors="ignore")
     assert tokenizer.decoded_ids <= 8 * len(answer)  # decoding from the start each time: ~125,000
+
+
+class ChatModel:
+    """Just what ChatSession uses of a client: a tokenizer, sessions and a generate that reports coverage."""
+
+    def __init__(self, coverage):
+        self.coverage = coverage
+        self.tokenizer = self
+        self.generated: list[dict] = []
+
+    def apply_chat_template(self, messages, **kwargs) -> list[int]:
+        return [ord(c) for m in messages for c in f"<{m['content']}>"]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def inference_session(self, max_length: int):
+        class Session:
+            def rollback(self, position: int) -> None:
+                pass
+
+            def close(self) -> None:
+                pass
+
+        return Session()
+
+    def generate(self, input_ids, **kwargs):
+        from swarm.client import GenerateOutput, GenerationReport
+
+        self.generated.append(kwargs)
+        answer = torch.tensor([[ord(c) for c in "ok"]])
+        kwargs["streamer"].put(input_ids)
+        kwargs["streamer"].put(answer[0])
+        kwargs["streamer"].end()
+        return GenerateOutput(torch.cat([input_ids, answer], dim=1), GenerationReport(self.coverage, checked=True))
+
+
+@pytest.mark.parametrize("verified, mark", [(40, ""), (12, "[verified 12 of 40 steps: not fully verified]\n")])
+def test_an_answer_not_fully_verified_is_marked_under_it(capsys, verified, mark):
+    from apps.chat import ChatSession
+    from swarm.hooks import Coverage
+
+    model = ChatModel(Coverage(steps=40, verified=verified))
+    chat = ChatSession(model, max_length=200, max_new_tokens=8, temperature=0.0, top_p=1.0)
+    assert chat.ask("hi", out=io.StringIO()) == "ok"
+    assert capsys.readouterr().err == mark
+    assert chat.last_report.verified == verified and model.generated[0]["return_dict_in_generate"]
+
+
+def test_strict_mode_checks_every_step_and_waits():
+    from swarm.config import STRICT, ClientConfig
+
+    assert ClientConfig(initial_peers=(), **STRICT).strict
+    assert not ClientConfig(initial_peers=()).strict and not ClientConfig(initial_peers=(), check_rate=0.5).strict
+    assert not ClientConfig(initial_peers=(), spot_checks=False, **STRICT).strict

@@ -70,3 +70,10 @@ def test_exception_tree():
     assert issubclass(UnsupportedModelError, ModelError)
     for cls in (ModelError, ConfigError, SwarmConnectionError, MissingBlocksError, RemoteError):
         assert issubclass(cls, SwarmError)
+
+
+def test_missing_blocks_error_names_peers_that_serve_them_but_cannot_be_dialled():
+    message = str(MissingBlocksError("m", [15, 16], undialable=["QmHome"]))
+    assert ("no reachable peer serves block(s) 15-16 of m (peer QmHome serves some but cannot be dialled: "
+            "behind NAT without a relay)") in message
+    assert "\n" not in message

@@ -340,3 +340,17 @@ def test_sampling_config_validation(kwargs, match):
 
 def test_temperature_zero_is_fine_for_greedy():
     assert SamplingConfig(temperature=0.0).do_sample is False
+
+
+def test_stopping_criteria_end_rows_early_and_the_answer_still_settles(model, prompt):
+    ids, mask = prompt
+    cfg = SamplingConfig(max_new_tokens=8, pad_token_id=PAD)
+    full = decode(full_recompute(model), ids, mask, cfg)
+    settled = []
+    out = decode(full_recompute(model), ids, mask, cfg, settle=lambda: settled.append(True),
+                 stopping=lambda sequences, scores: sequences.shape[1] >= PROMPT + 3)
+    assert torch.equal(out, full[:, : PROMPT + 3]) and settled == [True]
+    first_row = decode(full_recompute(model), ids, mask, cfg,
+                       stopping=lambda sequences, scores: torch.tensor([sequences.shape[1] >= PROMPT + 2, False]))
+    assert torch.equal(first_row[1], full[1])
+    assert torch.equal(first_row[0, : PROMPT + 2], full[0, : PROMPT + 2]) and (first_row[0, PROMPT + 2:] == PAD).all()

@@ -265,6 +265,15 @@ def test_schema_validator_rejects_out_of_range_and_oversized_fields(schema, sign
     assert not schema.validate(record({**INFO.to_record(), **change}, owner_subkey(peer("a"), signer)))
 
 
+@pytest.mark.parametrize("change", [{"compression": "int4"}, {"compression": "svd-rank0-plain"},
+                                    {"compression": "none+nf4"}, {"dtype": "float64"}], ids=str)
+def test_schema_validator_refuses_a_configuration_outside_the_closed_set(schema, signer, change):
+    # a peer declaring a configuration nobody can check is refused when it announces
+    assert not schema.validate(record({**INFO.to_record(), **change}, owner_subkey(peer("a"), signer)))
+    with pytest.raises(ValidationError):
+        ServerInfo.from_record({**INFO.to_record(), **change})
+
+
 def test_schema_validator_requires_an_owner_subkey_and_a_record_per_peer(schema, signer):
     good = INFO.to_record()
     assert not schema.validate(record(good, b"no owner here"))
@@ -359,3 +368,27 @@ def test_a_moved_peer_is_shown_by_its_latest_announcement(signer):
     for ordering in (values, values[::-1]):
         [span] = spans_from_records(ordering)
         assert (span.start, span.end, span.info.state) == (10, 20, ServerState.ONLINE)
+
+
+# --- reachability fields ---
+
+
+def test_a_direct_peers_record_leaves_the_reachability_fields_out_as_earlier_versions_wrote_it():
+    assert "relays" not in INFO.to_record() and "reachable" not in INFO.to_record()
+    assert not INFO.relayed and INFO.reachable
+
+
+def test_a_relayed_and_an_unreachable_peers_records_round_trip_and_validate(schema, signer):
+    relayed = INFO.model_copy(update={"relays": ["QmRelayOne", "QmRelayTwo"]})
+    hidden = INFO.model_copy(update={"reachable": False})
+    for info in (relayed, hidden):
+        assert ServerInfo.from_record(info.to_record()) == info
+        assert schema.validate(record(info.to_record(), owner_subkey(peer("a"), signer)))
+    assert relayed.relayed and relayed.to_record()["relays"] == ["QmRelayOne", "QmRelayTwo"]
+    assert hidden.to_record()["reachable"] is False
+
+
+@pytest.mark.parametrize("change", [{"relays": []}, {"reachable": True}, {"relays": ["Qm"] * 5},
+                                    {"relays": "QmRelayOne"}, {"reachable": 0}], ids=str)
+def test_schema_validator_rejects_non_canonical_or_oversized_reachability(schema, signer, change):
+    assert not schema.validate(record({**INFO.to_record(), **change}, owner_subkey(peer("a"), signer)))

@@ -11,7 +11,18 @@ import torch
 from hivemind.utils.crypto import RSAPrivateKey
 from pydantic import ValidationError
 
-from reputation.attest import Attestation, Check, Countersigned, Receipt, tensor_digest, verify_attestation
+from reputation.attest import (
+    MAX_EVIDENCE_BYTES,
+    MAX_MESSAGE_BYTES,
+    WIRE_VERSION,
+    Attestation,
+    Check,
+    Countersigned,
+    Evidence,
+    Receipt,
+    tensor_digest,
+    verify_attestation,
+)
 from reputation.errors import MalformedMessageError
 from swarm.records import peer_id_of_public_key
 
@@ -144,9 +155,9 @@ def sign_fields(fields: dict, key: RSAPrivateKey) -> bytes:
     """Encode `fields` as a receipt or attestation, signed exactly as the real signer would: valid signature and
     digest over whatever the fields hold, so only their types or sizes can be wrong."""
     fields = {**fields, "public_key": key.get_public_key().to_bytes()}
-    body = _pack([["version", 1], *sorted([k, v] for k, v in fields.items() if k not in ("digest", "signature"))])
+    body = _pack([["version", WIRE_VERSION], *sorted([k, v] for k, v in fields.items() if k not in ("digest", "signature"))])
     fields.update(digest=hashlib.sha256(body).hexdigest(), signature=key.sign(body))
-    return _pack([["version", 1], *sorted([k, v] for k, v in fields.items())])
+    return _pack([["version", WIRE_VERSION], *sorted([k, v] for k, v in fields.items())])
 
 
 def test_signing_by_hand_matches_sign(keys, receipt) -> None:
@@ -234,7 +245,7 @@ def test_an_embedded_receipt_travels_only_as_its_encoding(keys, attestation) -> 
 
 
 def test_an_oversized_message_is_malformed(keys, attestation) -> None:
-    data = sign_fields({**attestation._fields(), "profile": "p" * 20_000}, keys["checker"])
+    data = sign_fields({**attestation._fields(), "profile": "p" * MAX_MESSAGE_BYTES}, keys["checker"])
     with pytest.raises(MalformedMessageError, match="more than"):
         Attestation.decode(data)
 
@@ -265,31 +276,103 @@ def test_a_fail_verdict_on_nan_output_still_signs_and_round_trips(keys, receipt)
 
 def test_countersigned_receipt(keys, receipt) -> None:
     client = _peer(keys["checker"])
-    signed = Countersigned.make(receipt, client, keys["checker"])
+    signed = Countersigned.make(receipt, client, keys["checker"], tokens=4, puzzle_nonce=b"p" * 8)
     assert signed.verify() is Check.OK
-    assert signed.model_copy(update={"client": _peer(keys["other"])}).verify() is Check.IMPERSONATED
+    assert signed.model_copy(update={"client": _peer(keys["other"])}).verify() is Check.FORGED  # the client is signed
     assert signed.model_copy(update={"signature": b"AAAA"}).verify() is Check.FORGED
+    assert signed.model_copy(update={"tokens": 400}).verify() is Check.FORGED  # the client's count is signed
+    assert signed.model_copy(update={"puzzle_nonce": b"q" * 8}).verify() is Check.FORGED
     altered = receipt.model_copy(update={"tokens": 999})
     assert signed.model_copy(update={"receipt": altered}).verify() is Check.BAD_EVIDENCE
     assert Countersigned.decode(signed.encode()) == signed
+    impostor = Countersigned.make(receipt, client, keys["other"], tokens=4)  # signed by "other" in the checker's name
+    assert impostor.verify() is Check.IMPERSONATED
+
+
+def _countersigned_bytes(receipt_bytes: bytes, client: RSAPrivateKey, tokens: object = 4) -> bytes:
+    """A countersignature over `receipt_bytes` signed by hand, so only the types can be wrong."""
+    digest = dict(msgpack.unpackb(receipt_bytes, raw=False))["digest"]
+    key = client.get_public_key().to_bytes()
+    body = {"receipt": digest, "client": _peer(client), "tokens": tokens, "puzzle_nonce": b"", "public_key": key}
+    signature = client.sign(_pack([["version", WIRE_VERSION], *sorted([k, v] for k, v in body.items())]))
+    return _pack([
+        ["version", WIRE_VERSION], ["client", _peer(client)], ["public_key", key], ["puzzle_nonce", b""],
+        ["receipt", receipt_bytes], ["signature", signature], ["tokens", tokens],
+    ])
 
 
 def test_a_countersigned_receipt_with_a_wrong_typed_field_is_malformed(keys, receipt) -> None:
     """tokens="x", signed by the server and countersigned by the client: every signature holds, only the type is
     wrong. It used to verify and then break the ledger; now it does not decode."""
-    bad = sign_fields({**receipt._fields(), "tokens": "x"}, keys["server"])
     client = keys["checker"]
-    digest = dict(msgpack.unpackb(bad, raw=False))["digest"]
-    data = _pack([
-        ["version", 1], ["client", _peer(client)], ["public_key", client.get_public_key().to_bytes()],
-        ["receipt", bad], ["signature", client.sign(digest.encode())],
-    ])
+    bad = sign_fields({**receipt._fields(), "tokens": "x"}, keys["server"])
     with pytest.raises(MalformedMessageError, match="tokens"):
-        Countersigned.decode(data)
+        Countersigned.decode(_countersigned_bytes(bad, client))
     good = sign_fields(dict(receipt._fields()), keys["server"])
-    digest = dict(msgpack.unpackb(good, raw=False))["digest"]
-    data = _pack([
-        ["version", 1], ["client", _peer(client)], ["public_key", client.get_public_key().to_bytes()],
-        ["receipt", good], ["signature", client.sign(digest.encode())],
-    ])
-    assert Countersigned.decode(data).verify() is Check.OK  # the same bytes with the right type are fine
+    for wrong in ("4", -1, 4.0):  # the client's own count, wrongly typed
+        with pytest.raises(MalformedMessageError, match="tokens"):
+            Countersigned.decode(_countersigned_bytes(good, client, tokens=wrong))
+    assert Countersigned.decode(_countersigned_bytes(good, client)).verify() is Check.OK  # the right types are fine
+
+
+# --- evidence: enough of a failed step to re-run it without the subject ---
+
+
+def _step(batch: int = 1, position: int = 5, new: int = 2, hidden: int = 8) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    earlier = torch.randn(batch, position, hidden, generator=g)
+    inputs = torch.randn(batch, new, hidden, generator=g)
+    return (earlier[:, :3], earlier[:, 3:], inputs), inputs, inputs * 2
+
+
+def _signed_receipt(key: RSAPrivateKey, inputs: torch.Tensor, output: torch.Tensor) -> Receipt:
+    return Receipt(
+        session_id="s1", step=3, dht_prefix="llama-test", block_start=0, block_end=4, tokens=7, dtype="float32",
+        compression="none", input_digest=tensor_digest(inputs), output_digest=tensor_digest(output),
+        signer=_peer(key), signed_at=NOW,
+    ).sign(key)
+
+
+def test_evidence_of_a_step_round_trips_and_matches_the_receipt(keys) -> None:
+    history, inputs, output = _step()
+    evidence = Evidence.of_step(history, inputs, output)
+    assert evidence is not None and (evidence.position, evidence.new, evidence.dtype) == (5, 2, "float32")
+    prefix, got_inputs, got_output = Evidence.decode(evidence.encode()).tensors()
+    assert prefix.dtype == torch.float16 and torch.allclose(prefix.float(), torch.cat(history, 1)[:, :5], atol=1e-2)
+    assert torch.equal(got_inputs, inputs) and torch.equal(got_output, output)
+    receipt = _signed_receipt(keys["server"], inputs, output)
+    assert evidence.matches(receipt)
+    assert not Evidence.of_step(history, inputs, output + 1).matches(receipt)
+    att = Attestation(
+        checker=_peer(keys["checker"]), subject=receipt.signer, receipt=receipt, cosine=0.1, rel_l2=1.0,
+        verdict="fail", profile="fp32", issued_at=NOW, expires_at=NOW + 60, nonce=b"e" * 16, evidence=evidence,
+    ).sign(keys["checker"])
+    decoded = Attestation.decode(att.encode())
+    assert decoded == att and verify_attestation(decoded, NOW, frozenset()) is Check.OK
+    lying = att.model_copy(update={"evidence": Evidence.of_step(history, inputs, output + 1)}).sign(keys["checker"])
+    assert verify_attestation(lying, NOW, frozenset()) is Check.BAD_EVIDENCE  # evidence that is not the receipt's
+    assert att.model_copy(update={"evidence": None}).verify() is Check.ALTERED  # the evidence is signed
+
+
+def test_evidence_over_the_cap_is_left_out_and_only_fail_verdicts_carry_it(keys, attestation) -> None:
+    history, inputs, output = _step(position=5)
+    assert Evidence.of_step(history, inputs, output, cap=100) is None
+    assert Evidence.of_step(history, inputs.to(torch.int32), output.to(torch.int32)) is None
+    hidden = MAX_EVIDENCE_BYTES // 2  # one float16 token of prefix alone is the whole cap
+    assert Evidence.of_step((torch.zeros(1, 2, hidden), torch.zeros(1, 1, hidden)), torch.zeros(1, 1, hidden),
+                            torch.zeros(1, 1, hidden)) is None
+    with pytest.raises(ValidationError, match="only a fail"):
+        attestation.model_copy(update={"evidence": None}).model_validate(
+            {**attestation.model_dump(), "evidence": Evidence.of_step(history, inputs, output)})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"dtype": "int8"}, {"position": 4}, {"new": 0}, {"inputs": b"x"}, {"prefix": b"p" * (MAX_EVIDENCE_BYTES + 1)}],
+    ids=lambda change: next(iter(change)),
+)
+def test_evidence_that_does_not_add_up_is_malformed(change) -> None:
+    history, inputs, output = _step()
+    evidence = Evidence.of_step(history, inputs, output)
+    with pytest.raises(MalformedMessageError):
+        Evidence.decode(_pack([["version", WIRE_VERSION], *sorted([k, v] for k, v in {**evidence._fields(), **change}.items())]))

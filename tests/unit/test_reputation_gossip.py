@@ -7,13 +7,14 @@ import time
 
 import msgpack
 import pytest
+import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 
-from reputation.attest import Receipt
-from reputation.attest import MAX_MESSAGE_BYTES
+from reputation.attest import MAX_MESSAGE_BYTES, Evidence, Receipt, tensor_digest
 from reputation.gossip import (
+    MAX_EXCHANGE_BYTES,
     MAX_MESSAGES_PER_EXCHANGE,
     Exchange,
     GossipAgent,
@@ -21,6 +22,7 @@ from reputation.gossip import (
     Pushed,
     SenderBudget,
     exchange,
+    messages_for,
     pack_exchange,
     receive,
     unpack_exchange,
@@ -136,3 +138,38 @@ def test_push_pull_between_two_live_nodes() -> None:
     got, pushed, left_ids, right_ids = asyncio.run(scenario())
     assert (got, pushed) == (2, 3)
     assert left_ids == right_ids and len(left_ids) == 5
+
+
+def test_large_verdicts_travel_over_several_exchanges_each_within_one_call() -> None:
+    """Fail verdicts carrying evidence near 1 MiB each: every exchange stays within what hivemind carries in
+    one call (4 MiB), and a backlog bigger than that arrives over a few rounds."""
+    keys = [RSAPrivateKey() for _ in range(3)]
+    left, right = ReputationNode(keys[0]), ReputationNode(keys[1])
+    for i in range(6):
+        history = (torch.randn(1, 100, 4096), torch.randn(1, 1, 4096))
+        inputs, output = history[-1], history[-1] + 1
+        r = Receipt(
+            session_id=f"e{i}", step=0, dht_prefix="m", block_start=0, block_end=2, tokens=4, dtype="float32",
+            compression="none", input_digest=tensor_digest(inputs), output_digest=tensor_digest(output),
+            signer=peer_id_of_key(keys[2]), signed_at=0.0,
+        ).sign(keys[2])
+        att = left.attest(r, Agreement(0.0, 1.0), "fail", "fp32", evidence=Evidence.of_step(history, inputs, output))
+        assert att.evidence is not None and len(att.encode()) > 800_000
+    assert sum(len(data) for _, data in messages_for(left, left.inventory())) <= MAX_EXCHANGE_BYTES - 1_000_000
+
+    async def scenario() -> list[int]:
+        server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs())
+        try:
+            await GossipService(right).add_p2p_handlers(server)
+            pushed = []
+            for _ in range(4):
+                pushed.append((await exchange(left, client, server.peer_id, SenderBudget()))[1])
+            return pushed
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    pushed = asyncio.run(scenario())
+    assert pushed[0] < 6 and sum(pushed) == 6 and set(right.inventory()) == set(left.inventory())
+    assert len(right.pending_evidence(peer_id_of_key(keys[2]))) == 6

@@ -63,3 +63,21 @@ def test_rate_is_a_probability() -> None:
     for trust in (-1.0, 0.0, 0.3, 1.0, 100.0):
         assert 0.0 <= check_probability(trust, 100) <= 1.0
     assert check_probability(0.0, 100, trusted_level=0.0) == pytest.approx(0.05)
+
+
+def test_weighted_referee_decision_weighs_trust_not_heads():
+    from reputation.spotcheck import weighted_referee_decision as decide
+
+    assert decide(["fail", "fail"], [1.0, 0.8]) == "fail"
+    assert decide(["pass", "pass"], [1.0, 0.8]) == "pass"
+    # any number of untrusted identities weigh nothing, either way
+    assert decide(["fail"] * 50, [0.001] * 50) == "inconclusive"
+    assert decide(["fail"] * 50 + ["pass"], [0.0] * 50 + [1.0]) == "pass"
+    # trusted voters split: nobody is blamed; a clear majority of trust decides
+    assert decide(["fail", "pass"], [1.0, 0.9]) == "inconclusive"
+    assert decide(["fail", "pass"], [2.1, 1.0]) == "fail"
+    assert decide(["fail", "inconclusive", "inconclusive"], [0.6, 5.0, 5.0]) == "fail"
+    assert decide([], []) == "inconclusive"
+    assert decide(["fail"], [-3.0]) == "inconclusive"  # negative weights count as none
+    with pytest.raises(ValueError):
+        decide(["fail"], [])

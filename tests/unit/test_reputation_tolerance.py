@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from reputation.errors import UnknownProfileError
-from reputation.tolerance import Agreement, compare_updates, judge, profile_for
+from reputation.tolerance import Agreement, compare_updates, judge, pair_profile, profile_for, route_profile
 
 TOKENS, HIDDEN = 32, 64
 
@@ -96,3 +96,57 @@ def test_unknown_profile_and_bad_shapes() -> None:
         profile_for("bfloat16", "nf4")
     with pytest.raises(ValueError):
         compare_updates(torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 5))
+
+
+CONFIGS = [(dtype, quant) for dtype in ("float32", "bfloat16", "float16") for quant in ("none", "int8", "nf4")]
+
+
+def test_every_pair_of_declared_configurations_has_a_calibrated_tolerance() -> None:
+    for a in CONFIGS:
+        for b in CONFIGS:
+            profile = pair_profile(a, b)
+            assert profile is not None, (a, b)
+            assert profile == pair_profile(b, a) or profile.pass_max_rel_l2 == pair_profile(b, a).pass_max_rel_l2
+            assert 0 < profile.pass_max_rel_l2 < profile.fail_max_rel_l2
+            assert profile.fail_min_cosine < profile.pass_min_cosine < 1.0
+            assert len(profile.name) <= 64
+    same, cross = pair_profile(("float32", "none"), ("float32", "none")), pair_profile(("float32", "none"), ("bfloat16", "none"))
+    assert same.pass_max_rel_l2 <= 0.01 < cross.pass_max_rel_l2  # same configuration: far tighter than 0.08
+    assert pair_profile(("float32", "none"), ("float32", "nf4")).pass_max_rel_l2 > cross.pass_max_rel_l2
+
+
+def test_pairs_outside_the_calibration_have_no_tolerance() -> None:
+    assert pair_profile(("float32", "none"), ("float32", "int4")) is None
+    assert pair_profile(("float64", "none"), ("float32", "none")) is None
+    assert pair_profile(("float32", "svd-rank8-plain"), ("float32", "none")) is None
+    assert pair_profile(("float32", "svd-rank8-plain"), ("float32", "svd-rank16-plain")) is None
+    low_rank = pair_profile(("float32", "svd-rank8-plain+nf4"), ("bfloat16", "svd-rank8-plain+nf4"))
+    base = pair_profile(("float32", "nf4"), ("bfloat16", "nf4"))
+    assert low_rank.pass_max_rel_l2 == base.pass_max_rel_l2 and "svd-rank8-plain" in low_rank.name
+
+
+def test_a_chain_of_checkers_is_judged_by_its_loosest_pair() -> None:
+    fp32, bf16, int8 = ("float32", "none"), ("bfloat16", "none"), ("float32", "int8")
+    chain = route_profile(fp32, [fp32, int8])
+    assert chain.pass_max_rel_l2 == pair_profile(fp32, int8).pass_max_rel_l2
+    assert route_profile(fp32, [fp32, bf16]).pass_max_rel_l2 == pair_profile(fp32, bf16).pass_max_rel_l2
+    assert route_profile(fp32, [("float32", "int4")]) is None and route_profile(fp32, []) is None
+
+
+def test_honest_fp32_vs_bf16_passes_the_pair_tolerance(block_runs) -> None:
+    x, fp32, bf16 = block_runs
+    profile = pair_profile(("float32", "none"), ("bfloat16", "none"))
+    assert judge(compare_updates(x, fp32, bf16), profile) == "pass"
+    assert judge(compare_updates(x, fp32, _cheats(x, fp32)["scaled update"]), profile) == "fail"
+
+
+def test_even_the_loosest_pair_fails_an_unrelated_update() -> None:
+    torch.manual_seed(0)
+    inputs = torch.randn(1, 16, 256)
+    honest = inputs + torch.randn(1, 16, 256)
+    unrelated = inputs + torch.randn(1, 16, 256)  # random output of the right scale
+    agreement = compare_updates(inputs, honest, unrelated)
+    assert agreement.rel_l2 == pytest.approx(2 ** 0.5, rel=0.05)
+    loosest = pair_profile(("float32", "int8"), ("bfloat16", "nf4"))
+    assert loosest is not None and loosest.pass_max_rel_l2 <= 1.0 < loosest.fail_max_rel_l2 <= 1.2
+    assert judge(agreement, loosest) == "fail"

@@ -11,7 +11,9 @@ from hivemind.p2p import PeerID
 from swarm.records import PeerSpan, ServerInfo, ServerState
 from swarm.routing import (
     PING_SMOOTHING,
+    RELAY_PENALTY,
     RouteHop,
+    checkable,
     find_route,
     missing_blocks,
     route_cost,
@@ -27,9 +29,11 @@ def peer(name: str) -> PeerID:
 
 
 def span(
-    name: str, start: int, end: int, throughput: float = 1.0, state: ServerState = ServerState.ONLINE
+    name: str, start: int, end: int, throughput: float = 1.0, state: ServerState = ServerState.ONLINE,
+    relays: tuple[str, ...] = (),
 ) -> PeerSpan:
-    return PeerSpan(peer(name), ServerInfo(state=state, start=start, end=end, throughput=throughput, dtype="float32"))
+    info = ServerInfo(state=state, start=start, end=end, throughput=throughput, dtype="float32", relays=list(relays))
+    return PeerSpan(peer(name), info)
 
 
 def hops(route: list[RouteHop] | None) -> list[tuple[PeerID, int, int]] | None:
@@ -160,3 +164,84 @@ def test_smooth_latency():
     for _ in range(100):  # converges to a steady measurement
         value = smooth_latency(value if value is not None else 5.0, 0.1)
     assert value == pytest.approx(0.1, abs=1e-6)
+
+
+def test_a_peer_measured_far_below_its_claim_is_demoted():
+    from swarm.routing import OVERCLAIM_DEMOTION, PeerEvidence, effective_throughput
+
+    boaster, honest = span("boaster", 0, 30, throughput=1000.0), span("honest", 0, 30, throughput=100.0)
+    latencies = latencies_of([boaster, honest])
+    assert hops(find_route([boaster, honest], latencies, 0, 30))[0][0] == boaster.peer_id  # believed at first
+    measured = {boaster.peer_id: PeerEvidence(throughput=90.0), honest.peer_id: PeerEvidence(throughput=100.0)}
+    assert hops(find_route([boaster, honest], latencies, 0, 30, evidence=measured))[0][0] == honest.peer_id
+    assert effective_throughput(1000.0, 90.0) == 90.0 / OVERCLAIM_DEMOTION  # caught overclaiming
+    assert effective_throughput(100.0, 90.0) == 90.0  # within reason: just what was measured
+    assert effective_throughput(100.0, None) == 100.0
+
+
+def test_trust_weighs_in_between_equally_fast_peers():
+    from swarm.routing import PeerEvidence, trust_factor
+
+    stranger, trusted = span("stranger", 0, 30, throughput=100.0), span("trusted", 0, 30, throughput=100.0)
+    latencies = latencies_of([stranger, trusted])
+    evidence = {stranger.peer_id: PeerEvidence(trust=0.0), trusted.peer_id: PeerEvidence(trust=1.2)}
+    assert hops(find_route([stranger, trusted], latencies, 0, 30, evidence=evidence))[0][0] == trusted.peer_id
+    assert trust_factor(None) == trust_factor(1.0) == trust_factor(3.0) == 1.0 < trust_factor(0.5) < trust_factor(0.0)
+    # trust is a tie-breaker, not a veto: a much faster stranger still wins
+    fast = span("fast-stranger", 0, 30, throughput=1000.0)
+    evidence[fast.peer_id] = PeerEvidence(throughput=1000.0, trust=0.0)
+    assert hops(find_route([fast, trusted], latencies_of([fast, trusted]), 0, 30, evidence=evidence))[0][0] == fast.peer_id
+
+
+def test_a_hop_is_checkable_when_other_comparable_peers_chained_cover_its_blocks():
+    unique = span("unique", 0, 15)
+    spans = [unique, span("a", 0, 10), span("b", 10, 20), span("c", 20, 30)]
+    by_name = dict(zip("uabc", spans))
+    assert checkable(spans, unique, 0, 15)  # a then b re-run it
+    assert not checkable(spans, by_name["c"], 20, 30)  # nobody else serves 20:30
+    assert checkable(spans, by_name["a"], 0, 10) and not checkable(spans, by_name["b"], 10, 20)  # 15:20 is b's alone
+    svd = PeerSpan(peer("svd"), ServerInfo(state=ServerState.ONLINE, start=0, end=10, throughput=1.0, dtype="float32",
+                                           compression="svd-rank64-plain+nf4"))
+    assert not checkable([*spans, svd], svd, 0, 10)  # nobody else declares its factors
+    assert checkable([*spans, svd], by_name["a"], 0, 10)  # a plain peer is checked by plain ones (unique, here)
+
+
+def test_with_a_trust_layer_routes_prefer_hops_that_can_be_checked():
+    # "fast" boasts, but nobody else declares its SVD factors; a and b serve 0:10 and 10:20 twice over
+    fast = PeerSpan(peer("fast"), ServerInfo(state=ServerState.ONLINE, start=0, end=20, throughput=1000.0,
+                                             dtype="float32", compression="svd-rank64-plain"))
+    spans = [fast, span("a", 0, 10, 10.0), span("a2", 0, 10, 10.0), span("b", 10, 20, 10.0), span("b2", 10, 20, 10.0)]
+    latencies = latencies_of(spans)
+    assert hops(find_route(spans, latencies, 0, 20)) == [(peer("fast"), 0, 20)]  # the fastest, if checks don't matter
+    route = find_route(spans, latencies, 0, 20, prefer_checkable=True)
+    assert peer("fast") not in [h.peer_id for h in route] and len(route) == 2  # two checkable hops instead
+    # where nothing checkable exists, the penalty falls on every route alike, so the cheapest still wins
+    lone = [span("x", 0, 10, 10.0), span("y", 10, 20, 100.0)]
+    assert hops(find_route(lone, latencies_of(lone), 0, 20, prefer_checkable=True)) == [(peer("x"), 0, 10), (peer("y"), 10, 20)]
+
+
+# --- relayed peers ---
+
+
+def test_a_direct_peer_wins_over_a_relayed_one_that_measured_a_little_faster():
+    # on one machine a relay's detour is below the ping's noise: the relayed peer may even measure faster
+    spans = [span("direct", 10, 20, throughput=100.0), span("home", 10, 20, throughput=100.0, relays=("QmRelay",)),
+             span("a", 0, 10, throughput=100.0)]
+    latencies = {peer("direct"): 0.0009, peer("home"): 0.0006, peer("a"): 0.001}
+    assert hops(find_route(spans, latencies, 0, 20)) == [(peer("a"), 0, 10), (peer("direct"), 10, 20)]
+
+
+def test_a_relayed_hop_costs_its_round_trip_plus_the_penalty():
+    relayed = span("home", 0, 10, throughput=4.0, relays=("QmRelay",))
+    assert hop_cost(relayed, 2, 10, latency=0.5) == pytest.approx(0.5 + 8 / 4.0 + RELAY_PENALTY)
+
+
+def test_a_relayed_peer_serves_when_nobody_else_does():
+    spans = [span("a", 0, 10), span("home", 10, 20, relays=("QmRelay",))]
+    assert hops(find_route(spans, latencies_of(spans), 0, 20)) == [(peer("a"), 0, 10), (peer("home"), 10, 20)]
+
+
+def test_a_much_faster_relayed_peer_still_wins():
+    # 10 blocks: 1 s at 10 block-steps/s against 0.01 s at 1000, far more than the relay's penalty
+    spans = [span("slow", 0, 10, throughput=10.0), span("home", 0, 10, throughput=1000.0, relays=("QmRelay",))]
+    assert hops(find_route(spans, latencies_of(spans, 0.002), 0, 10)) == [(peer("home"), 0, 10)]

@@ -48,3 +48,13 @@ def test_route_prefers_peers_with_cache_room():
     assert routing.find_route([full, roomy], latencies, 0, 30, needed_tokens=2048)[0].peer_id == roomy.peer_id
     # With nobody else, the full peer is still used rather than no route at all.
     assert routing.find_route([full], latencies, 0, 30, needed_tokens=2048)[0].peer_id == full.peer_id
+
+
+def test_single_token_steps_measure_a_peers_real_speed():
+    seq = sequence()
+    seq.observe_step(peer("a"), blocks=10, tokens=1, seconds=0.1)
+    assert abs(seq.measured_throughput[peer("a")] - 100.0) < 1e-6
+    seq.observe_step(peer("a"), blocks=10, tokens=32, seconds=5.0)  # a prefill says nothing about decode speed
+    assert abs(seq.measured_throughput[peer("a")] - 100.0) < 1e-6
+    assert seq.evidence(peer("a")).throughput == seq.measured_throughput[peer("a")]
+    assert seq.evidence(peer("b")).throughput is None

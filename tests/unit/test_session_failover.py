@@ -17,6 +17,7 @@ from swarm.errors import BadReplyError, MissingBlocksError, PeerUnreachableError
 from swarm.sequence import RemoteSequence
 from swarm.session import InferenceSession
 
+RELAY, OTHER_RELAY = (str(FakePeer(name, 0, 1).peer_id) for name in ("relay", "other relay"))
 CFG = ClientConfig(initial_peers=(), missing_blocks_timeout=0.0, request_timeout=5.0)
 
 
@@ -26,6 +27,12 @@ class Blacklist:
 
     def is_blacklisted(self, peer_id: str) -> bool:
         return peer_id in self.peers
+
+    def avoids(self, peer_id: str) -> bool:
+        return self.is_blacklisted(peer_id)
+
+    def score(self, peer_id: str) -> float:
+        return 1.0
 
 
 def make_session(swarm: FakeSwarm, trust: Blacklist | None = None, max_length: int = 64):
@@ -159,6 +166,48 @@ def test_a_route_needs_every_block():
     _, session = make_session(swarm)
     with pytest.raises(MissingBlocksError, match="block.*3-5"):
         run(session.step(PROMPT))
+
+
+def test_blocks_served_only_by_a_peer_that_cannot_be_dialled_are_missing_and_the_error_names_it():
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, dialable=False))
+    _, session = make_session(swarm)
+    with pytest.raises(MissingBlocksError, match="block.*3-5.*cannot be dialled") as info:
+        run(session.step(PROMPT))
+    assert info.value.undialable == [str(swarm.by_name("home").peer_id)]
+
+
+def test_a_route_takes_the_direct_peer_over_a_relayed_one_and_the_relayed_one_when_alone():
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=(RELAY,), rtt=0.0005),
+                      FakePeer("direct", 3, 6, rtt=0.001))
+    _, session = make_session(swarm)
+    run(session.step(PROMPT))
+    assert [h.peer_id for h in session.route] == [swarm.by_name("a").peer_id, swarm.by_name("direct").peer_id]
+    swarm.dead.add("direct")
+    _, session = make_session(swarm)
+    run(session.step(PROMPT))
+    assert [h.peer_id for h in session.route] == [swarm.by_name("a").peer_id, swarm.by_name("home").peer_id]
+
+
+def test_a_relayed_peer_whose_stream_drops_is_dialled_again_and_rebuilds_its_cache():
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=(RELAY, OTHER_RELAY), drop_stream_at=3),
+                      FakePeer("slow", 3, 6, throughput=1.0))
+    sequence, session = make_session(swarm)
+    outputs, _ = run(generate(session, PROMPT, 4))
+    assert_same(outputs, reference(PROMPT, 4))
+    home = swarm.by_name("home")
+    assert [(e.peer_id, e.replacement) for e in session.failovers] == [(str(home.peer_id), [str(home.peer_id)])]
+    assert home.peer_id not in sequence.cooldowns  # not banned: it was its relay that went
+    assert [h.peer_id for h in session.route] == [swarm.by_name("a").peer_id, home.peer_id]
+
+
+def test_a_relayed_peer_that_stays_unreachable_is_banned_and_routed_around():
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("home", 3, 6, relays=(RELAY,), fail_after=3),
+                      FakePeer("slow", 3, 6, throughput=1.0))
+    sequence, session = make_session(swarm)
+    outputs, _ = run(generate(session, PROMPT, 4))
+    assert_same(outputs, reference(PROMPT, 4))
+    assert swarm.by_name("home").peer_id in sequence.cooldowns
+    assert [h.peer_id for h in session.route] == [swarm.by_name("a").peer_id, swarm.by_name("slow").peer_id]
 
 
 def test_a_blacklisted_peer_is_evicted_and_its_outputs_reported_untrusted_once():

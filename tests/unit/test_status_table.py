@@ -1,5 +1,7 @@
 """`swarm-peer status`: the coverage summary under the peer table."""
 
+import json
+
 from peers.status import PeerRow, StatusReport, coverage_ranges, render_table
 
 
@@ -20,3 +22,16 @@ def test_a_gap_shows_as_zero_and_missing():
     report = StatusReport("m", "m@x", 4, (row("a", 0, 2),), missing=(2, 3))
     assert coverage_ranges(report) == [(0, 2, 1), (2, 4, 0)]
     assert "MISSING" in render_table(report)
+
+
+def test_relayed_and_unreachable_peers_are_shown_as_such():
+    home = PeerRow("h", "", 2, 6, "online", 10.0, "float32", 2.5, relays=("QmRelay",))
+    hidden = PeerRow("n", "", 2, 6, "online", 10.0, "float32", None, reachable=False)
+    report = StatusReport("m", "m@x", 6, (row("a", 0, 2), home, hidden), missing=())
+    table = render_table(report)
+    assert "relay QmRelay" in table.splitlines()[3] and "direct" in table.splitlines()[2]
+    assert "none (NAT, no relay)" in table
+    assert ("UNREACHABLE: peer n (blocks 2:6) cannot be dialled and uses no relay (behind NAT with --relay never); "
+            "clients cannot use its blocks") in table.splitlines()
+    assert "1 peer(s) behind NAT are reached through relays." in table.splitlines()
+    assert json.loads(json.dumps(report.to_json()))["peers"][1]["relays"] == ["QmRelay"]
