@@ -23,7 +23,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from pydantic import Field
 
 from swarm.errors import ProtocolError
-from swarm.protocol import PROTOCOL_VERSION, WireModel, pack, unpack
+from swarm.protocol import PROTOCOL_VERSION, WireModel, handle_name, pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,7 @@ class DialBackService(ServicerBase):
 
     @classmethod
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
-        name = f"efedllm.DialBack.{method_name}"
-        return name if namespace is None else f"{namespace}::{name}"
+        return handle_name("DialBack", namespace, method_name)
 
     async def add_p2p_handlers(self, p2p: P2P, *args, **kwargs) -> None:
         self._p2p = p2p

@@ -130,3 +130,10 @@ def make_reply(message: BlocksReply, *tensors: torch.Tensor) -> runtime_pb2.Expe
 
 def error_reply(kind: str, message: str) -> runtime_pb2.ExpertResponse:
     return make_reply(BlocksReply(error=ErrorInfo(kind=kind, message=message)))
+
+
+def handle_name(service: str, namespace: str | None, method_name: str) -> str:
+    """A fixed RPC handler name, "efedllm.<service>.<method>" (hivemind would name it after the subclass), so that
+    stubs built from a service's base class reach the handlers of any subclass."""
+    name = f"efedllm.{service}.{method_name}"
+    return name if namespace is None else f"{namespace}::{name}"

@@ -30,7 +30,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from pydantic import Field
 
-from swarm.protocol import PROTOCOL_VERSION, WireModel, pack, unpack
+from swarm.protocol import PROTOCOL_VERSION, WireModel, handle_name, pack, unpack
 
 REGISTRATION_TTL = 60.0  # seconds a registration lasts unless renewed
 RENEW_PERIOD = 20.0  # seconds between a hidden peer's renewals (also keeps its connections to relays open)
@@ -59,8 +59,7 @@ class RelayService(ServicerBase):
 
     @classmethod
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
-        name = f"efedllm.Relay.{method_name}"
-        return name if namespace is None else f"{namespace}::{name}"
+        return handle_name("Relay", namespace, method_name)
 
     async def rpc_relay_register(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         raise NotImplementedError

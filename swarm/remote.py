@@ -34,8 +34,7 @@ class BlockService(ServicerBase):
 
     @classmethod
     def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
-        name = f"efedllm.BlockService.{method_name}"
-        return name if namespace is None else f"{namespace}::{name}"
+        return protocol.handle_name("BlockService", namespace, method_name)
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         raise NotImplementedError
