@@ -368,13 +368,15 @@ def run_scenario(swarm: LocalSwarm, scenario: Scenario, prompts: list[Prompt], a
             for sybil in sybils:
                 while not sybil.trust_layer.node.puzzle_nonce:  # countersignatures without it are ignored
                     time.sleep(0.2)
-                sybil.loop.run(sybil.sequence.refresh_spans(force=True))
+                _wait_until_seen(sybil, cheater_ids)  # else its answers go round the inflater and mint nothing
                 for i in range(args.sybil_answers):
                     answer(sybil, prompts[i % len(prompts)])
                 sybil.loop.run(sybil.trust_layer.sync())
             sybil_ids = {s.trust_layer.node.peer_id for s in sybils}
             minted = len(set().union(*(_sybil_work(s.trust_layer.node, cheater_ids, sybil_ids) for s in sybils)))
             log(f"{scenario.name}: {len(sybils)} Sybil clients countersigned {minted} inflated receipts")
+            if not minted:
+                raise RuntimeError("the Sybil clients countersigned no inflated receipt: the attack was not exercised")
         log(f"{scenario.name}: set up in {time.perf_counter() - began:.0f} s")
         for mode in args.modes:
             model = clients[mode]
@@ -399,6 +401,18 @@ def run_scenario(swarm: LocalSwarm, scenario: Scenario, prompts: list[Prompt], a
             if peer in swarm.processes:
                 swarm.processes.remove(peer)
     return rows, work
+
+
+def _wait_until_seen(model, peers: list[str], timeout: float = 60.0) -> None:
+    """Refresh `model`'s view of the swarm until it lists every one of `peers`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = {str(s.peer_id) for s in model.loop.run(model.sequence.refresh_spans(force=True))}
+        if set(peers) <= seen:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"a Sybil client did not see the cheaters {sorted(set(peers) - seen)} in {timeout:.0f} s")
+        time.sleep(0.5)
 
 
 def _sybil_work(node, cheaters: list[str], sybils: set[str]) -> set[bytes]:
