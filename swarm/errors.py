@@ -80,7 +80,7 @@ class BadReceiptError(BadReplyError):
 class MissingBlocksError(SwarmError):
     """Some blocks of the model are served by no reachable peer."""
 
-    def __init__(self, model: str, missing: list[int], undialable: list[str] | None = None):
+    def __init__(self, model: str, missing: list[int], undialable: list[str] | None = None, left_out: str = ""):
         self.model = model
         self.missing = list(missing)
         self.undialable = list(undialable or [])  # peers that serve some of them but cannot be dialled
@@ -89,8 +89,9 @@ class MissingBlocksError(SwarmError):
             f" (peer {', '.join(self.undialable)} serves some but cannot be dialled: behind NAT without a relay)"
             if self.undialable else ""
         )
+        left_out = f" ({left_out})" if left_out else ""  # why a peer that serves them is not used
         super().__init__(
-            f"no reachable peer serves block(s) {spans} of {model}{behind_nat}; start one with "
+            f"no reachable peer serves block(s) {spans} of {model}{behind_nat}{left_out}; start one with "
             f"`swarm-peer join --model {model} --blocks {_first_span(self.missing)}`"
         )
 

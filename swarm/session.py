@@ -229,7 +229,11 @@ class InferenceSession:
                     route = await self.sequence.make_route(
                         failed.route.start, failed.route.end, needed_tokens=self._needed_tokens
                     )
-                except MissingBlocksError:
+                except MissingBlocksError as missing:
+                    if isinstance(error, RemoteError) and error.kind in AVOIDED_KINDS:  # no peer refused anything
+                        raise MissingBlocksError(missing.model, missing.missing, missing.undialable,
+                                                 f"peer {failed.route.peer_id} is left out: {error.remote_message}"
+                                                 ) from None
                     raise error from None
             replacement = [_Hop(hop, self.transport.open_stream(hop.peer_id), since=since) for hop in route]
             try:
@@ -301,6 +305,9 @@ class InferenceSession:
         if self._hops is not None and self.observer is not None:
             self.observer.on_close(self.session_id)
         self._hops = None
+
+
+AVOIDED_KINDS = ("blacklisted", "disputed")  # failover reasons the trust layer gives, not the peer
 
 
 def _avoided(trust, peer: str) -> RemoteError:

@@ -210,6 +210,20 @@ def test_a_relayed_peer_that_stays_unreachable_is_banned_and_routed_around():
     assert [h.peer_id for h in session.route] == [swarm.by_name("a").peer_id, swarm.by_name("slow").peer_id]
 
 
+def test_a_blacklisted_peer_nobody_can_replace_ends_the_session_with_the_missing_blocks_and_why():
+    swarm = FakeSwarm(FakePeer("a", 0, 3), FakePeer("b", 3, 6))
+    trust = Blacklist()
+    b = swarm.by_name("b")
+
+    def blacklist_b_at(step: int):
+        if step == 2:
+            trust.peers.add(str(b.peer_id))
+
+    _, session = make_session(swarm, trust)
+    with pytest.raises(MissingBlocksError, match=rf"block\(s\) 3-5 .*peer {b.peer_id} is left out: blacklisted by spot"):
+        run(generate(session, PROMPT, 4, before_step=blacklist_b_at))
+
+
 def test_a_blacklisted_peer_is_evicted_and_its_outputs_reported_untrusted_once():
     swarm = three_hops()
     trust = Blacklist()
