@@ -5,7 +5,8 @@ After the reply has arrived, it decides at the rate the node's policy gives for 
 it, so a peer cannot tell checked steps from others. A check re-runs the hop's whole input so far (with its
 attention mask when the batch is padded) on a route of other peers that covers the hop's blocks: one peer or
 several chained, whatever their spans (`swarm.routing.find_route` over everybody but the subject and banned or
-blacklisted peers). Long histories travel in chunks through a temporary session on each checker
+blacklisted peers); where there is none, a client with memory to spare runs the blocks itself
+(`swarm.local_blocks`), and its own run decides. Long histories travel in chunks through a temporary session on each checker
 (`swarm.stateless`), so no message limit switches a check off. Routes whose peers this node already trusts come
 first, then the tightest calibrated tolerance for the pair of declared configurations
 (`reputation.tolerance.pair_profile`). The blocks' update for the step's tokens is compared under that tolerance.
@@ -60,6 +61,7 @@ from reputation.spotcheck import weighted_referee_decision
 from reputation.tolerance import Agreement, Config, ToleranceProfile, compare_updates, judge, pair_profile, route_profile
 from swarm.errors import SwarmError
 from swarm.hooks import Coverage, StepRecord, SwarmView
+from swarm.local_blocks import LocalBlocks
 from swarm.records import PeerSpan, online_spans
 from swarm.routing import RouteHop, find_route
 from swarm.stateless import CHUNK_BYTES, StatelessRun, run_route
@@ -105,6 +107,8 @@ class CheckStats:
     effect_only: int = 0  # of those, the ones the numeric tolerance alone would not have failed
     extra_blocks: int = 0  # blocks those passes re-ran (each pass counted once, whatever its length)
     extra_block_tokens: int = 0  # batch x tokens x blocks those passes re-ran: the work checks cost
+    local: int = 0  # checks this client ran on blocks it loaded itself (no other peer served the hop's blocks)
+    local_block_tokens: int = 0  # batch x tokens x blocks those local runs computed (on the client, not on peers)
 
 
 @dataclass
@@ -168,9 +172,10 @@ class SpotChecker:
         head: Callable[[torch.Tensor], torch.Tensor] | None = None,  # the client's final norm + LM head: hidden
         # (batch, tokens, hidden) -> logits (batch, tokens, vocab); None: no effect check
         num_blocks: int | None = None,  # the model's block count: hops ending there get the effect check
+        local: LocalBlocks | None = None,  # blocks this client may load to check hops nobody else serves
     ):
         self.node, self.transport, self.swarm = node, transport, swarm
-        self.head, self.num_blocks = head, num_blocks
+        self.head, self.num_blocks, self.local = head, num_blocks, local
         self.rng = rng or random.Random()
         self.check_rate, self.referees = check_rate, referees
         self.max_queued, self.timeout, self.settle_timeout = max_queued, timeout, settle_timeout
@@ -225,7 +230,9 @@ class SpotChecker:
 
     def _verifiable(self, peer: str, start: int, end: int) -> bool:
         """Whether other peers (online, not blacklisted) serve blocks [start, end) between them, so that the
-        hop's work could be re-run on a route of theirs."""
+        hop's work could be re-run on a route of theirs, or this client can run those blocks itself."""
+        if self.local is not None and self.local.fits(start, end):
+            return True
         spans = sorted(
             (s for s in online_spans(self.swarm.spans)
              if str(s.peer_id) != peer and not self.node.is_blacklisted(str(s.peer_id))),
@@ -441,10 +448,11 @@ class SpotChecker:
         try:
             checker = await self._execute(record, full, subject_config, {subject})
         except Unverifiable as e:
-            return self._unverifiable(record, str(e))
+            return await self._check_locally(record, receipt, full, str(e))
         profile = route_profile(subject_config, checker.configs)
         if profile is None:
-            return self._unverifiable(record, f"no calibrated tolerance between {subject_config} and {checker.configs}")
+            return await self._check_locally(
+                record, receipt, full, f"no calibrated tolerance between {subject_config} and {checker.configs}")
         self.stats.checks += 1
         self.stats.chained += len(checker.route) > 1
         self.stats.padded += record.mask is not None
@@ -456,6 +464,31 @@ class SpotChecker:
         if first == "pass":
             return self._agreed(record, receipt, agreement, profile, checker, cold)
         return await self._dispute(record, receipt, agreement, profile, checker, full, cold, effect)
+
+    async def _check_locally(self, record: StepRecord, receipt: Receipt, full: torch.Tensor, why: str) -> str:
+        """No other peer can re-run the hop (`why`): this client runs its blocks itself where they fit its budget
+        for local blocks (`swarm.local_blocks`). Its own execution is the reference it trusts most, so the verdict
+        needs no referee; it is attested (with the step as evidence on a fault) like any other."""
+        local = self.local
+        if local is None or not local.fits(record.start, record.end):
+            return self._unverifiable(record, why)
+        subject_config, own = (receipt.dtype, receipt.compression), (local.dtype_name, "none")
+        profile = route_profile(subject_config, [own])
+        if profile is None:
+            return self._unverifiable(record, f"{why}; no calibrated tolerance between {subject_config} and {own}")
+        output = await asyncio.to_thread(local.run, record.start, record.end, full, record.mask)
+        output = output[:, -record.inputs.shape[1]:]
+        self.stats.checks += 1
+        self.stats.local += 1
+        self.stats.local_block_tokens += full.shape[0] * full.shape[1] * (record.end - record.start)
+        self.stats.pairs[(receipt.dtype, f"{local.dtype_name} (this client)")] += 1
+        agreement, verdict, effect = await self._judge(record, output, record.output, profile,
+                                                       self._margin([subject_config], [own]))
+        self.stats.comparisons.append((str(record.peer_id), "this client", agreement.min_token_cosine,
+                                       agreement.rel_l2, verdict))
+        if verdict == "inconclusive":
+            return self._inconclusive(receipt, agreement, profile, "between the thresholds against this client's run")
+        return self._conclude(receipt, agreement, verdict, profile, None, record, effect, by="this client's own run")
 
     def _margin(self, a: list[Config], b: list[Config]) -> float | None:
         return routes_margin(a, b) if self.head is not None and self.num_blocks is not None else None
@@ -625,7 +658,8 @@ class SpotChecker:
                     self._vouch(receipts, agreement, profile)
 
     def _conclude(self, receipt: Receipt, agreement: Agreement, verdict: str, profile: ToleranceProfile,
-                  checker_receipt: Receipt | None, record: StepRecord, effect: Effect | None = None) -> str:
+                  checker_receipt: Receipt | None, record: StepRecord, effect: Effect | None = None,
+                  by: str = "referees") -> str:
         if verdict == "pass":
             self.node.attest(receipt, agreement, verdict, profile.name)
             self.stats.passes += 1
@@ -644,7 +678,7 @@ class SpotChecker:
                 f"checker's top-1 led by {effect.lead:.2f} logits (clear above {effect.margin:.2f}); " if changed else "")
         logger.warning(
             f"Spot check: {subject} is at fault on blocks {record.start}:{record.end} ({what}"
-            f"cosine {agreement.min_token_cosine:.3f}, relative L2 {agreement.rel_l2:.3f}, confirmed by referees)"
+            f"cosine {agreement.min_token_cosine:.3f}, relative L2 {agreement.rel_l2:.3f}, confirmed by {by})"
         )
         return verdict
 

@@ -35,7 +35,8 @@ class ClientTrust:
         self.node = ReputationNode(context.identity.private_key, trust_cfg, puzzle_nonce=puzzle)
         strict = {"max_queued": STRICT_MAX_QUEUED, "settle_timeout": None} if cfg.strict else {}  # wait for every check
         self.checker = SpotChecker(self.node, context.transport, context.swarm, check_rate=cfg.check_rate,
-                                   head=context.logits, num_blocks=context.num_blocks, **strict)
+                                   head=context.logits, num_blocks=context.num_blocks, local=context.local_blocks,
+                                   **strict)
         self.agent = GossipAgent(self.node, context.p2p, self._online_peers, period=cfg.gossip_period)
         self._stop = asyncio.Event()
         self._tasks = BackgroundTasks()

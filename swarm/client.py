@@ -14,6 +14,7 @@ from swarm.config import ClientConfig
 from swarm.generation import Rewind, SamplingConfig, Stopping, Streamer, decode
 from swarm.head import ClientHead
 from swarm.hooks import ClientContext, Coverage, TrustLayer, TrustLayerFactory
+from swarm.local_blocks import LocalBlocks
 from swarm.loop import BackgroundLoop
 from swarm.models import BlockCheckpoint, open_model
 from swarm.network import create_client_dht, load_identity, split_multiaddrs
@@ -170,7 +171,8 @@ class DistributedModelForCausalLM:
             factory = trust_layer or default_trust_layer()
             if factory is not None:
                 context = ClientContext(self.transport, self.sequence, self.identity, self.p2p, self.dht, cfg,
-                                        logits=self.head.logits, num_blocks=checkpoint.num_blocks)
+                                        logits=self.head.logits, num_blocks=checkpoint.num_blocks,
+                                        local_blocks=self._local_blocks(cfg.self_verify_bytes))
                 self.trust_layer = factory(context)
                 self.sequence.use_trust(self.trust_layer.trust)
                 self.loop.run(self.trust_layer.start())
@@ -194,6 +196,14 @@ class DistributedModelForCausalLM:
         checkpoint = open_model(model, cache_dir=cache_dir)
         cfg = ClientConfig(initial_peers=tuple(split_multiaddrs(initial_peers)), **client_options)
         return cls(checkpoint, cfg, dtype, trust_layer)
+
+    def _local_blocks(self, budget_bytes: int) -> LocalBlocks | None:
+        """Blocks this client may load itself, on demand, to verify hops that no other peer serves."""
+        if budget_bytes <= 0:
+            return None
+        stored = getattr(torch, self.checkpoint.manifest.torch_dtype, torch.float32)
+        return LocalBlocks(self.config, self.checkpoint.load_block_state, self.checkpoint.block_nbytes, budget_bytes,
+                           dtype=torch.float32, stored_dtype=stored)
 
     def _default_eos_ids(self) -> tuple[int, ...]:
         """End-of-sequence ids from the model's generation config, else the tokenizer's."""

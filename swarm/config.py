@@ -21,6 +21,7 @@ class ClientConfig:
     gossip_period: float = 5.0  # seconds between exchanges of attestations with peers
     identity: Path | None = None  # key file the client signs verdicts with (None: a new one each run)
     route_on_evidence: bool = True  # routes weigh measured step times and trust; False: announced throughput only
+    self_verify_bytes: int = 0  # memory for blocks this client loads itself to check hops nobody else serves (0: none)
 
     @property
     def strict(self) -> bool:

@@ -18,6 +18,7 @@ from hivemind import DHT
 from hivemind.p2p import P2P, PeerID
 
 from swarm.config import ClientConfig
+from swarm.local_blocks import LocalBlocks
 from swarm.network import Identity
 from swarm.protocol import StepRequest
 from swarm.records import PeerSpan
@@ -137,6 +138,7 @@ class ClientContext:
     logits: Callable[[torch.Tensor], torch.Tensor] | None = None  # the client's final norm + LM head: hidden states
     # after the last block (batch, tokens, hidden) -> logits (batch, tokens, vocab), to see what a hop does to the answer
     num_blocks: int | None = None  # the model's block count (a hop ending there feeds the LM head)
+    local_blocks: LocalBlocks | None = None  # blocks the client may load to check hops nobody else serves
 
 
 class TrustLayer(Protocol):

@@ -25,6 +25,7 @@ class ServeConfig:
     default_max_tokens: int = 256  # new tokens when a chat request gives no max_tokens
     workers: int = 4  # requests generated at once (each in its own inference session)
     strict: bool = False  # check every step of every answer, and let every answer (streamed too) wait for its checks
+    self_verify_bytes: int = 0  # memory for blocks the server loads to check hops no other peer serves (0: none)
 
 
 def _interrupt(signum: int, frame) -> None:
@@ -39,7 +40,8 @@ def serve(cfg: ServeConfig) -> None:
     # the swarm client could stop its DHT process, so SIGTERM unwinds like Ctrl+C instead.
     signal.signal(signal.SIGTERM, _interrupt)
     strict = STRICT if cfg.strict else {}
-    model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers, trust_layer=ClientTrust, **strict)
+    model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers, trust_layer=ClientTrust,
+                                                        self_verify_bytes=cfg.self_verify_bytes, **strict)
     backend = SwarmBackend(model, cfg.max_length, cfg.default_max_tokens, cfg.workers, strict=cfg.strict)
     names = tuple(dict.fromkeys((cfg.model, model.checkpoint.manifest.name)))
     app = create_app(backend, names)

@@ -367,6 +367,54 @@ def test_a_step_with_no_other_route_is_unverifiable_and_says_so(caplog):
                for r in caplog.records)
 
 
+class FakeLocalBlocks:
+    """What `swarm.local_blocks.LocalBlocks` offers the checker, over the fake blocks: this client's own run."""
+
+    dtype_name = "float32"
+
+    def __init__(self, budget_blocks: int):
+        self.budget_blocks, self.runs = budget_blocks, 0
+
+    def fits(self, start: int, end: int) -> bool:
+        return end - start <= self.budget_blocks
+
+    def run(self, start, end, hidden, attention_mask=None):
+        self.runs += 1
+        return run_blocks(start, end, hidden, attention_mask)
+
+
+@pytest.mark.parametrize("corrupt, outcome", [(None, "pass"), (lie, "fail")])
+def test_a_client_with_memory_to_spare_checks_a_hop_nobody_else_serves_itself(corrupt, outcome, caplog):
+    swarm = FakeSwarm(FakePeer("alone", 0, 3, sign=True, corrupt=corrupt), FakePeer("elsewhere", 3, 6, sign=True))
+    checker, node = checker_for(swarm)
+    checker.local = FakeLocalBlocks(budget_blocks=3)
+    alone = str(swarm.by_name("alone").peer_id)
+    with caplog.at_level(logging.WARNING, logger="reputation.checks"):
+        assert check(checker, served_step(swarm, swarm.by_name("alone"))) == outcome
+    assert checker.local.runs == 1 and checker.stats.local == 1 and checker.stats.unverifiable == 0
+    node.refresh(force=True)
+    assert node.is_blacklisted(alone) == (outcome == "fail")
+    if outcome == "fail":
+        assert any("confirmed by this client's own run" in r.getMessage() for r in caplog.records)
+    assert checker._verifiable(alone, 0, 3)  # its work earns credit: it could be checked
+
+
+def test_a_hop_larger_than_the_clients_budget_for_local_blocks_stays_unverifiable():
+    swarm = FakeSwarm(FakePeer("alone", 0, 3, sign=True, corrupt=lie), FakePeer("elsewhere", 3, 6, sign=True))
+    checker, node = checker_for(swarm)
+    checker.local = FakeLocalBlocks(budget_blocks=2)
+    assert check(checker, served_step(swarm, swarm.by_name("alone"))) == "unverifiable"
+    assert checker.local.runs == 0 and not checker._verifiable(str(swarm.by_name("alone").peer_id), 0, 3)
+
+
+def test_a_hop_others_serve_is_checked_on_their_route_not_on_local_blocks():
+    swarm = FakeSwarm(FakePeer("subject", 0, 3, sign=True), FakePeer("checker", 0, 3, sign=True))
+    checker, _ = checker_for(swarm)
+    checker.local = FakeLocalBlocks(budget_blocks=3)
+    assert check(checker, served_step(swarm, swarm.by_name("subject"))) == "pass"
+    assert checker.local.runs == 0 and checker.stats.executions == 1
+
+
 def test_a_checker_that_fails_is_replaced_and_a_check_with_none_left_is_unverifiable():
     swarm = FakeSwarm(*(FakePeer(n, 0, 3, sign=True) for n in ("subject", "flaky", "steady")))
     checker, _ = checker_for(swarm)
