@@ -10,8 +10,9 @@ fake identities.
 
 No signer's word alone convicts anyone, not even a seed's. Only this node's own "fail" verdict blacklists
 (at once). A "fail" signed by anyone else is an accusation: while it is open, this node checks the accused on
-every reply, until its own checks confirm it (a blacklist) or refute it (`refute_passes` passes, or a pass
-on the accusation's evidence, re-run by the checker: `pending_evidence` / `verify_evidence`); a refuted
+every reply, until its own checks confirm it (a blacklist) or refute it (`refute_passes` passes; a pass on
+the accusation's evidence would too, `pending_evidence` / `verify_evidence`, but no checker re-runs evidence
+yet: it lacks the padding mask, which receipts do not commit to); a refuted
 accuser loses its weight, and one mostly refuted is no longer heard. Low trust bans too, but only a peer this
 node has itself checked `min_checks` times. A receipt claiming more tokens than this
 node sent through that hop (which only the node itself knows) is a fault too.
