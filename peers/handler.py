@@ -1,4 +1,5 @@
-"""The peer's RPC servicer: info/ping, stateless forward, and streaming inference with a KV cache.
+"""The peer's RPC servicer: info/ping, stateless forward, streaming inference with a KV cache, and training
+passes (`peers.training`).
 
 Every request is validated before it touches a session, so a malformed one is answered with a typed
 error (`swarm.protocol.ErrorInfo`) and changes nothing; the stream and the peer's other clients go on.
@@ -22,7 +23,9 @@ from peers.memory import release_free_memory
 from peers.receipts import ReceiptSigner
 from swarm import protocol
 from swarm.blocks import BlockSpan, SpanCache, SpanInput
-from swarm.protocol import PeerInfo, ProtocolError, SpanRequest, BlocksReply, StepRequest
+from peers.training import TooManyTokens, read_train_tensors, request_byte_limit, train_step
+from swarm.parts import PartsReader, to_messages
+from swarm.protocol import PeerInfo, ProtocolError, SpanRequest, BlocksReply, StepRequest, TrainReply, TrainRequest
 from swarm.remote import BlockService
 
 if TYPE_CHECKING:
@@ -50,6 +53,7 @@ class HandlerConfig:
     max_tokens_per_request: int = 8192  # batch x new tokens in one request
     max_sessions: int = 64  # open sessions across all clients
     session_idle_timeout: float = 600.0  # seconds without a step before a session's cache is freed
+    max_train_tokens: int = 8192  # largest training request, batch x tokens (0: training off)
 
 
 @dataclass
@@ -219,6 +223,67 @@ class BlockHandler(BlockService):
                 sessions.clear()
                 release_free_memory()
                 logger.debug(f"Freed the sessions of {context.remote_id}")
+
+    async def rpc_train(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """One stateless training pass (`swarm.protocol.TrainRequest`): the request's tensors arrive in parts,
+        and the reply's go back the same way."""
+        try:
+            meta, tensors = await self._read_train_request(requests)
+            hidden, grad, mask, prompts = read_train_tensors(meta, tensors, self.config.hidden_size,
+                                                             self.config.max_train_tokens)
+            tokens = hidden.shape[0] * hidden.shape[1]
+
+            def run() -> tuple[list[torch.Tensor], str]:
+                outputs = train_step(self.span, meta, hidden, grad, mask, prompts, self.config.device,
+                                     self.config.dtype)
+                if self.receipts is None:
+                    return outputs, ""
+                received = hidden if grad is None else torch.cat([hidden, grad.to(hidden.dtype)], dim=-1)
+                step = 0 if meta.kind == "forward" else 1
+                receipt = self.receipts.sign(f"train:{meta.request_id}", step, meta.start, meta.end, tokens,
+                                             received, outputs[0])
+                return outputs, receipt
+
+            outputs, receipt = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+            self.stats.tokens_served += tokens
+            messages = to_messages(outputs)
+            yield runtime_pb2.ExpertResponse(metadata=protocol.pack(TrainReply(tensors=len(outputs), receipt=receipt)),
+                                             tensors=messages[0])
+            for parts in messages[1:]:
+                yield runtime_pb2.ExpertResponse(tensors=parts)
+        except ProtocolError as e:
+            yield protocol.error_reply("bad_request", str(e))
+        except TooManyTokens as e:
+            yield protocol.error_reply("too_long", str(e))
+        except RequestRejected as e:
+            yield protocol.error_reply(e.kind, str(e))
+        except Exception as e:  # loop boundary: one bad request must not take the peer down
+            logger.warning(f"training pass from {context.remote_id} failed", exc_info=True)
+            yield protocol.error_reply("internal", f"{type(e).__name__}: {e}")
+
+    async def _read_train_request(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
+    ) -> tuple[TrainRequest, list[torch.Tensor]]:
+        first = await anext(requests, None)
+        if first is None:
+            raise ProtocolError("an empty training request")
+        meta = protocol.unpack(first.metadata, TrainRequest)
+        if self.config.max_train_tokens <= 0:
+            raise RequestRejected("no_training", "this peer serves inference only (--max-train-tokens 0)")
+        if self.draining:
+            raise RequestRejected("busy", "this peer is moving to other blocks; try another peer")
+        self._check_span(meta.start, meta.end)
+        reader = PartsReader(meta.tensors, request_byte_limit(self.config.max_train_tokens, self.config.hidden_size,
+                                                              meta.end - meta.start))
+        reader.feed(first.tensors)
+        while not reader.done:
+            request = await anext(requests, None)
+            if request is None:
+                break
+            reader.feed(request.tensors)
+        return meta, reader.tensors()
 
     async def _step(
         self, request: runtime_pb2.ExpertRequest, sessions: dict[str, Session], context: P2PContext

@@ -177,6 +177,7 @@ class Peer:
             max_length=self.cfg.max_length,
             max_sessions=self.cfg.max_sessions,
             session_idle_timeout=self.cfg.session_idle_timeout,
+            max_train_tokens=self.cfg.max_train_tokens,
         )
         self.handler = self.handler_factory(span, handler_cfg, throughput, self.plan.cache_tokens)
         self.reputation.equip(self.handler, compression=compression_tag(self.cfg))

@@ -128,6 +128,7 @@ class BlockSpan(nn.Module):
             missing, unexpected = layer.load_state_dict(state, strict=False, assign=True)
             if missing or unexpected:
                 raise ValueError(f"block {self.start + local_idx}: missing {missing}, unexpected {unexpected}")
+            layer.requires_grad_(False)  # frozen: a backward pass computes gradients of inputs and prompts only
 
     def release(self) -> None:
         """Drop the weights (the span can no longer compute)."""
@@ -155,12 +156,32 @@ class BlockSpan(nn.Module):
         end: int | None = None,
     ) -> torch.Tensor:
         """Run blocks [start, end) (global indices; default: the whole span) on `hidden`."""
+        return self._run(hidden, cache, span_input, start, end)
+
+    def forward_train(
+        self,
+        hidden: torch.Tensor,
+        span_input: SpanInput,
+        start: int | None = None,
+        end: int | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Blocks [start, end) on whole sequences, without a cache, under autograd (gradients flow to `hidden`
+        and `prompts`, never to the frozen weights). `prompts` (end - start, prompt_length, hidden): deep prompts,
+        block i's added to the first prompt_length positions of its input."""
+        return self._run(hidden, None, span_input, start, end, prompts)
+
+    def _run(self, hidden: torch.Tensor, cache: SpanCache | None, span_input: SpanInput, start: int | None,
+             end: int | None, prompts: torch.Tensor | None = None) -> torch.Tensor:
         # hidden: (batch, new_tokens, hidden_size)
         start, end = self._bounds(start, end)
         batch, new_tokens, _ = hidden.shape
         position_ids, mask = _positions_and_mask(span_input, batch, new_tokens, hidden.dtype, hidden.device)
         position_embeddings = self.rotary_emb(hidden, position_ids)
-        for layer in self.layers[start - self.start : end - self.start]:
+        for index, layer in enumerate(self.layers[start - self.start : end - self.start]):
+            if prompts is not None:
+                length = prompts.shape[1]
+                hidden = torch.cat([hidden[:, :length] + prompts[index], hidden[:, length:]], dim=1)
             # Positional arguments: the cache keyword is `past_key_values` or `cache` depending on the
             # transformers release, and the first four parameters have kept their order.
             out = layer(hidden, mask, position_ids, cache, position_embeddings=position_embeddings)

@@ -9,10 +9,12 @@ from typing import Sequence
 
 import torch
 from transformers import GenerationConfig
+from transformers.modeling_outputs import CausalLMOutput
 
 from swarm.config import ClientConfig
 from swarm.generation import Rewind, SamplingConfig, Stopping, Streamer, decode
 from swarm.head import ClientHead
+from swarm.errors import ConfigError
 from swarm.hooks import ClientContext, Coverage, TrustLayer, TrustLayerFactory
 from swarm.local_blocks import LocalBlocks
 from swarm.loop import BackgroundLoop
@@ -23,6 +25,8 @@ from swarm.remote import HivemindTransport
 from swarm.sequence import DhtSpanSource, RemoteSequence
 from swarm.session import InferenceSession
 from swarm.stateless import run_route
+from swarm.training import RemoteBlocks, RemoteBlocksFunction
+from swarm.tuning import PromptTuning
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,19 @@ def rewind_point(untrusted_from: int, start: int, prompt_length: int) -> tuple[i
 async def _call(function):
     """`function()` on the client's loop (the trust layer's state lives there)."""
     return function()
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each position's logits against the next label (-100: ignored)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def _sampled_embeddings(checkpoint: BlockCheckpoint, count: int, seed: int = 0) -> torch.Tensor:
+    """Embeddings of `count` vocabulary tokens drawn at random: where prompt tuning usually starts."""
+    embeddings = checkpoint.load_client_state()["embed_tokens.weight"].float()
+    ids = torch.randint(0, embeddings.shape[0], (count,), generator=torch.Generator().manual_seed(seed))
+    return embeddings[ids].clone()
 
 
 def _rewind_if_untrusted(session: "SyncSession", untrusted: int | None, start: int, prompt_length: int) -> None:
@@ -150,7 +167,7 @@ class DistributedModelForCausalLM:
     """
 
     def __init__(self, checkpoint: BlockCheckpoint, cfg: ClientConfig, dtype: torch.dtype = torch.float32,
-                 trust_layer: TrustLayerFactory | None = None):
+                 trust_layer: TrustLayerFactory | None = None, tuning: PromptTuning | None = None):
         self.checkpoint = checkpoint
         self.config = checkpoint.load_config()
         self.tokenizer = checkpoint.load_tokenizer()
@@ -166,6 +183,8 @@ class DistributedModelForCausalLM:
         self.sequence = RemoteSequence(source, self.transport, checkpoint.manifest.name, checkpoint.num_blocks, cfg)
         self.transport.relays_of = self.sequence.relays_of  # peers behind NAT are reached through their relays
         self.trust_layer: TrustLayer | None = None  # receipt checks, spot checks and the blacklist, when on
+        self.tuning = tuning  # trainable prompts (swarm.tuning), or None
+        self.remote_blocks = RemoteBlocks(self.sequence, self.transport, timeout=cfg.request_timeout)
         self.last_generation: GenerationReport | None = None  # the report of the last `generate` (any thread)
         if cfg.spot_checks:
             factory = trust_layer or default_trust_layer()
@@ -186,16 +205,28 @@ class DistributedModelForCausalLM:
         dtype: torch.dtype = torch.float32,
         cache_dir: Path | None = None,
         trust_layer: TrustLayerFactory | None = None,
+        tuning: str | None = None,
+        prompt_length: int = 16,
+        prompts: str | Path | None = None,
         **client_options,
     ) -> "DistributedModelForCausalLM":
         """Open `model` (alias, repo id or path) and join the swarm through `initial_peers`.
 
         `client_options` are fields of `swarm.config.ClientConfig` (e.g. `missing_blocks_timeout=60`).
         `trust_layer` builds the spot checker and blacklist (default: the installed one, `swarm.plugins`).
+        `tuning` ("prompt" or "deep_prompt") adds `prompt_length` new trainable prompts (`parameters()`);
+        `prompts` loads saved ones (`save_prompts`) instead.
         """
         checkpoint = open_model(model, cache_dir=cache_dir)
         cfg = ClientConfig(initial_peers=tuple(split_multiaddrs(initial_peers)), **client_options)
-        return cls(checkpoint, cfg, dtype, trust_layer)
+        trainable = None
+        if prompts is not None:
+            trainable = PromptTuning.load(prompts)
+        elif tuning is not None:
+            config = checkpoint.load_config()
+            trainable = PromptTuning(tuning, prompt_length, config.hidden_size, checkpoint.num_blocks,
+                                     init=_sampled_embeddings(checkpoint, prompt_length))
+        return cls(checkpoint, cfg, dtype, trust_layer, trainable)
 
     def _local_blocks(self, budget_bytes: int) -> LocalBlocks | None:
         """Blocks this client may load itself, on demand, to verify hops that no other peer serves."""
@@ -330,20 +361,57 @@ class DistributedModelForCausalLM:
             settle_checks = self.sequence.cfg.settle_checks
         return next_logits, (settle if self.trust_layer is not None and settle_checks else None)
 
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None) -> CausalLMOutput:
+        """Logits (batch, tokens, vocab) for full sequences, without a session (no KV cache kept), and with
+        `labels` (-100: ignored) the mean next-token cross-entropy `loss`, as transformers' models return them.
+        With trainable prompts (`tuning`), under autograd: `loss.backward()` fills the prompts' gradients
+        through the peers' backward passes (`swarm.training`). Inputs of any length: long ones travel in parts."""
+        if self.tuning is not None:
+            logits = self._tuned_logits(input_ids, attention_mask)
+        else:
+            logits = self._logits(input_ids, attention_mask)
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    __call__ = forward
+
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, tokens, vocab) for full sequences, without a session (no KV cache kept). Inputs of any
-        length: a long one travels to each peer in chunks (`swarm.stateless`)."""
+    def _logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         hidden = self.head.embed(input_ids)
+        mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.to(torch.int64)
 
         async def run(hidden: torch.Tensor) -> torch.Tensor:
             route = await self.sequence.make_route()
-            runs = await run_route(self.transport, route, hidden, timeout=self.sequence.cfg.request_timeout)
+            runs = await run_route(self.transport, route, hidden, mask, timeout=self.sequence.cfg.request_timeout)
             return runs[-1].output
 
         return self.head.logits(self.loop.run(run(hidden)))
 
-    __call__ = forward
+    def _tuned_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        tuning = self.tuning
+        with torch.no_grad():
+            embeds = self.head.embed_tokens(input_ids)
+        batch, length = input_ids.shape[0], tuning.prompt_length
+        prompts = tuning.prompt_embeddings.to(embeds.dtype)[None].expand(batch, -1, -1)
+        hidden = torch.cat([prompts, embeds], dim=1)
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            ones = torch.ones(batch, length, dtype=torch.int64)
+            mask = torch.cat([ones, attention_mask.to(torch.int64)], dim=1)
+        deep = tuning.deep_prompts if tuning.deep_prompts is not None else torch.empty(0)
+        output = RemoteBlocksFunction.apply(hidden, deep, self.remote_blocks, self.loop.run, mask)
+        return self.head(output[:, length:])
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What this client trains (its prompts); the peers' blocks and the local head stay frozen."""
+        return [] if self.tuning is None else [p for p in self.tuning.parameters() if p.requires_grad]
+
+    def save_prompts(self, directory: str | Path) -> Path:
+        """Write the trained prompts (peft's prompt-tuning files; `from_pretrained(prompts=...)` loads them)."""
+        if self.tuning is None:
+            raise ConfigError("this model has no trainable prompts: open it with tuning='prompt' or 'deep_prompt'")
+        return self.tuning.save(directory, self.checkpoint.manifest.name)
 
     def shutdown(self) -> None:
         if self.trust_layer is not None:

@@ -42,4 +42,8 @@ class ClientHead(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: (batch, tokens, hidden) in any float dtype (a reply arrives in the wire dtype)
-        return self.lm_head(self.norm(hidden.to(self.lm_head.weight.dtype)))  # (batch, tokens, vocab)
+        return self.forward(hidden)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, tokens, vocab) under autograd (gradients flow to `hidden`; the weights are frozen)."""
+        return self.lm_head(self.norm(hidden.to(self.lm_head.weight.dtype)))

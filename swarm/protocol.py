@@ -8,6 +8,9 @@ with msgpack into `metadata`. RPCs (handler `rpc_x` on the peer, caller `call_x`
 - `rpc_forward`    unary: hidden states through blocks [start, end), no state kept
 - `rpc_inference`  bidirectional stream: `StepRequest`s of one or more sessions, one reply each;
                    a session's KV cache lives as long as the stream that opened it
+- `rpc_train`      bidirectional stream, stateless: a `TrainRequest` (a training forward, or a backward that
+                   recomputes the forward under autograd) whose tensors travel in parts over as many messages
+                   as they need (`swarm.parts`), answered by a `TrainReply` the same way
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ class StepRequest(WireModel):
 
 class ErrorInfo(WireModel):
     kind: Literal[
-        "bad_request", "bad_span", "too_long", "unknown_session", "bad_position", "busy", "internal"
+        "bad_request", "bad_span", "too_long", "unknown_session", "bad_position", "busy", "internal", "no_training"
     ]
     message: str
 
@@ -90,6 +93,32 @@ class BlocksReply(WireModel):
     error: ErrorInfo | None = None
     length: int = 0  # tokens the session holds after this step
     receipt: str = Field(default="", max_length=8192)  # base64 of the peer's signed reputation Receipt, or ""
+
+
+class TrainRequest(WireModel):
+    """A training call on blocks [start, end) (the first message of `rpc_train`; later messages carry only
+    tensor parts). Tensors, in order: hidden states (batch, tokens, hidden); for "backward" the gradient of the
+    blocks' output (the same shape); the 0/1 attention mask (batch, tokens) if `mask`; deep prompts
+    (end - start, prompt_length, hidden) if `prompts`. The reply: the blocks' output ("forward"), or the
+    gradient of the hidden states and, if `prompts`, of the prompts ("backward")."""
+
+    version: int = PROTOCOL_VERSION
+    kind: Literal["forward", "backward"]
+    request_id: str = Field(min_length=1, max_length=128)  # names the work in the receipt
+    start: int
+    end: int
+    tensors: int = Field(ge=1, le=4)  # how many tensors the request carries (in parts)
+    mask: bool = False
+    prompts: bool = False
+
+
+class TrainReply(WireModel):
+    """The first message of a reply to a `TrainRequest` (or an error); `tensors` tensors follow in parts."""
+
+    version: int = PROTOCOL_VERSION
+    error: ErrorInfo | None = None
+    tensors: int = 0
+    receipt: str = Field(default="", max_length=8192)
 
 
 def pack(message: WireModel) -> bytes:

@@ -18,9 +18,10 @@ from hivemind.proto import runtime_pb2
 
 from swarm import protocol
 from swarm.errors import BadReplyError, PeerUnreachableError, ProtocolError, RemoteError
-from swarm.protocol import PeerInfo, SpanRequest, BlocksReply, StepRequest
+from swarm.parts import PartsReader, to_messages
+from swarm.protocol import PeerInfo, SpanRequest, BlocksReply, StepRequest, TrainReply, TrainRequest
 from swarm.relays import relay_stub
-from swarm.transport import Reply, check_output
+from swarm.transport import Reply, TrainResult, check_output
 
 T = TypeVar("T")
 
@@ -47,6 +48,12 @@ class BlockService(ServicerBase):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         raise NotImplementedError
         yield  # pragma: no cover  (makes this an async generator, as the annotation says)
+
+    async def rpc_train(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+        yield  # pragma: no cover
 
 
 def _stub(p2p: P2P, peer_id: PeerID):
@@ -110,6 +117,55 @@ async def call_forward(
     except Exception as e:  # p2pd reports unreachable peers with several error types
         raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is unreachable{_through(relay)}: {e}") from None
     return read_reply(peer_id, reply, hidden.shape)
+
+
+async def call_train(p2p: P2P, peer_id: PeerID, meta: TrainRequest, tensors: Sequence[torch.Tensor],
+                     expected_shapes: Sequence[torch.Size], timeout: float = 60.0) -> TrainResult:
+    """One training pass on the peer (`rpc_train`): `tensors` go in parts, and the reply's tensors, checked
+    against `expected_shapes` (finite, floating point), come back the same way."""
+    messages = to_messages(tensors)
+
+    async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+        yield runtime_pb2.ExpertRequest(metadata=protocol.pack(meta), tensors=messages[0])
+        for parts in messages[1:]:
+            yield runtime_pb2.ExpertRequest(tensors=parts)
+
+    async def call() -> tuple[TrainReply, list[runtime_pb2.Tensor]]:
+        replies = await _stub(p2p, peer_id).rpc_train(requests())
+        try:
+            first = await anext(replies)
+            try:
+                reply = protocol.unpack(first.metadata, TrainReply)
+            except ProtocolError as e:
+                raise BadReplyError(str(peer_id), str(e)) from None
+            if reply.error is not None:
+                raise RemoteError(str(peer_id), reply.error.kind, reply.error.message)
+            if reply.tensors != len(expected_shapes):
+                raise BadReplyError(str(peer_id), f"expected {len(expected_shapes)} tensors, got {reply.tensors}")
+            reader = PartsReader(reply.tensors, max_bytes=sum(8 * s.numel() for s in expected_shapes) + (1 << 20))
+            reader.feed(first.tensors)
+            while not reader.done:
+                message = await anext(replies, None)
+                if message is None:
+                    break
+                reader.feed(message.tensors)
+            return reply, reader.tensors()
+        except ProtocolError as e:
+            raise BadReplyError(str(peer_id), str(e)) from None
+        finally:
+            await replies.aclose()
+
+    try:
+        reply, outputs = await asyncio.wait_for(call(), timeout)
+    except (BadReplyError, RemoteError):
+        raise
+    except asyncio.TimeoutError:
+        raise PeerUnreachableError(str(peer_id), f"peer {peer_id} did not answer within {timeout:.0f} s") from None
+    except Exception as e:  # p2pd reports unreachable peers with several error types
+        raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is unreachable: {e}") from None
+    for output, shape in zip(outputs, expected_shapes):
+        check_output(peer_id, [output], shape)
+    return TrainResult(outputs, reply.receipt)
 
 
 class InferenceStream:
@@ -229,6 +285,13 @@ class HivemindTransport:
                       *, mask: torch.Tensor | None = None) -> Reply:
         return await self._through_relays(
             peer_id, lambda relay: call_forward(self.p2p, peer_id, start, end, hidden, timeout, mask, relay))
+
+    async def train(self, peer_id: PeerID, meta: TrainRequest, tensors: Sequence[torch.Tensor],
+                    expected_shapes: Sequence[torch.Size], timeout: float = 60.0) -> TrainResult:
+        if self.relays(peer_id):
+            raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is reached through relays, which do not carry "
+                                                     f"training passes yet")
+        return await call_train(self.p2p, peer_id, meta, tensors, expected_shapes, timeout)
 
     def open_stream(self, peer_id: PeerID) -> InferenceStream:
         relays = self.relays(peer_id)

@@ -10,13 +10,13 @@ that sent it, so the right peer is blamed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 from hivemind.p2p import PeerID
 
 from swarm.errors import BadReplyError
-from swarm.protocol import PeerInfo, StepRequest
+from swarm.protocol import PeerInfo, StepRequest, TrainRequest
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,14 @@ class Reply:
     output: torch.Tensor  # hidden states, the same shape as the input
     receipt: str = ""  # base64 of the peer's signed receipt, or ""
     length: int = 0  # tokens the session holds after a step
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """A peer's valid answer to a training pass (`swarm.protocol.TrainRequest`)."""
+
+    tensors: list[torch.Tensor]  # the blocks' output, or the gradients of the inputs (and of the deep prompts)
+    receipt: str = ""
 
 
 class PeerStream(Protocol):
@@ -57,6 +65,11 @@ class Transport(Protocol):
 
     def open_stream(self, peer_id: PeerID) -> PeerStream:
         """A stream to the peer; it connects on its first step."""
+
+    async def train(self, peer_id: PeerID, meta: TrainRequest, tensors: Sequence[torch.Tensor],
+                    expected_shapes: Sequence[torch.Size], timeout: float = 60.0) -> TrainResult:
+        """A stateless training pass on the peer's blocks: tensors of any size travel in parts; the reply's
+        tensors are checked against `expected_shapes`."""
 
 
 def check_output(peer_id: PeerID | str, tensors: list[torch.Tensor], expected_shape: torch.Size) -> torch.Tensor:

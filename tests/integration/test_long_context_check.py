@@ -80,7 +80,7 @@ def test_a_check_at_a_long_context_of_wide_blocks_runs_and_passes(wide_model):
             assert model.loop.run(checker.check(record)) == "pass"
             assert checker.stats.chunked == 1 and checker.stats.unverifiable == 0
 
-            logits = model(ids)  # a stateless forward of the whole context, chunked too
+            logits = model(ids).logits  # a stateless forward of the whole context, chunked too
             with torch.inference_mode():
                 local = AutoModelForCausalLM.from_pretrained(source, torch_dtype=torch.float32)
                 expected = local(ids).logits

@@ -1,0 +1,127 @@
+"""Training through the swarm: a fault-tolerant remote autograd function over the model's blocks.
+
+The forward runs the hidden states through a route of peers (`rpc_train` "forward", stateless), keeping each
+hop's input on the client. The backward sends each hop, in reverse, its input and the gradient of its output;
+the peer recomputes its forward under autograd and returns the gradient of the input (and of the deep prompts
+of its blocks). A hop that fails in the forward is routed around from its first block on; one that fails in the
+backward is replaced by another route over its blocks, whose forward is re-run from the saved input first when
+that route has more than one hop (so that each new hop has its own input). Peers keep nothing between calls.
+
+Only hidden states, their gradients, the attention mask and the deep prompts leave the client: token ids,
+labels and the loss never do.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from swarm.errors import PeerError
+from swarm.protocol import TrainRequest
+from swarm.routing import RouteHop
+from swarm.sequence import RemoteSequence
+from swarm.transport import TrainResult, Transport
+
+logger = logging.getLogger(__name__)
+
+MAX_FAILOVERS = 5  # replacements of failed hops in one pass, before it gives up
+
+
+@dataclass
+class HopInput:
+    """A hop of the forward route and the hidden states it received (what its backward needs)."""
+
+    hop: RouteHop
+    inputs: torch.Tensor
+
+
+class RemoteBlocks:
+    """Training passes over blocks [0, num_blocks) of the swarm, with fail-over."""
+
+    def __init__(self, sequence: RemoteSequence, transport: Transport, timeout: float = 60.0):
+        self.sequence, self.transport, self.timeout = sequence, transport, timeout
+        self.failovers = 0  # hops replaced, in forward or backward passes
+
+    async def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                      start: int = 0, end: int | None = None) -> tuple[torch.Tensor, list[HopInput]]:
+        """`hidden` through blocks [start, end); the output and each hop's input."""
+        end = self.sequence.num_blocks if end is None else end
+        records: list[HopInput] = []
+        position, failures = start, 0
+        while position < end:
+            route = await self.sequence.make_route(position, end)
+            for hop in route:
+                try:
+                    result = await self._call("forward", hop, [hidden], mask, prompts, [hidden.shape])
+                except PeerError as e:
+                    failures = self._failed(hop, e, failures)
+                    break
+                records.append(HopInput(hop, hidden))
+                hidden, position = result.tensors[0], hop.end
+        return hidden, records
+
+    async def backward(self, records: list[HopInput], grad: torch.Tensor, mask: torch.Tensor | None,
+                       prompts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gradient of the first hop's input, and of `prompts` (num_blocks, length, hidden) if given, from
+        the gradient `grad` of the last hop's output."""
+        grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+        failures = 0
+        pending = list(records)
+        while pending:
+            record = pending.pop()
+            hop = record.hop
+            shapes = [record.inputs.shape] + ([] if prompts is None else [prompts[hop.start:hop.end].shape])
+            try:
+                result = await self._call("backward", hop, [record.inputs, grad], mask, prompts, shapes)
+            except PeerError as e:
+                failures = self._failed(hop, e, failures)
+                # another route over the hop's blocks, its hops' inputs re-computed from the saved input
+                _, replacement = await self.forward(record.inputs, mask, prompts, hop.start, hop.end)
+                pending.extend(replacement)
+                continue
+            grad = result.tensors[0]
+            if grad_prompts is not None:
+                grad_prompts[hop.start:hop.end] += result.tensors[1]
+        return grad, grad_prompts
+
+    def _failed(self, hop: RouteHop, error: PeerError, failures: int) -> int:
+        failures += 1
+        self.failovers += 1
+        logger.warning(f"Training pass: peer {hop.peer_id} failed on blocks {hop.start}:{hop.end} ({error}); "
+                       f"routing around it")
+        self.sequence.ban(hop.peer_id)
+        if failures > MAX_FAILOVERS:
+            raise error
+        return failures
+
+    async def _call(self, kind: str, hop: RouteHop, tensors: list[torch.Tensor], mask: torch.Tensor | None,
+                    prompts: torch.Tensor | None, shapes: list[torch.Size]) -> TrainResult:
+        extra = ([] if mask is None else [mask]) + ([] if prompts is None else [prompts[hop.start:hop.end]])
+        meta = TrainRequest(kind=kind, request_id=uuid.uuid4().hex, start=hop.start, end=hop.end,
+                            tensors=len(tensors) + len(extra), mask=mask is not None, prompts=prompts is not None)
+        return await self.transport.train(hop.peer_id, meta, [*tensors, *extra], shapes, timeout=self.timeout)
+
+
+class RemoteBlocksFunction(torch.autograd.Function):
+    """autograd over the swarm: `apply(hidden, prompts, run, mask)` with `run(coroutine)` running on the
+    client's event loop; `prompts` is an empty tensor when there are no deep prompts."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, prompts: torch.Tensor, blocks: RemoteBlocks,
+                run: Callable, mask: torch.Tensor | None) -> torch.Tensor:
+        deep = prompts.detach() if prompts.numel() else None
+        output, records = run(blocks.forward(hidden.detach(), mask, deep))
+        ctx.blocks, ctx.run, ctx.mask, ctx.records, ctx.deep = blocks, run, mask, records, deep
+        ctx.prompts_shape = prompts.shape
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad, grad_prompts = ctx.run(ctx.blocks.backward(ctx.records, grad_output.contiguous(), ctx.mask, ctx.deep))
+        if grad_prompts is None:
+            grad_prompts = torch.zeros(ctx.prompts_shape)
+        return grad, grad_prompts, None, None, None
