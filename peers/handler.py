@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+MAX_DRAINED_MESSAGES = 1024  # messages of a refused training request read (and dropped) before the refusal
+
+
 class RequestRejected(Exception):
     """A request the peer refuses; becomes an error reply of this kind."""
 
@@ -228,7 +231,9 @@ class BlockHandler(BlockService):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """One stateless training pass (`swarm.protocol.TrainRequest`): the request's tensors arrive in parts,
-        and the reply's go back the same way."""
+        and the reply's go back the same way. A refused request is read to its end first (so the client reads
+        the refusal rather than a reset stream), up to `MAX_DRAINED_MESSAGES`."""
+        error: runtime_pb2.ExpertResponse | None = None
         try:
             meta, tensors = await self._read_train_request(requests)
             hidden, grad, mask, prompts = read_train_tensors(meta, tensors, self.config.hidden_size,
@@ -254,14 +259,22 @@ class BlockHandler(BlockService):
             for parts in messages[1:]:
                 yield runtime_pb2.ExpertResponse(tensors=parts)
         except ProtocolError as e:
-            yield protocol.error_reply("bad_request", str(e))
+            error = protocol.error_reply("bad_request", str(e))
         except TooManyTokens as e:
-            yield protocol.error_reply("too_long", str(e))
+            error = protocol.error_reply("too_long", str(e))
         except RequestRejected as e:
-            yield protocol.error_reply(e.kind, str(e))
+            error = protocol.error_reply(e.kind, str(e))
         except Exception as e:  # loop boundary: one bad request must not take the peer down
             logger.warning(f"training pass from {context.remote_id} failed", exc_info=True)
-            yield protocol.error_reply("internal", f"{type(e).__name__}: {e}")
+            error = protocol.error_reply("internal", f"{type(e).__name__}: {e}")
+        if error is not None:
+            try:
+                for _ in range(MAX_DRAINED_MESSAGES):
+                    if await anext(requests, None) is None:
+                        break
+            except Exception:  # the client went away or sent junk: the refusal goes out all the same
+                pass
+            yield error
 
     async def _read_train_request(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest]

@@ -45,6 +45,7 @@ class RemoteBlocks:
     def __init__(self, sequence: RemoteSequence, transport: Transport, timeout: float = 60.0):
         self.sequence, self.transport, self.timeout = sequence, transport, timeout
         self.failovers = 0  # hops replaced, in forward or backward passes
+        self.last_records: list[HopInput] = []  # the hops of the latest forward over the whole model
 
     async def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
                       start: int = 0, end: int | None = None) -> tuple[torch.Tensor, list[HopInput]]:
@@ -62,6 +63,8 @@ class RemoteBlocks:
                     break
                 records.append(HopInput(hop, hidden))
                 hidden, position = result.tensors[0], hop.end
+        if start == 0 and end == self.sequence.num_blocks:
+            self.last_records = records
         return hidden, records
 
     async def backward(self, records: list[HopInput], grad: torch.Tensor, mask: torch.Tensor | None,

@@ -12,7 +12,8 @@ from hivemind.proto import runtime_pb2
 
 from swarm import protocol
 from swarm.errors import RemoteError
-from swarm.protocol import SpanRequest, StepRequest
+from swarm.protocol import SpanRequest, StepRequest, TrainRequest
+from swarm.parts import to_messages
 from swarm.remote import BlockService, InferenceStream, call_forward, call_info
 
 pytestmark = pytest.mark.slow
@@ -146,4 +147,57 @@ def test_session_errors_keep_the_stream_and_the_peer_alive(client, first_hop, lo
         "bad_position": "bad_position",
     }
     assert length == 4 and tuple(shape) == (1, 1, HIDDEN)
+    assert_still_serving(client, first_hop, local_model, chat_ids)
+
+
+def train_raw(client, peer_id, messages: list[runtime_pb2.ExpertRequest]) -> list[runtime_pb2.ExpertResponse]:
+    async def call():
+        async def requests():
+            for message in messages:
+                yield message
+
+        replies = await BlockService.get_stub(client.p2p, peer_id).rpc_train(requests())
+        return [reply async for reply in replies]
+
+    return run(client, call())
+
+
+def train_request(first_hop, kind: str, *tensors: torch.Tensor, **fields) -> runtime_pb2.ExpertRequest:
+    meta = TrainRequest(kind=kind, request_id="t", start=first_hop.start, end=first_hop.end,
+                        tensors=fields.pop("count", len(tensors)), **fields)
+    return protocol.make_request("", meta, *tensors)
+
+
+def in_parts(first_hop, kind: str, *tensors: torch.Tensor) -> list[runtime_pb2.ExpertRequest]:
+    messages = to_messages(tensors)
+    meta = TrainRequest(kind=kind, request_id="t", start=first_hop.start, end=first_hop.end, tensors=len(tensors))
+    return [runtime_pb2.ExpertRequest(metadata=protocol.pack(meta), tensors=messages[0]),
+            *(runtime_pb2.ExpertRequest(tensors=parts) for parts in messages[1:])]
+
+
+def test_malformed_training_requests_are_refused_and_the_peer_keeps_serving(client, first_hop, local_model, chat_ids):
+    hidden = torch.randn(1, 5, HIDDEN)
+    cases = [
+        ([runtime_pb2.ExpertRequest(metadata=b"\x93junk")], "bad_request"),
+        ([train_request(first_hop, "backward", hidden)], "bad_request"),  # no gradient
+        ([train_request(first_hop, "backward", hidden, torch.randn(1, 4, HIDDEN))], "bad_request"),  # wrong shape
+        ([train_request(first_hop, "forward", torch.randn(1, 5, HIDDEN + 1))], "bad_request"),
+        ([train_request(first_hop, "forward", hidden.masked_fill(hidden > 1, float("nan")))], "bad_request"),
+        ([train_request(first_hop, "backward", hidden, hidden, torch.randn(2, 3, HIDDEN), prompts=True)],
+         "bad_request"),  # prompts for 2 blocks, not the hop's
+        ([train_request(first_hop, "forward", torch.randn(1, 9000, 8))], "bad_request"),
+        (in_parts(first_hop, "forward", torch.randn(3, 3000, HIDDEN)), "too_long"),  # over --max-train-tokens
+    ]
+    for messages, kind in cases:
+        try:
+            replies = train_raw(client, first_hop.peer_id, messages)
+        except ConnectionError:  # hivemind can reset a stream whose handler ended while the caller still wrote
+            replies = train_raw(client, first_hop.peer_id, messages)
+        assert len(replies) == 1
+        assert_error(replies[0], kind)
+    try:  # a stream that ends before the tensors it announced: the peer answers an error or drops the stream
+        replies = train_raw(client, first_hop.peer_id, [train_request(first_hop, "forward", hidden, count=2)])
+        assert len(replies) == 1 and assert_error(replies[0], "bad_request")
+    except ConnectionError:
+        pass
     assert_still_serving(client, first_hop, local_model, chat_ids)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from peers.local import LocalSwarm
 from swarm import DistributedModelForCausalLM
 from swarm.client import causal_lm_loss
 from swarm.models import DEFAULT_MODEL
@@ -81,3 +82,72 @@ def test_prompt_gradients_through_three_peers_equal_local_autograd(tuned, local_
         assert local.norm() > 0
         print(f"{kind}: relative error {_relative_error(remote, local):.2e}, {model.remote_blocks.failovers} failovers")
         assert _relative_error(remote, local) < 1e-4, _relative_error(remote, local)
+
+
+def test_a_peer_receives_only_hidden_states_never_token_ids_labels_or_the_loss(tuned, chat_ids):
+    model = tuned["deep_prompt"]
+    sent = []
+    train = model.transport.train
+
+    async def recording(peer_id, meta, tensors, shapes, timeout=60.0):
+        sent.append((meta, [t.clone() for t in tensors]))
+        return await train(peer_id, meta, tensors, shapes, timeout)
+
+    model.transport.train = recording
+    try:
+        labels = chat_ids.clone()
+        out = model(chat_ids, labels=labels)
+        out.loss.backward()
+    finally:
+        model.transport.train = train
+    width = model.config.hidden_size
+    assert {meta.kind for meta, _ in sent} == {"forward", "backward"}
+    for meta, tensors in sent:
+        assert set(meta.model_dump()) == {"version", "kind", "request_id", "start", "end", "tensors", "mask", "prompts"}
+        for tensor in tensors:  # hidden states, their gradients, deep prompts: floating point, hidden-wide
+            assert tensor.is_floating_point() and tensor.shape[-1] == width, (meta.kind, tensor.dtype, tensor.shape)
+            assert tensor.numel() != labels.numel() and tensor.numel() != 1  # neither the labels nor the loss
+
+
+def _train(model, ids, labels, steps: int, on_step=None) -> list[float]:
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    losses = []
+    for step in range(steps):
+        optimizer.zero_grad()
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        if on_step is not None:
+            on_step(step)
+    return losses
+
+
+def test_training_survives_a_peer_killed_midway_with_the_same_final_loss(chat_ids):
+    steps = 6
+    with LocalSwarm(model=DEFAULT_MODEL) as swarm:
+        peers = swarm.add_peers(*((f"train-{blocks}-{i}", blocks, ()) for blocks in ("0:15", "15:30") for i in (1, 2)))
+        losses = {}
+        for run in ("steady", "churn"):
+            model = DistributedModelForCausalLM.from_pretrained(
+                DEFAULT_MODEL, [swarm.initial_peers], tuning="prompt", prompt_length=PROMPT_LENGTH, spot_checks=False)
+            try:
+                killed = []
+
+                def kill_one(step: int) -> None:
+                    if run == "churn" and step == 2:  # SIGKILL a peer that served the last pass
+                        served = {str(r.hop.peer_id) for r in model.remote_blocks.last_records}
+                        victim = next(p for p in peers if p.peer_id in served and p.alive())
+                        victim.kill_group()
+                        killed.append(victim)
+
+                losses[run] = _train(model, chat_ids, chat_ids.clone(), steps, kill_one)
+                if run == "churn":
+                    assert killed and model.remote_blocks.failovers >= 1
+            finally:
+                model.shutdown()
+    steady, churn = losses["steady"][-1], losses["churn"][-1]
+    print(f"losses without churn {losses['steady']}, with a peer killed after step 3 {losses['churn']}")
+    assert losses["steady"][-1] < losses["steady"][0]  # it learns
+    assert abs(churn - steady) <= 0.01 * steady, (losses["steady"], losses["churn"])

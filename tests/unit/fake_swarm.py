@@ -23,9 +23,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 from reputation.attest import Receipt, tensor_digest
 from reputation.node import peer_id_of_key
 from swarm.errors import BadReplyError, PeerUnreachableError, RemoteError
-from swarm.protocol import PeerInfo, StepRequest
+from swarm.protocol import PeerInfo, StepRequest, TrainRequest
 from swarm.records import PeerSpan, ServerInfo, ServerState
-from swarm.transport import Reply, check_output
+from swarm.transport import Reply, TrainResult, check_output
 
 HIDDEN = 8
 PREFIX = "fake@0"
@@ -272,3 +272,34 @@ class FakeSwarm:
 
     def open_stream(self, peer_id: PeerID) -> FakeStream:
         return FakeStream(self, self.peers[peer_id])
+
+    async def train(self, peer_id: PeerID, meta: TrainRequest, tensors, expected_shapes, timeout: float = 60.0
+                    ) -> TrainResult:
+        """A training pass as `peers.training.train_step` computes it, over the fake blocks (deep prompts added to
+        each block's input); a peer whose `fail_after` is reached dies here too."""
+        peer = self._peer(peer_id)
+        self.calls.append((meta.kind, peer.name, meta.start, meta.end))
+        if peer.fail_after is not None and peer.forwards >= peer.fail_after:
+            self.dead.add(peer.name)
+            raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is unreachable")
+        peer.forwards += 1
+        tensors = list(tensors)
+        hidden = tensors.pop(0)
+        grad = tensors.pop(0) if meta.kind == "backward" else None
+        mask = tensors.pop(0) if meta.mask else None
+        prompts = tensors.pop(0) if meta.prompts else None
+        with torch.enable_grad():
+            x = hidden.clone().requires_grad_(True)
+            deep = None if prompts is None else prompts.clone().requires_grad_(True)
+            out = x
+            for index in range(meta.start, meta.end):
+                if deep is not None:
+                    length = deep.shape[1]
+                    out = torch.cat([out[:, :length] + deep[index - meta.start], out[:, length:]], dim=1)
+                out = block(index, out, mask)
+            if peer.corrupt is not None:
+                out = peer.corrupt(out)
+            if grad is None:
+                return TrainResult([out.detach()])
+            grads = torch.autograd.grad(out, [x] if deep is None else [x, deep], grad_outputs=grad)
+        return TrainResult([g.detach() for g in grads])
