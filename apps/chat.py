@@ -230,10 +230,11 @@ def run_repl(chat: ChatSession) -> None:
 @click.option("--no-spot-checks", is_flag=True, help="Do not re-run a sample of steps on other peers.")
 @click.option("--strict", is_flag=True, help="Check every step of every answer, and wait for the checks before answering.")
 @click.option("--self-verify-gb", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Memory (GiB) for blocks this client loads itself to check hops that no other peer serves (0: none).")
+@click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Trained soft prompts to put before every conversation (a directory written by swarm-tune).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.pass_context
 def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_length, trusted_peers, identity,
-         no_spot_checks, strict, self_verify_gb, verbose) -> None:
+         no_spot_checks, strict, self_verify_gb, prompts_dir, verbose) -> None:
     """Chat with a model whose blocks are served by the swarm (`swarm-chat serve`: an OpenAI-compatible API)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -253,7 +254,7 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
         model_handle = DistributedModelForCausalLM.from_pretrained(
             model, peers, spot_checks=not no_spot_checks, **(STRICT if strict else {}),
             trusted_peers=trusted_peers_from(trusted_peers), identity=identity, trust_layer=ClientTrust,
-            self_verify_bytes=int(self_verify_gb * 2**30),
+            self_verify_bytes=int(self_verify_gb * 2**30), prompts=prompts_dir,
         )
         progress(f"Looking for peers serving its {model_handle.sequence.num_blocks} blocks...")
         progress(connect(model_handle))
@@ -285,7 +286,9 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Requests generated at once.")
 @click.option("--strict", is_flag=True, help="Check every step of every answer, and wait for the checks (streamed answers too).")
 @click.option("--self-verify-gb", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Memory (GiB) for blocks this client loads itself to check hops that no other peer serves (0: none).")
-def serve(model, initial_peers, host, port, max_length, default_max_tokens, workers, strict, self_verify_gb) -> None:
+@click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Trained soft prompts to put before every conversation (a directory written by swarm-tune).")
+def serve(model, initial_peers, host, port, max_length, default_max_tokens, workers, strict, self_verify_gb,
+          prompts_dir) -> None:
     """Serve /v1/models, /v1/chat/completions and /v1/completions (OpenAI's API) backed by the swarm."""
     from apps.api.serve import ServeConfig, serve as run_server
 
@@ -293,7 +296,7 @@ def serve(model, initial_peers, host, port, max_length, default_max_tokens, work
     try:
         cfg = ServeConfig(model=model, initial_peers=tuple(initial_peers_from(initial_peers)), host=host, port=port,
                           max_length=max_length, default_max_tokens=default_max_tokens, workers=workers,
-                          strict=strict, self_verify_bytes=int(self_verify_gb * 2**30))
+                          strict=strict, self_verify_bytes=int(self_verify_gb * 2**30), prompts=prompts_dir)
         run_server(cfg)
     except SwarmError as e:
         click.echo(f"error: {e}", err=True)

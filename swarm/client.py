@@ -23,7 +23,7 @@ from swarm.network import create_client_dht, load_identity, split_multiaddrs
 from swarm.plugins import default_trust_layer
 from swarm.remote import HivemindTransport
 from swarm.sequence import DhtSpanSource, RemoteSequence
-from swarm.session import InferenceSession
+from swarm.session import InferenceSession, StepOutput
 from swarm.stateless import run_route
 from swarm.training import RemoteBlocks, RemoteBlocksFunction
 from swarm.tuning import PromptTuning
@@ -122,17 +122,22 @@ class GenerateOutput:
 
 
 class SyncSession:
-    """A blocking handle on an `InferenceSession`, for use from ordinary (non-async) code."""
+    """A blocking handle on an `InferenceSession`, for use from ordinary (non-async) code.
 
-    def __init__(self, model: "DistributedModelForCausalLM", max_length: int):
+    With a `prefix` (soft prompts, (length, hidden)), the session's first step sends it before the tokens, and
+    positions seen from here leave it out: position 0 is the first token after it, a rollback keeps it."""
+
+    def __init__(self, model: "DistributedModelForCausalLM", max_length: int, prefix: torch.Tensor | None = None):
         self.model = model
+        self.prefix = prefix
+        self.offset = 0 if prefix is None else prefix.shape[0]
         layer = model.trust_layer
         observer, verifier = (None, None) if layer is None else (layer.observer, layer.verifier)
-        self.inner = InferenceSession(model.sequence, model.transport, max_length, observer, verifier)
+        self.inner = InferenceSession(model.sequence, model.transport, max_length + self.offset, observer, verifier)
 
     @property
     def position(self) -> int:
-        return self.inner.position
+        return max(self.inner.position - self.offset, 0)
 
     @property
     def route(self):
@@ -140,14 +145,30 @@ class SyncSession:
 
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, position: int | None = None):
         """The last hop's output and where untrusted outputs begin (`swarm.session.StepOutput`)."""
-        return self.model.loop.run(self.inner.step(hidden, attention_mask, position))
+        prepend = self.prefix is not None and self.inner.position < self.offset  # the prefix is not on the peers
+        inner_position = 0 if prepend else (None if position is None else position + self.offset)
+        outer = self.position if position is None else position
+        if self.offset and attention_mask is not None and attention_mask.shape[1] == outer + hidden.shape[1]:
+            # a mask of the whole sequence (not of the new tokens alone): the prefix's part goes first
+            attention_mask = torch.cat([torch.ones(attention_mask.shape[0], self.offset, dtype=attention_mask.dtype),
+                                        attention_mask], dim=1)
+        if prepend:
+            hidden = torch.cat([self.prefix.to(hidden.dtype)[None].expand(hidden.shape[0], -1, -1), hidden], dim=1)
+        output = self.model.loop.run(self.inner.step(hidden, attention_mask, inner_position))
+        if not self.offset:
+            return output
+        return StepOutput(output.hidden[:, self.offset:] if prepend else output.hidden,
+                          self._outer(output.untrusted_from))
+
+    def _outer(self, position: int | None) -> int | None:
+        return None if position is None else max(position - self.offset, 0)
 
     def settle(self) -> int | None:
         """Wait for the spot checks of the steps so far; from where outputs are untrusted (None: nowhere)."""
-        return self.model.loop.run(self.inner.settle())
+        return self._outer(self.model.loop.run(self.inner.settle()))
 
     def rollback(self, position: int) -> None:
-        self.inner.rollback(position)
+        self.inner.rollback(min(position + self.offset, self.inner.position) if self.inner.position else position)
 
     def close(self) -> None:
         self.model.loop.run(self.inner.close())
@@ -247,8 +268,13 @@ class DistributedModelForCausalLM:
         return tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
 
     def inference_session(self, max_length: int) -> SyncSession:
-        """An inference session whose KV caches live on the peers; close it (or use `with`) when done."""
-        return SyncSession(self, max_length)
+        """An inference session whose KV caches live on the peers; close it (or use `with`) when done. With soft
+        prompts (`tuning`), they go before the session's first tokens."""
+        if self.tuning is not None and self.tuning.deep:
+            raise ConfigError("generation with deep prompts is not supported yet (peers would have to add them to "
+                              "each block in inference sessions); train soft prompts (tuning='prompt') to chat")
+        prefix = None if self.tuning is None else self.tuning.prompt_embeddings.detach().to(self.dtype)
+        return SyncSession(self, max_length, prefix)
 
     def next_logits(
         self, session: SyncSession, new_ids: torch.Tensor, attention_mask: torch.Tensor | None,

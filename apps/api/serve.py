@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
@@ -26,6 +27,7 @@ class ServeConfig:
     workers: int = 4  # requests generated at once (each in its own inference session)
     strict: bool = False  # check every step of every answer, and let every answer (streamed too) wait for its checks
     self_verify_bytes: int = 0  # memory for blocks the server loads to check hops no other peer serves (0: none)
+    prompts: Path | None = None  # trained soft prompts put before every request (swarm-tune's output)
 
 
 def _interrupt(signum: int, frame) -> None:
@@ -41,7 +43,8 @@ def serve(cfg: ServeConfig) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     strict = STRICT if cfg.strict else {}
     model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers, trust_layer=ClientTrust,
-                                                        self_verify_bytes=cfg.self_verify_bytes, **strict)
+                                                        self_verify_bytes=cfg.self_verify_bytes, prompts=cfg.prompts,
+                                                        **strict)
     backend = SwarmBackend(model, cfg.max_length, cfg.default_max_tokens, cfg.workers, strict=cfg.strict)
     names = tuple(dict.fromkeys((cfg.model, model.checkpoint.manifest.name)))
     app = create_app(backend, names)

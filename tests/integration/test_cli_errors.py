@@ -27,6 +27,8 @@ DEAD_PEER = "/ip4/127.0.0.1/tcp/9/p2p/QmNYSDoFZc5pZDn96u4tdQYFsmjCsqHskNJ1YJm9sM
         (["apps.chat", "--model", "no-such-model", "--prompt", "hi"], "unknown model 'no-such-model'"),
         (["apps.chat", "serve", "--initial-peers", DEAD_PEER], "cannot reach any initial peer"),
         (["apps.chat", "serve", "--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["apps.tune", "--initial-peers", DEAD_PEER], "cannot reach any initial peer"),
+        (["apps.tune", "--model", "no-such-model"], "unknown model 'no-such-model'"),
     ],
 )
 def test_bad_input_gives_one_clear_line(args, expected):
@@ -53,3 +55,13 @@ def test_unreachable_bootstrap_fails_fast_with_env_variable():
                             env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: cannot reach any initial peer")
+
+
+def test_swarm_tune_names_the_malformed_line_of_a_dataset(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                    '{"messages": [{"role": "user", "content": "no answer"}]}\n')
+    result = subprocess.run([sys.executable, "-m", "apps.tune", "--data", str(data), "--initial-peers", DEAD_PEER],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {data}, line 2: not a chat example")

@@ -32,3 +32,11 @@ def test_example_that_starts_its_own_swarm(name):
     env = {k: v for k, v in os.environ.items() if k != "SWARM_INITIAL_PEERS"}
     out = run_example(name, env)
     assert "Paris" in out
+
+
+def test_finetune_example_trains_prompts_and_chats_with_them(swarm3):
+    out = run_example("finetune.py", swarm3.env)
+    assert "held-out accuracy before:" in out and "held-out accuracy after 8 steps:" in out
+    losses = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("step ")]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert "saved to" in out and "\nA: " in out

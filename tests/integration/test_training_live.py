@@ -7,12 +7,16 @@ process, with the same prompts (deep prompts added to each block's input by forw
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from peers.local import LocalSwarm
 from swarm import DistributedModelForCausalLM
 from swarm.client import causal_lm_loss
+from swarm.finetune import DEFAULT_DATA
 from swarm.models import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
@@ -151,3 +155,41 @@ def test_training_survives_a_peer_killed_midway_with_the_same_final_loss(chat_id
     print(f"losses without churn {losses['steady']}, with a peer killed after step 3 {losses['churn']}")
     assert losses["steady"][-1] < losses["steady"][0]  # it learns
     assert abs(churn - steady) <= 0.01 * steady, (losses["steady"], losses["churn"])
+
+
+def test_generation_with_soft_prompts_equals_local_generation_with_them_after_a_save_and_load(
+        tuned, swarm3, local_model, chat_ids, tmp_path):
+    saved = tuned["prompt"].save_prompts(tmp_path / "prompts")
+    model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm3.initial_peers], prompts=saved,
+                                                        spot_checks=False)
+    try:
+        prompts = model.tuning.prompt_embeddings.detach()
+        assert torch.equal(prompts, tuned["prompt"].tuning.prompt_embeddings.detach())
+        got = model.generate(chat_ids, max_new_tokens=6)[0, chat_ids.shape[1]:].tolist()
+        with torch.no_grad():
+            embeds = torch.cat([prompts[None], local_model.model.embed_tokens(chat_ids)], dim=1)
+            expected = local_model.generate(inputs_embeds=embeds, max_new_tokens=6, do_sample=False)[0].tolist()
+        assert got == expected
+        with model.inference_session(max_length=64) as session:  # a chat: the prompts go first, once
+            first = model.generate(chat_ids, max_new_tokens=3, session=session)
+            assert session.inner.position == session.position + PROMPT_LENGTH == first.shape[1] - 1 + PROMPT_LENGTH
+    finally:
+        model.shutdown()
+
+
+def test_swarm_tune_trains_reports_accuracy_and_its_prompts_load_into_swarm_chat(swarm3, tmp_path):
+    data = tmp_path / "small.jsonl"
+    data.write_text("".join(DEFAULT_DATA.read_text().splitlines(keepends=True)[:20]))
+    out = tmp_path / "prompts"
+    tune = subprocess.run([sys.executable, "-m", "apps.tune", "--data", str(data), "--epochs", "1", "--batch-size", "8",
+                           "--held-out", "0.2", "--prompt-length", "4", "--output", str(out)],
+                          env=swarm3.env, capture_output=True, text=True, timeout=280)
+    assert tune.returncode == 0, tune.stderr[-2000:]
+    lines = tune.stdout.splitlines()
+    assert lines[0] == "held-out accuracy before tuning: " + lines[0].split(": ")[1] and "(4 examples)" in lines[0]
+    assert any(line.startswith("loss: first step") and "(2 steps)" in line for line in lines)
+    assert any(line.startswith("held-out accuracy after tuning: ") for line in lines)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    chat = subprocess.run([sys.executable, "-m", "apps.chat", "--prompts", str(out), "--prompt", "Review: It broke.",
+                           "--max-new-tokens", "3"], env=swarm3.env, capture_output=True, text=True, timeout=280)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
