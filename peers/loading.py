@@ -64,6 +64,7 @@ def _read_state(file: pathlib.Path, copy: bool) -> dict[str, torch.Tensor]:
 
 def build_span(checkpoint: BlockCheckpoint, model_config, start: int, end: int, cfg: PeerConfig) -> BlockSpan:
     check_options(cfg)
+    cfg = cfg.for_checkpoint(checkpoint.manifest.torch_dtype)
     dtype, device = cfg.torch_dtype(), cfg.torch_device()
     indices = range(start, end)
     spec = svd_spec(cfg)
