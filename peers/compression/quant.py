@@ -32,25 +32,35 @@ def _bitsandbytes():
 
 def quantised_linear(linear: nn.Linear, kind: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The bitsandbytes twin of `linear` (weights copied, then quantised on `device`)."""
+    bias = None if linear.bias is None else linear.bias.data
+    return quantise_weight(linear.weight.data, bias, kind, compute_dtype, device)
+
+
+def quantise_weight(weight: torch.Tensor, bias: torch.Tensor | None, kind: str, compute_dtype: torch.dtype,
+                    device: torch.device) -> nn.Module:
+    """A bitsandbytes linear layer holding `weight` (out, in) quantised on `device`; the float copy bitsandbytes
+    quantises from (float32 for nf4, float16 for int8) lives only until it is quantised."""
     bnb = _bitsandbytes()
-    weight = linear.weight.data.to("cpu", torch.float32 if kind == "nf4" else torch.float16)
-    has_bias = linear.bias is not None
+    out_features, in_features = weight.shape
+    weight = weight.to("cpu", torch.float32 if kind == "nf4" else torch.float16)
+    has_bias = bias is not None
     if kind == "int8":
-        module = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias,
+        module = bnb.nn.Linear8bitLt(in_features, out_features, bias=has_bias, device="meta",
                                      has_fp16_weights=False, threshold=INT8_OUTLIER_THRESHOLD)
         module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     elif kind == "nf4":
-        module = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
+        module = bnb.nn.Linear4bit(in_features, out_features, bias=has_bias, device="meta",
                                    compute_dtype=compute_dtype, quant_type="nf4")
         module.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
-        if linear.out_features % 32 or linear.in_features % module.weight.blocksize:
+        if out_features % 32 or in_features % module.weight.blocksize:
             # bitsandbytes' packed AVX512-BF16 CPU kernel needs out % 32 == 0 and in % blocksize == 0 (not so
             # for some low-rank factors); such layers take its generic dequantise-then-matmul path instead.
             module.support_avx512bf16_for_cpu = False
     else:
         raise ValueError(f"unknown quantisation {kind!r}")
+    del weight  # the module holds the float copy until .to() below quantises it
     if has_bias:
-        module.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+        module.bias = nn.Parameter(bias.to(compute_dtype), requires_grad=False)
     return module.to(device)
 
 
