@@ -18,7 +18,7 @@ from peers.compression.quant import quantise_weight
 from peers.compression.store import FactorStore
 from peers.compression.svd import factorise_block, shape_for_state
 from peers.config import PeerConfig
-from peers.memory import release_free_memory
+from peers.memory import peak_rss, release_free_memory
 from peers.offload import DiskTier, HostTier, offload_layers
 from swarm.blocks import BlockSpan
 from swarm.models import BlockCheckpoint
@@ -74,6 +74,15 @@ def load_quantised(layer: nn.Module, file: pathlib.Path, kind: str, dtype: torch
             parent = layer.get_submodule(parent_name) if parent_name else layer
             setattr(parent, child, quantise_weight(weight, bias, kind, dtype, device))
             del weight, bias  # before the next one is read
+            release_free_memory()  # and its temporaries' heap pages
+
+
+def _peak_note() -> str:
+    """', peak RSS so far N MB' where the OS tells it (what loading took at most, for benchmarks/host_memory.py)."""
+    try:
+        return f", peak RSS so far {peak_rss() / 1e6:.0f} MB"
+    except (OSError, RuntimeError):
+        return ""
 
 
 def build_span(checkpoint: BlockCheckpoint, model_config, start: int, end: int, cfg: PeerConfig) -> BlockSpan:
@@ -108,5 +117,6 @@ def build_span(checkpoint: BlockCheckpoint, model_config, start: int, end: int, 
             state = {k: v.to(device, dtype) for k, v in load_file(files[index]).items()}  # memory-mapped
             shape_for_state(layer, state)
             layer.load_state_dict(state, strict=True, assign=True)
-    logger.info(f"Blocks {start}:{end} loaded: {dtype}, compression {compression_tag(cfg)}, offload {cfg.offload}")
+    logger.info(f"Blocks {start}:{end} loaded: {dtype}, compression {compression_tag(cfg)}, offload {cfg.offload}"
+                f"{_peak_note()}")
     return span.eval()

@@ -80,15 +80,28 @@ def quantised_rows(weight: torch.Tensor, kind: str, device: torch.device, blocks
     rows = max(1, (chunk_weights or QUANT_CHUNK_WEIGHTS) // in_features)
     if kind == "nf4" and in_features % blocksize:
         rows = out_features
-    parts = []
+    codes = scales = None  # filled chunk by chunk (no list of parts to join: that would be a second copy)
+    done = 0
     for chunk in weight.split(rows):
-        if kind == "int8":
-            codes, scales, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(chunk.to(device, torch.float16), 0.0)
-            parts.append((codes, scales))
-        else:
-            parts.append(torch.ops.bitsandbytes.quantize_4bit.default(
-                chunk.to(device, torch.float32).contiguous(), blocksize, "nf4", torch.uint8))
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        chunk_codes, chunk_scales = _quantised_chunk(chunk, kind, device, blocksize)
+        per_row, scales_per_row = chunk_codes.shape[0] // len(chunk), chunk_scales.shape[0] // len(chunk)
+        if codes is None:
+            if len(chunk) == out_features:
+                return chunk_codes, chunk_scales
+            codes = chunk_codes.new_empty((per_row * out_features, *chunk_codes.shape[1:]))
+            scales = chunk_scales.new_empty((scales_per_row * out_features,))
+        codes[per_row * done : per_row * (done + len(chunk))] = chunk_codes
+        scales[scales_per_row * done : scales_per_row * (done + len(chunk))] = chunk_scales
+        done += len(chunk)
+    return codes, scales
+
+
+def _quantised_chunk(chunk: torch.Tensor, kind: str, device: torch.device, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "int8":
+        codes, scales, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(chunk.to(device, torch.float16), 0.0)
+        return codes, scales
+    return torch.ops.bitsandbytes.quantize_4bit.default(chunk.to(device, torch.float32).contiguous(), blocksize, "nf4",
+                                                        torch.uint8)
 
 
 def _nf4_state(bnb, absmax: torch.Tensor, shape: torch.Size, blocksize: int):
