@@ -91,7 +91,7 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--port", default=0, type=click.IntRange(0, 65535), envvar="SWARM_PORT", help="TCP port ($SWARM_PORT; default: any free port).")
 @click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), envvar="SWARM_IDENTITY", help="Identity file; keeps the peer id across restarts ($SWARM_IDENTITY).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
+@click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True, help="auto: the checkpoint's dtype (float32 for the default model, bfloat16/float16 for most 7B checkpoints); a float16 checkpoint on CPU computes in bfloat16.")
 @click.option("--max-length", default=4096, show_default=True, type=click.IntRange(min=1), help="Longest session accepted, in tokens.")
 @click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(min=1), help="Open sessions served at once.")
 @click.option("--max-train-tokens", default=8192, show_default=True, type=click.IntRange(min=0), help="Largest training request (batch x tokens) served; 0: inference only.")

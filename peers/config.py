@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from swarm.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,7 +26,7 @@ class PeerConfig:
     port: int = 0  # TCP port (0: any free one)
     identity: Path | None = None  # RSA identity file; keeps the peer id across restarts
     device: str = "cpu"
-    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the checkpoint's dtype, see auto_dtype)
     max_length: int = 4096  # longest session accepted, in tokens
     cache_tokens: int | None = None  # KV-cache budget in tokens, batch x max_length per session (None: from memory)
     max_cache_bytes: int | None = None  # KV-cache budget in bytes, converted to tokens for the served blocks
@@ -49,14 +53,41 @@ class PeerConfig:
     relay_renew_period: float = 20.0  # seconds between renewals of this peer's relay registrations, if it has relays
 
     def torch_dtype(self) -> torch.dtype:
+        """The compute dtype; "auto" before `for_checkpoint` fixed it is the stored dtype of no checkpoint known,
+        taken as float32 (as the default model's)."""
         if self.dtype == "auto":
-            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+            return DTYPES[auto_dtype(self.device, "float32")[0]]
         return DTYPES[self.dtype]
+
+    def for_checkpoint(self, stored_dtype: str) -> PeerConfig:
+        """This config with "auto" replaced by the dtype to compute in for a checkpoint stored in `stored_dtype`."""
+        if self.dtype != "auto":
+            return self
+        bf16_ok = not self.device.startswith("cuda") or (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        chosen, why = auto_dtype(self.device, stored_dtype, bf16_ok)
+        if why:
+            logger.info(f"--dtype auto: {why}")
+        return dataclasses.replace(self, dtype=chosen)
 
     def torch_device(self) -> torch.device:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("--device cuda was given but no CUDA device is available to torch")
         return torch.device(self.device)
+
+
+def auto_dtype(device: str, stored_dtype: str, cuda_bf16: bool = True) -> tuple[str, str | None]:
+    """(dtype name, reason or None) that --dtype auto computes in: the checkpoint's own dtype (no copy at twice
+    the size), unless the device runs it badly: float16 on CPU (slow kernels) becomes bfloat16 (same size),
+    bfloat16 on a GPU without bfloat16 support becomes float16. A dtype no peer declares becomes float32."""
+    if stored_dtype not in DTYPES:
+        return "float32", f"the checkpoint is stored in {stored_dtype}; computing in float32"
+    on_cuda = device.startswith("cuda")
+    if stored_dtype == "float16" and not on_cuda:
+        return "bfloat16", ("the checkpoint is float16, which CPUs run slowly; computing in bfloat16 (same size; "
+                            "--dtype float32 keeps every float16 weight exact at twice the memory)")
+    if stored_dtype == "bfloat16" and on_cuda and not cuda_bf16:
+        return "float16", "the checkpoint is bfloat16, which this GPU does not support; computing in float16"
+    return stored_dtype, None
 
 
 def parse_block_range(text: str, num_blocks: int | None = None) -> tuple[int, int]:

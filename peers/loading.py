@@ -8,20 +8,22 @@ import pathlib
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load, load_file
+from safetensors.torch import load_file
+from torch import nn
 from tqdm.auto import tqdm
 
 from peers.compression.calibration import calibration_digest, collect_grams
 from peers.compression.options import SvdSpec, check_options, compression_tag, svd_spec
-from peers.compression.quant import quantise_layer
+from peers.compression.quant import quantise_weight
 from peers.compression.store import FactorStore
 from peers.compression.svd import factorise_block, shape_for_state
 from peers.config import PeerConfig
-from peers.memory import release_free_memory
+from peers.memory import peak_rss, release_free_memory
 from peers.offload import DiskTier, HostTier, offload_layers
 from swarm.blocks import BlockSpan
 from swarm.models import BlockCheckpoint
 from swarm.models.layout import block_file
+from swarm.models.tensorfile import TensorFile
 
 logger = logging.getLogger(__name__)
 
@@ -54,16 +56,38 @@ def _meta_state(file: pathlib.Path) -> dict[str, torch.Tensor]:
         return {key: torch.empty(reader.get_slice(key).get_shape(), device="meta") for key in reader.keys()}
 
 
-def _read_state(file: pathlib.Path, copy: bool) -> dict[str, torch.Tensor]:
-    """A block's tensors: memory-mapped (dense blocks use the file's pages), or read into private memory
-    when they are about to be quantised (a mapping would keep every dense page resident)."""
-    if not copy:
-        return load_file(file)
-    return load(file.read_bytes())
+def load_quantised(layer: nn.Module, file: pathlib.Path, kind: str, dtype: torch.dtype, device: torch.device) -> None:
+    """Fill the meta `layer` from `file`, quantising each linear layer as soon as its weight is read (in its
+    stored dtype, into private memory): at most one dense matrix is in memory at a time, never the whole block."""
+    with TensorFile(file) as tensors:
+        shape_for_state(layer, tensors.meta_state())
+        expected, stored = set(layer.state_dict()), set(tensors.keys())
+        if expected != stored:
+            raise ValueError(f"{file}: missing {sorted(expected - stored)}, unexpected {sorted(stored - expected)}")
+        linears = {name: module for name, module in layer.named_modules() if type(module) is nn.Linear}
+        rest = {key: tensors.read(key).to(device, dtype) for key in stored if key.rpartition(".")[0] not in linears}
+        layer.load_state_dict(rest, strict=False, assign=True)  # norms: small, kept dense
+        for name, module in linears.items():
+            weight = tensors.read(f"{name}.weight")
+            bias = tensors.read(f"{name}.bias") if module.bias is not None else None
+            parent_name, _, child = name.rpartition(".")
+            parent = layer.get_submodule(parent_name) if parent_name else layer
+            setattr(parent, child, quantise_weight(weight, bias, kind, dtype, device))
+            del weight, bias  # before the next one is read
+            release_free_memory()  # and its temporaries' heap pages
+
+
+def _peak_note() -> str:
+    """', peak RSS so far N MB' where the OS tells it (what loading took at most, for benchmarks/host_memory.py)."""
+    try:
+        return f", peak RSS so far {peak_rss() / 1e6:.0f} MB"
+    except (OSError, RuntimeError):
+        return ""
 
 
 def build_span(checkpoint: BlockCheckpoint, model_config, start: int, end: int, cfg: PeerConfig) -> BlockSpan:
     check_options(cfg)
+    cfg = cfg.for_checkpoint(checkpoint.manifest.torch_dtype)
     dtype, device = cfg.torch_dtype(), cfg.torch_device()
     indices = range(start, end)
     spec = svd_spec(cfg)
@@ -84,14 +108,15 @@ def build_span(checkpoint: BlockCheckpoint, model_config, start: int, end: int, 
         offload_layers(span.layers, start, HostTier(states, dtype, device))
     else:
         for local, index in enumerate(tqdm(indices, desc=f"Loading blocks {start}:{end}", unit="block", leave=False)):
-            state = {k: v.to(device, dtype) for k, v in _read_state(files[index], cfg.quant != "none").items()}
             layer = span.layers[local]
+            if cfg.quant != "none":
+                load_quantised(layer, files[index], cfg.quant, dtype, device)
+                gc.collect()  # bitsandbytes' temporaries go now, not after the last block
+                release_free_memory()
+                continue
+            state = {k: v.to(device, dtype) for k, v in load_file(files[index]).items()}  # memory-mapped
             shape_for_state(layer, state)
             layer.load_state_dict(state, strict=True, assign=True)
-            if cfg.quant != "none":
-                quantise_layer(layer, cfg.quant, dtype, device)
-                del state
-                gc.collect()  # the dense copy and bitsandbytes' temporaries go now, not after the last block
-                release_free_memory()
-    logger.info(f"Blocks {start}:{end} loaded: {dtype}, compression {compression_tag(cfg)}, offload {cfg.offload}")
+    logger.info(f"Blocks {start}:{end} loaded: {dtype}, compression {compression_tag(cfg)}, offload {cfg.offload}"
+                f"{_peak_note()}")
     return span.eval()

@@ -106,9 +106,9 @@ def measure_throughput(span: BlockSpan, hidden_size: int, cfg: PeerConfig, steps
 
 class Peer:
     def __init__(self, cfg: PeerConfig, handler_factory: HandlerFactory = BlockHandler):
-        self.cfg = cfg
         self.handler_factory = handler_factory  # BlockHandler, or a subclass that serves differently
         self.checkpoint = open_model(cfg.model, cache_dir=cfg.cache_dir)
+        cfg = self.cfg = cfg.for_checkpoint(self.checkpoint.manifest.torch_dtype)  # --dtype auto: the stored one
         self.model_config = self.checkpoint.load_config()
         self.identity: Identity = load_identity(cfg.identity)
         self.signer = signer_for(self.identity)

@@ -34,6 +34,7 @@ class PeerRow:
     accused: bool = False  # a verdict against it awaits this view's own checks
     relays: tuple[str, ...] = ()  # peer ids of the relays it is reachable through (empty: dialled directly)
     reachable: bool = True  # False: it announced that nobody can dial it and it uses no relay
+    compression: str = "none"  # the announced compression tag (swarm.tags): none, int8, nf4, svd-...
 
     @property
     def reach(self) -> str:
@@ -127,6 +128,7 @@ def collect_status(model: str, initial_peers: list[str], trusted_peers: tuple[st
             accused=bool(standings.get(str(s.peer_id)) and standings[str(s.peer_id)].accused),
             relays=tuple(s.info.relays),
             reachable=s.info.reachable,
+            compression=s.info.compression,
         )
         for s, rtt in sorted(zip(spans, rtts), key=lambda pair: (pair[0].start, pair[0].end, str(pair[0].peer_id)))
     )
@@ -154,7 +156,7 @@ def coverage_ranges(report: StatusReport) -> list[tuple[int, int, int]]:
 
 
 def render_table(report: StatusReport) -> str:
-    header = ("blocks", "peer", "name", "state", "throughput", "dtype", "rtt", "reached", "trust")
+    header = ("blocks", "peer", "name", "state", "throughput", "dtype", "compression", "rtt", "reached", "trust")
     lines = [
         (
             f"{r.start}:{r.end}",
@@ -163,6 +165,7 @@ def render_table(report: StatusReport) -> str:
             r.state,
             f"{r.throughput:.1f}/s",
             r.dtype,
+            r.compression,
             "unreachable" if r.rtt_ms is None else f"{r.rtt_ms:.1f} ms",
             r.reach,
             "BLACKLISTED" if r.blacklisted else "ACCUSED" if r.accused else ("-" if r.trust is None else f"{r.trust:.2f}"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -43,6 +44,19 @@ def test_peers_announce_what_they_run(compressed_swarm, checkpoint):
         (10, 20): ("float32", "nf4"),
         (20, 30): ("float32", "none"),  # offloading does not change outputs
     }
+
+
+def test_status_shows_each_peers_compression(compressed_swarm):
+    expected = {"0:10": "svd-energy0.95-plain", "10:20": "nf4", "20:30": "none"}
+    status = [sys.executable, "-m", "peers.cli", "status"]
+    table = subprocess.run(status, env=compressed_swarm.env, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines() if line[:1].isdigit()}
+    assert {blocks: row[6] for blocks, row in rows.items()} == expected  # the column after dtype
+    listed = subprocess.run([*status, "--json"], env=compressed_swarm.env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    peers = json.loads(listed.stdout)["peers"]
+    assert {f"{p['start']}:{p['end']}": p["compression"] for p in peers} == expected
 
 
 def test_swarm_chat_answers_through_compressed_and_offloaded_peers(compressed_swarm):

@@ -139,3 +139,40 @@ def test_bitsandbytes_layers_run_on_cpu_and_shrink_the_weights(kind, tolerance, 
     assert ((produced - expected).norm() / expected.norm()).item() < tolerance
     held = sum(v.numel() * v.element_size() for v in layer.state_dict().values() if torch.is_tensor(v))
     assert held < max_bytes * dense_bytes
+
+
+def _whole_weight_layer(bnb, weight: torch.Tensor, kind: str) -> nn.Module:
+    """A layer quantised as bitsandbytes does it itself, the whole weight at once when moved to the device."""
+    out_features, in_features = weight.shape
+    if kind == "int8":
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(weight.half(), requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(weight.float(), requires_grad=False, quant_type="nf4")
+        layer.support_avx512bf16_for_cpu = not in_features % 64
+    return layer.to("cpu").eval()
+
+
+@pytest.mark.parametrize("kind", ["int8", "nf4"])
+@pytest.mark.parametrize("shape", [(96, 128), (40, 100)])  # 100 inputs: rows that cannot hold whole nf4 blocks
+def test_quantising_a_few_rows_at_a_time_gives_what_bitsandbytes_gives_at_once(monkeypatch, kind, shape):
+    from peers.compression import quant
+
+    bnb = quant._bitsandbytes()
+    torch.manual_seed(2)
+    weight = torch.randn(*shape, dtype=torch.bfloat16)
+    monkeypatch.setattr(quant, "QUANT_CHUNK_WEIGHTS", 3 * shape[1] + 1)  # chunks of three rows in quantise_weight
+    codes, _ = quant.quantised_rows(weight, kind, torch.device("cpu"), chunk_weights=3 * shape[1])
+    layer = quant.quantise_weight(weight, None, kind, torch.bfloat16, torch.device("cpu")).eval()
+    whole = _whole_weight_layer(bnb, weight, kind)
+    assert torch.equal(codes, whole.weight.data) and torch.equal(layer.weight.data, whole.weight.data)
+    if kind == "int8":
+        assert torch.equal(layer.weight.SCB, whole.weight.SCB)
+    else:
+        ours, theirs = layer.weight.quant_state, whole.weight.quant_state
+        assert torch.equal(ours.absmax, theirs.absmax) and torch.equal(ours.offset, theirs.offset)
+        assert torch.equal(ours.state2.absmax, theirs.state2.absmax) and ours.dtype == theirs.dtype
+    x = torch.randn(2, 5, shape[1], dtype=torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), whole(x))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
 
-from peers.config import PeerConfig, parse_block_range
+from peers.config import PeerConfig, auto_dtype, parse_block_range
 from swarm.errors import ConfigError
 
 
@@ -60,14 +61,41 @@ def test_config_is_frozen():
     "device, dtype, expected",
     [
         ("cpu", "auto", torch.float32),
-        ("cuda", "auto", torch.bfloat16),
-        ("cuda:1", "auto", torch.bfloat16),
+        ("cuda", "auto", torch.float32),
         ("cpu", "bfloat16", torch.bfloat16),
         ("cpu", "float16", torch.float16),
     ],
 )
 def test_torch_dtype(device, dtype, expected):
     assert PeerConfig(model="tiny", initial_peers=(), device=device, dtype=dtype).torch_dtype() == expected
+
+
+@pytest.mark.parametrize(
+    "device, stored, cuda_bf16, expected, explained",
+    [
+        ("cpu", "float32", True, "float32", False),  # the default model: token-exact tests rely on it
+        ("cpu", "bfloat16", True, "bfloat16", False),  # a bf16 7B checkpoint stays at its size
+        ("cuda", "bfloat16", True, "bfloat16", False),
+        ("cuda:0", "float32", True, "float32", False),
+        ("cuda", "float16", True, "float16", False),
+        ("cpu", "float16", True, "bfloat16", True),  # CPUs run float16 slowly: same size, bfloat16
+        ("cuda", "bfloat16", False, "float16", True),  # a GPU without bfloat16
+        ("cpu", "float64", True, "float32", True),  # no peer declares float64
+    ],
+)
+def test_auto_dtype_follows_the_checkpoint_where_the_device_runs_it(device, stored, cuda_bf16, expected, explained):
+    chosen, why = auto_dtype(device, stored, cuda_bf16)
+    assert chosen == expected and (why is not None) == explained
+
+
+def test_for_checkpoint_fixes_auto_and_keeps_an_explicit_dtype(caplog):
+    auto = PeerConfig(model="tiny", initial_peers=())
+    assert auto.for_checkpoint("bfloat16").torch_dtype() == torch.bfloat16
+    with caplog.at_level(logging.INFO, logger="peers.config"):
+        assert auto.for_checkpoint("float16").dtype == "bfloat16"
+    assert "--dtype auto" in caplog.text and "bfloat16" in caplog.text
+    explicit = PeerConfig(model="tiny", initial_peers=(), dtype="float32")
+    assert explicit.for_checkpoint("bfloat16") is explicit
 
 
 def test_cuda_without_cuda_is_config_error(monkeypatch):

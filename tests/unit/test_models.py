@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
+import shutil
 
 import gguf
 import numpy as np
@@ -39,6 +41,7 @@ from swarm.models import (
     open_model,
     resolve_model,
 )
+from swarm.models.cache import local_digest
 from swarm.models.layout import BlockAssembler, block_file
 from swarm.models.manifest import tensors_digest
 from swarm.models.writer import ConvertedModelWriter
@@ -165,7 +168,8 @@ def test_conversion_writes_blocks_and_manifest(
     directory, model = llama_dir
     checkpoint = open_model(str(directory), cache_dir=cache_dir, show_progress=False)
 
-    assert checkpoint.path == cache_dir / "models" / "tiny-llama"
+    assert checkpoint.path == cache_dir / "models" / f"tiny-llama-{local_digest(directory)}"
+    assert checkpoint.manifest.name == "tiny-llama" and checkpoint.dht_prefix.startswith("tiny-llama@")
     assert sorted(p.name for p in (checkpoint.path / "blocks").iterdir()) == [
         f"block_{i:04d}.safetensors" for i in range(NUM_BLOCKS)
     ]
@@ -293,7 +297,7 @@ def test_dht_prefix_format(tmp_path: pathlib.Path, cache_dir: pathlib.Path) -> N
     save_checkpoint(directory, LlamaConfig(**SMALL))
     checkpoint = open_model(str(directory), cache_dir=cache_dir, show_progress=False)
     assert checkpoint.manifest.name == "my model+v2"
-    assert checkpoint.path.name == "my-model-v2"
+    assert checkpoint.path.name == f"my-model-v2-{local_digest(directory)}"
     assert checkpoint.dht_prefix == f"my-model-v2@{checkpoint.manifest.model_digest[:12]}"
     assert re.fullmatch(r"[A-Za-z0-9._-]+@[0-9a-f]{12}", checkpoint.dht_prefix)
 
@@ -487,7 +491,7 @@ def test_cache_root_honours_environment(
     monkeypatch.setenv("EFEDLLM_CACHE", str(tmp_path / "env-cache"))
     assert cache_root() == tmp_path / "env-cache"
     checkpoint = open_model(str(llama_dir[0]), show_progress=False)
-    assert checkpoint.path == tmp_path / "env-cache" / "models" / "tiny-llama"
+    assert checkpoint.path == tmp_path / "env-cache" / "models" / f"tiny-llama-{local_digest(llama_dir[0])}"
     monkeypatch.delenv("EFEDLLM_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_root() == tmp_path / "home" / ".cache" / "efedllm"
@@ -563,15 +567,52 @@ def test_directory_without_config(tmp_path: pathlib.Path, cache_dir: pathlib.Pat
         open_model(str(tmp_path / "empty"), cache_dir=cache_dir)
 
 
-def test_same_basename_different_source(
+def test_same_basename_different_source_gets_a_cache_directory_of_its_own(
     llama_dir: tuple[pathlib.Path, torch.nn.Module], tmp_path: pathlib.Path, cache_dir: pathlib.Path
 ) -> None:
-    open_model(str(llama_dir[0]), cache_dir=cache_dir, show_progress=False)
+    first = open_model(str(llama_dir[0]), cache_dir=cache_dir, show_progress=False)
     other = tmp_path / "elsewhere" / "tiny-llama"
     save_checkpoint(other, LlamaConfig(**SMALL), seed=7)
-    with pytest.raises(ModelError, match="converted from") as caught:
-        open_model(str(other), cache_dir=cache_dir, show_progress=False)
-    assert "\n" not in str(caught.value)
+    second = open_model(str(other), cache_dir=cache_dir, show_progress=False)
+    assert first.path != second.path and first.path.parent == second.path.parent
+    assert (first.manifest.source, second.manifest.source) == (str(llama_dir[0].resolve()), str(other.resolve()))
+    assert first.manifest.model_digest != second.manifest.model_digest
+    assert open_model(str(llama_dir[0]), cache_dir=cache_dir, show_progress=False).path == first.path
+
+
+def test_local_digest_follows_the_files_not_the_place(tmp_path: pathlib.Path) -> None:
+    folder = tmp_path / "a" / "model"
+    folder.mkdir(parents=True)
+    config, weights = folder / "config.json", folder / "model.safetensors"
+    config.write_text('{"model_type": "llama"}')
+    weights.write_bytes(b"x" * 100)
+    digest = local_digest(folder)
+    assert re.fullmatch(r"[0-9a-f]{12}", digest)
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "lock").write_text("")  # hidden bookkeeping (hf download --local-dir) does not count
+    assert local_digest(folder) == digest
+    copy = tmp_path / "b" / "model"
+    shutil.copytree(folder, copy)  # copy2: the same names, sizes and times elsewhere
+    assert local_digest(copy) == digest
+    times = config.stat().st_mtime_ns
+    config.write_text('{"model_type": "llamb"}')  # same size and time, other bytes
+    os.utime(config, ns=(times, times))
+    assert local_digest(folder) != digest
+    before = local_digest(copy)
+    os.utime(copy / "model.safetensors", ns=(1, 1))  # a weight file rewritten in place: same name and size
+    assert local_digest(copy) != before
+    (copy / "model-00002.safetensors").write_bytes(b"")
+    assert local_digest(copy) != digest
+
+
+def test_a_moved_local_checkpoint_opens_from_its_cache(
+    llama_dir: tuple[pathlib.Path, torch.nn.Module], tmp_path: pathlib.Path, cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = open_model(str(llama_dir[0]), cache_dir=cache_dir, show_progress=False)
+    moved = tmp_path / "moved" / "tiny-llama"
+    shutil.copytree(llama_dir[0], moved)  # keeps the files' times, as `mv` would
+    monkeypatch.setattr(cache_module, "convert", lambda *args, **kwargs: pytest.fail("converted again"))
+    assert open_model(str(moved), cache_dir=cache_dir, show_progress=False).path == first.path
 
 
 def test_default_model_without_network(cache_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -590,7 +631,7 @@ def test_default_model_without_network(cache_dir: pathlib.Path, monkeypatch: pyt
 def test_foreign_directory_in_cache(
     llama_dir: tuple[pathlib.Path, torch.nn.Module], cache_dir: pathlib.Path
 ) -> None:
-    (cache_dir / "models" / "tiny-llama").mkdir(parents=True)
+    (cache_dir / "models" / f"tiny-llama-{local_digest(llama_dir[0])}").mkdir(parents=True)
     with pytest.raises(ModelError, match="is not a converted model .* delete it"):
         open_model(str(llama_dir[0]), cache_dir=cache_dir, show_progress=False)
 

@@ -35,3 +35,13 @@ def test_relayed_and_unreachable_peers_are_shown_as_such():
             "clients cannot use its blocks") in table.splitlines()
     assert "1 peer(s) behind NAT are reached through relays." in table.splitlines()
     assert json.loads(json.dumps(report.to_json()))["peers"][1]["relays"] == ["QmRelay"]
+
+
+def test_compression_has_a_column_and_a_json_field():
+    nf4 = PeerRow("q", "", 0, 6, "online", 10.0, "bfloat16", 1.0, compression="nf4")
+    report = StatusReport("m", "m@x", 6, (row("a", 0, 6), nf4), missing=())
+    header, dense_line, nf4_line = render_table(report).splitlines()[1:4]
+    column = header.index("compression")
+    assert header.split()[6] == "compression" and header.index("dtype") < column < header.index("rtt")
+    assert dense_line[column:].split()[0] == "none" and nf4_line[column:].split()[0] == "nf4"
+    assert [peer["compression"] for peer in json.loads(json.dumps(report.to_json()))["peers"]] == ["none", "nf4"]
