@@ -23,7 +23,7 @@ from peers.memory import release_free_memory
 from peers.receipts import ReceiptSigner
 from swarm import protocol
 from swarm.blocks import BlockSpan, SpanCache, SpanInput
-from peers.training import TooManyTokens, read_train_tensors, request_byte_limit, train_step
+from peers.training import ForwardGraphs, TooManyTokens, read_train_tensors, request_byte_limit, train_step
 from swarm.parts import PartsReader, to_messages
 from swarm.protocol import PeerInfo, ProtocolError, SpanRequest, BlocksReply, StepRequest, TrainReply, TrainRequest
 from swarm.remote import BlockService
@@ -106,6 +106,7 @@ class BlockHandler(BlockService):
         self._live: dict[int, dict[str, Session]] = {}  # stream id -> its sessions
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.receipts: ReceiptSigner | None = None  # signs a receipt for every reply when set
+        self.kept_forwards = ForwardGraphs(max_tokens=4 * max(config.max_train_tokens, 1))  # for their backward
 
     # Extension points: the defaults serve honestly.
 
@@ -242,7 +243,7 @@ class BlockHandler(BlockService):
 
             def run() -> tuple[list[torch.Tensor], str]:
                 outputs = train_step(self.span, meta, hidden, grad, mask, prompts, self.config.device,
-                                     self.config.dtype)
+                                     self.config.dtype, self.kept_forwards, str(context.remote_id))
                 if self.receipts is None:
                     return outputs, ""
                 received = hidden if grad is None else torch.cat([hidden, grad.to(hidden.dtype)], dim=-1)

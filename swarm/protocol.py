@@ -110,6 +110,8 @@ class TrainRequest(WireModel):
     tensors: int = Field(ge=1, le=4)  # how many tensors the request carries (in parts)
     mask: bool = False
     prompts: bool = False
+    keep: bool = False  # "forward": keep its autograd graph a while, for a backward that names it
+    forward_id: str = Field(default="", max_length=128)  # "backward": the kept forward to use (else recomputed)
 
 
 class TrainReply(WireModel):

@@ -1,9 +1,9 @@
 """Training through the swarm: a fault-tolerant remote autograd function over the model's blocks.
 
-The forward runs the hidden states through a route of peers (`rpc_train` "forward", stateless), keeping each
-hop's input on the client. The backward sends each hop, in reverse, its input and the gradient of its output;
-the peer recomputes its forward under autograd and returns the gradient of the input (and of the deep prompts
-of its blocks). A hop that fails in the forward is routed around from its first block on; one that fails in the
+The forward runs the hidden states through a route of peers (`rpc_train` "forward"), keeping each hop's input
+on the client; each peer keeps its forward's autograd graph a while, so the backward does not recompute it. The backward sends each hop, in reverse, its input and the gradient of its output;
+the peer uses its kept graph, or recomputes its forward under autograd (having dropped it, or being another
+peer), and returns the gradient of the input (and of the deep prompts of its blocks). A hop that fails in the forward is routed around from its first block on; one that fails in the
 backward is replaced by another route over its blocks, whose forward is re-run from the saved input first when
 that route has more than one hop (so that each new hop has its own input). Peers keep nothing between calls.
 
@@ -37,6 +37,7 @@ class HopInput:
 
     hop: RouteHop
     inputs: torch.Tensor
+    forward_id: str = ""  # the forward request the peer may have kept the graph of
 
 
 class RemoteBlocks:
@@ -56,12 +57,14 @@ class RemoteBlocks:
         while position < end:
             route = await self.sequence.make_route(position, end)
             for hop in route:
+                request_id = uuid.uuid4().hex
                 try:
-                    result = await self._call("forward", hop, [hidden], mask, prompts, [hidden.shape])
+                    result = await self._call("forward", hop, [hidden], mask, prompts, [hidden.shape],
+                                              request_id=request_id, keep=True)
                 except PeerError as e:
                     failures = self._failed(hop, e, failures)
                     break
-                records.append(HopInput(hop, hidden))
+                records.append(HopInput(hop, hidden, request_id))
                 hidden, position = result.tensors[0], hop.end
         if start == 0 and end == self.sequence.num_blocks:
             self.last_records = records
@@ -79,7 +82,8 @@ class RemoteBlocks:
             hop = record.hop
             shapes = [record.inputs.shape] + ([] if prompts is None else [prompts[hop.start:hop.end].shape])
             try:
-                result = await self._call("backward", hop, [record.inputs, grad], mask, prompts, shapes)
+                result = await self._call("backward", hop, [record.inputs, grad], mask, prompts, shapes,
+                                          forward_id=record.forward_id)
             except PeerError as e:
                 failures = self._failed(hop, e, failures)
                 # another route over the hop's blocks, its hops' inputs re-computed from the saved input
@@ -102,10 +106,12 @@ class RemoteBlocks:
         return failures
 
     async def _call(self, kind: str, hop: RouteHop, tensors: list[torch.Tensor], mask: torch.Tensor | None,
-                    prompts: torch.Tensor | None, shapes: list[torch.Size]) -> TrainResult:
+                    prompts: torch.Tensor | None, shapes: list[torch.Size], request_id: str = "", keep: bool = False,
+                    forward_id: str = "") -> TrainResult:
         extra = ([] if mask is None else [mask]) + ([] if prompts is None else [prompts[hop.start:hop.end]])
-        meta = TrainRequest(kind=kind, request_id=uuid.uuid4().hex, start=hop.start, end=hop.end,
-                            tensors=len(tensors) + len(extra), mask=mask is not None, prompts=prompts is not None)
+        meta = TrainRequest(kind=kind, request_id=request_id or uuid.uuid4().hex, start=hop.start, end=hop.end,
+                            tensors=len(tensors) + len(extra), mask=mask is not None, prompts=prompts is not None,
+                            keep=keep, forward_id=forward_id)
         return await self.transport.train(hop.peer_id, meta, [*tensors, *extra], shapes, timeout=self.timeout)
 
 

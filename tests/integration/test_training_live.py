@@ -107,7 +107,8 @@ def test_a_peer_receives_only_hidden_states_never_token_ids_labels_or_the_loss(t
     width = model.config.hidden_size
     assert {meta.kind for meta, _ in sent} == {"forward", "backward"}
     for meta, tensors in sent:
-        assert set(meta.model_dump()) == {"version", "kind", "request_id", "start", "end", "tensors", "mask", "prompts"}
+        assert set(meta.model_dump()) == {"version", "kind", "request_id", "start", "end", "tensors", "mask", "prompts",
+                                          "keep", "forward_id"}
         for tensor in tensors:  # hidden states, their gradients, deep prompts: floating point, hidden-wide
             assert tensor.is_floating_point() and tensor.shape[-1] == width, (meta.kind, tensor.dtype, tensor.shape)
             assert tensor.numel() != labels.numel() and tensor.numel() != 1  # neither the labels nor the loss

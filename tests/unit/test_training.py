@@ -155,3 +155,56 @@ def test_training_requests_are_checked_before_any_compute():
             read_train_tensors(meta, tensors, 8, 100)
     with pytest.raises(TooManyTokens, match="--max-train-tokens 9"):
         read_train_tensors(_meta("forward"), [hidden], 8, 9)
+
+
+def _tiny_span():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from swarm.blocks import BlockSpan
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    layers = LlamaForCausalLM(config).model.layers
+    span = BlockSpan(config, 0, 2)
+    span.load_blocks(lambda i: {k: v.detach().clone() for k, v in layers[i].state_dict().items()})
+    return span
+
+
+def test_a_kept_forward_serves_its_backward_with_the_gradients_a_recompute_gives():
+    from peers.training import ForwardGraphs, train_step
+
+    span, graphs = _tiny_span(), ForwardGraphs(max_tokens=100)
+    hidden, grad = torch.randn(1, 6, 32), torch.randn(1, 6, 32)
+    prompts = torch.randn(2, 2, 32) * 0.1
+    args = (None, prompts, torch.device("cpu"), torch.float32)
+    forward = TrainRequest(kind="forward", request_id="f1", start=0, end=2, tensors=2, prompts=True, keep=True)
+    (output,) = train_step(span, forward, hidden, None, *args, graphs=graphs, client="me")
+    backward = TrainRequest(kind="backward", request_id="b1", start=0, end=2, tensors=3, prompts=True, forward_id="f1")
+    kept = train_step(span, backward, hidden, grad, *args, graphs=graphs, client="me")
+    assert graphs.hits == 1
+    recomputed = train_step(span, backward, hidden, grad, *args, graphs=graphs, client="me")  # taken already
+    assert graphs.misses == 1
+    for a, b in zip(kept, recomputed):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert output.shape == hidden.shape and not output.requires_grad
+
+
+def test_kept_forwards_are_bounded_and_never_used_for_other_inputs_or_clients():
+    from peers.training import ForwardGraphs, KeptForward
+
+    now = [0.0]
+    graphs = ForwardGraphs(max_tokens=10, ttl=60.0, clock=lambda: now[0])
+    x = torch.zeros(1, 4, 2)
+
+    def kept(at: float) -> KeptForward:
+        return KeptForward((x, None, None), x, None, x, 4, at)
+
+    graphs.keep(("me", "a"), kept(0.0))
+    assert graphs.take(("other", "a"), x, None, None) is None  # another client cannot claim it
+    assert graphs.take(("me", "a"), x + 1, None, None) is None  # nor a backward of other inputs (and it is dropped)
+    for name in "bcd":
+        graphs.keep(("me", name), kept(0.0))
+    assert graphs.tokens <= 10 and graphs.take(("me", "b"), x, None, None) is None  # the oldest made room
+    now[0] = 61.0
+    assert graphs.take(("me", "d"), x, None, None) is None  # too old
