@@ -67,6 +67,25 @@ def settle_cost(swarm, ids, answers: int) -> str:
             f"for its own checks, {off:.0f} ms when it does not ({on / off:.2f}x)")
 
 
+def default_rate_overhead(swarm, ids, answers: int) -> str:
+    """The work checks add at the default (adaptive) rates, for a fresh client answering in the honest swarm: the
+    token-blocks (batch x tokens x blocks) its checks re-ran per token-block the peers served it. The rate starts at
+    the newcomers' 0.3 and falls as the peers earn trust, so the figure depends on how long the client has run."""
+    model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], gossip_period=1.0)
+    try:
+        stats = model.trust_layer.checker.stats
+        for _ in range(answers):
+            model.generate(ids, max_new_tokens=8)
+            model.loop.run(model.trust_layer.checker.drain())
+    finally:
+        model.shutdown()
+    per_token = stats.extra_block_tokens / max(stats.served_block_tokens, 1)
+    return (f"checking overhead at the default rates, a fresh client's first {answers} answers of 8 tokens: "
+            f"{stats.executions} check executions re-ran {stats.extra_block_tokens} token-blocks for "
+            f"{stats.served_block_tokens} served token-blocks ({per_token:.2f} extra compute per served token; a check "
+            f"re-runs the hop's whole history)")
+
+
 def run_until_caught(model, ids, peer_id: str, limit: int, tokens: int) -> tuple[int | None, int, float, str]:
     """Generate until `peer_id` is blacklisted or served `limit` responses;
     (caught after, served, seconds, 'wrong answers/answers')."""
@@ -87,6 +106,7 @@ def main() -> None:
     parser.add_argument("--q", type=float, default=0.1, help="fraction of requests the occasional cheater corrupts")
     parser.add_argument("--p", type=float, default=0.5, help="fixed check rate used against the occasional cheater")
     parser.add_argument("--settle-answers", type=int, default=10, help="answers timed with and without settling")
+    parser.add_argument("--overhead-answers", type=int, default=20, help="answers measuring the default rates' cost")
     parser.add_argument("--limit", type=int, default=400, help="give up on an adversary after this many responses")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -108,6 +128,7 @@ def main() -> None:
         ids = chat_ids(adaptive)
         try:
             settle_line = settle_cost(swarm, ids, args.settle_answers)
+            overhead_line = default_rate_overhead(swarm, ids, args.overhead_answers)
             for mode in ("random", "skip", "noise", "cheap-quant"):
                 peer = swarm.add_peer("0:30", *GOSSIP, "--adversary", mode, name=mode)
                 caught, served, seconds, wrong = run_until_caught(adaptive, ids, peer.peer_id, args.limit, tokens=8)
@@ -156,6 +177,7 @@ def main() -> None:
     settle_ms = 1000 * sum(s.settle_seconds for s in stats) / max(settles, 1)
     print(f"answers that waited for their own checks before returning: {settles}, {settle_ms:.0f} ms on average")
     print(settle_line)
+    print(overhead_line)
     print(f"checking overhead: {executions} extra forward passes for {responses} served responses "
           f"({executions / max(responses, 1):.2f} per response; against adversaries the rate is raised on purpose)")
 
