@@ -90,11 +90,11 @@ class PeerStats:
 
 
 class BlockHandler(BlockService):
-    """Serves a span of blocks. Subclasses may change what it serves through six extension points:
+    """Serves a span of blocks. Subclasses may change what it serves through seven extension points:
     `prepare_span` (each span before it is served), `transform_output` (each computed output), `transform_step`
-    (the same, knowing the request's attention mask and position), `sign_reply` (what is sent, and its
-    receipt), `advertised_throughput` (what the peer announces) and `background_work` (coroutines the peer
-    runs while it serves)."""
+    (the same, knowing the request's attention mask and position), `transform_gradients` (a backward's
+    gradients), `sign_reply` (what is sent, and its receipt), `advertised_throughput` (what the peer announces)
+    and `background_work` (coroutines the peer runs while it serves)."""
 
     def __init__(self, span: BlockSpan, config: HandlerConfig, throughput: float, cache_tokens: int):
         self.config = config
@@ -133,6 +133,11 @@ class BlockHandler(BlockService):
         """Like `transform_output`, with the request's attention mask and start position (called in its place).
         Default: `transform_output(inputs, output)`."""
         return self.transform_output(inputs, output)
+
+    def transform_gradients(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The gradients to send for a backward (the input's, then the deep prompts' if any; on the CPU in the
+        wire dtype, called on the compute thread before the receipt is signed). Default: as they are."""
+        return grads
 
     def advertised_throughput(self) -> float:
         """Block-steps per second this peer announces and reports. Default: the measured throughput."""
@@ -244,6 +249,8 @@ class BlockHandler(BlockService):
             def run() -> tuple[list[torch.Tensor], str]:
                 outputs = train_step(self.span, meta, hidden, grad, mask, prompts, self.config.device,
                                      self.config.dtype, self.kept_forwards, str(context.remote_id))
+                if meta.kind == "backward":
+                    outputs = self.transform_gradients(outputs)
                 if self.receipts is None:
                     return outputs, ""
                 received = hidden if grad is None else torch.cat([hidden, grad.to(hidden.dtype)], dim=-1)

@@ -11,6 +11,7 @@ import logging
 import torch
 
 from reputation import identity_puzzle
+from reputation.training_checks import TrainingChecker
 from reputation.checks import SpotChecker
 from reputation.gossip import GossipAgent
 from reputation.node import ReputationConfig, ReputationNode
@@ -37,6 +38,8 @@ class ClientTrust:
         self.checker = SpotChecker(self.node, context.transport, context.swarm, check_rate=cfg.check_rate,
                                    head=context.logits, num_blocks=context.num_blocks, local=context.local_blocks,
                                    **strict)
+        self.training = TrainingChecker(self.node, context.transport, context.swarm, check_rate=cfg.check_rate,
+                                        timeout=cfg.request_timeout)
         self.agent = GossipAgent(self.node, context.p2p, self._online_peers, period=cfg.gossip_period)
         self._stop = asyncio.Event()
         self._tasks = BackgroundTasks()
@@ -89,6 +92,7 @@ class ClientTrust:
     async def stop(self) -> None:
         self._stop.set()
         await self.checker.cancel()
+        await self.training.cancel()
         await self._tasks.close()
 
     def describe(self) -> str:

@@ -205,7 +205,6 @@ class DistributedModelForCausalLM:
         self.transport.relays_of = self.sequence.relays_of  # peers behind NAT are reached through their relays
         self.trust_layer: TrustLayer | None = None  # receipt checks, spot checks and the blacklist, when on
         self.tuning = tuning  # trainable prompts (swarm.tuning), or None
-        self.remote_blocks = RemoteBlocks(self.sequence, self.transport, timeout=cfg.request_timeout)
         self.last_generation: GenerationReport | None = None  # the report of the last `generate` (any thread)
         if cfg.spot_checks:
             factory = trust_layer or default_trust_layer()
@@ -216,6 +215,8 @@ class DistributedModelForCausalLM:
                 self.trust_layer = factory(context)
                 self.sequence.use_trust(self.trust_layer.trust)
                 self.loop.run(self.trust_layer.start())
+        training = None if self.trust_layer is None else getattr(self.trust_layer, "training", None)
+        self.remote_blocks = RemoteBlocks(self.sequence, self.transport, timeout=cfg.request_timeout, observer=training)
 
     @classmethod
     def from_pretrained(

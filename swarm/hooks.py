@@ -141,10 +141,34 @@ class ClientContext:
     local_blocks: LocalBlocks | None = None  # blocks the client may load to check hops nobody else serves
 
 
+@dataclass(frozen=True)
+class TrainRecord:
+    """One hop's reply to a training pass (`swarm.training`), as the client received it."""
+
+    kind: str  # "forward" or "backward"
+    peer_id: PeerID
+    start: int
+    end: int
+    request_id: str
+    inputs: torch.Tensor  # the hop's input hidden states (batch, tokens, hidden)
+    grad_output: torch.Tensor | None  # for a backward: the gradient of the hop's output
+    mask: torch.Tensor | None
+    prompts: torch.Tensor | None  # the hop's blocks' deep prompts, if any
+    outputs: list[torch.Tensor]  # the reply: the output, or the input's (and the prompts') gradients
+    receipt: str  # base64 of the peer's signed receipt, or ""
+
+
+class TrainingObserver(Protocol):
+    def on_train_reply(self, record: TrainRecord) -> None:
+        """Called on the client's loop for every training reply, before it is used; raises
+        `swarm.errors.BadReceiptError` naming the peer to refuse it (the pass then routes around the peer)."""
+
+
 class TrustLayer(Protocol):
     trust: TrustView
     observer: StepObserver
     verifier: ReplyVerifier
+    training: TrainingObserver  # receipts, credit and spot checks of training passes
 
     async def start(self) -> None: ...
 

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from swarm.errors import PeerError
+from swarm.hooks import TrainingObserver, TrainRecord
 from swarm.protocol import TrainRequest
 from swarm.routing import RouteHop
 from swarm.sequence import RemoteSequence
@@ -43,8 +44,9 @@ class HopInput:
 class RemoteBlocks:
     """Training passes over blocks [0, num_blocks) of the swarm, with fail-over."""
 
-    def __init__(self, sequence: RemoteSequence, transport: Transport, timeout: float = 60.0):
-        self.sequence, self.transport, self.timeout = sequence, transport, timeout
+    def __init__(self, sequence: RemoteSequence, transport: Transport, timeout: float = 60.0,
+                 observer: TrainingObserver | None = None):
+        self.sequence, self.transport, self.timeout, self.observer = sequence, transport, timeout, observer
         self.failovers = 0  # hops replaced, in forward or backward passes
         self.last_records: list[HopInput] = []  # the hops of the latest forward over the whole model
 
@@ -108,11 +110,54 @@ class RemoteBlocks:
     async def _call(self, kind: str, hop: RouteHop, tensors: list[torch.Tensor], mask: torch.Tensor | None,
                     prompts: torch.Tensor | None, shapes: list[torch.Size], request_id: str = "", keep: bool = False,
                     forward_id: str = "") -> TrainResult:
-        extra = ([] if mask is None else [mask]) + ([] if prompts is None else [prompts[hop.start:hop.end]])
-        meta = TrainRequest(kind=kind, request_id=request_id or uuid.uuid4().hex, start=hop.start, end=hop.end,
-                            tensors=len(tensors) + len(extra), mask=mask is not None, prompts=prompts is not None,
-                            keep=keep, forward_id=forward_id)
-        return await self.transport.train(hop.peer_id, meta, [*tensors, *extra], shapes, timeout=self.timeout)
+        meta, result = await call_hop(self.transport, kind, hop, tensors, mask, prompts, shapes, self.timeout,
+                                      request_id, keep, forward_id)
+        if self.observer is not None:
+            self.observer.on_train_reply(TrainRecord(
+                kind, hop.peer_id, hop.start, hop.end, meta.request_id, tensors[0],
+                tensors[1] if kind == "backward" else None, mask,
+                None if prompts is None else prompts[hop.start:hop.end], result.tensors, result.receipt))
+        return result
+
+
+async def call_hop(transport: Transport, kind: str, hop: RouteHop, tensors: list[torch.Tensor],
+                   mask: torch.Tensor | None, prompts: torch.Tensor | None, shapes: list[torch.Size],
+                   timeout: float = 60.0, request_id: str = "", keep: bool = False,
+                   forward_id: str = "", offset: int = 0) -> tuple[TrainRequest, TrainResult]:
+    """One training call to a hop; `prompts` are deep prompts of blocks from `offset` on (the hop gets its own)."""
+    extra = ([] if mask is None else [mask]) + (
+        [] if prompts is None else [prompts[hop.start - offset:hop.end - offset]])
+    meta = TrainRequest(kind=kind, request_id=request_id or uuid.uuid4().hex, start=hop.start, end=hop.end,
+                        tensors=len(tensors) + len(extra), mask=mask is not None, prompts=prompts is not None,
+                        keep=keep, forward_id=forward_id)
+    return meta, await transport.train(hop.peer_id, meta, [*tensors, *extra], shapes, timeout=timeout)
+
+
+async def backward_on_route(transport: Transport, route: list[RouteHop], inputs: torch.Tensor, grad: torch.Tensor,
+                            mask: torch.Tensor | None, prompts: torch.Tensor | None,
+                            timeout: float = 60.0) -> tuple[list[TrainResult], torch.Tensor]:
+    """A backward over `route`'s blocks from `inputs` (the first hop's input) and `grad` (the gradient of the
+    last hop's output), no fail-over: each hop's backward result, and the gradient of `inputs`. For spot checks.
+    Raises the transport's `PeerError`s. `prompts`: those of the route's blocks."""
+    offset = route[0].start
+    hop_inputs, ids, hidden = [], [], inputs
+    for hop in route[:-1]:  # each later hop's input
+        request_id = uuid.uuid4().hex
+        _, result = await call_hop(transport, "forward", hop, [hidden], mask, prompts, [hidden.shape], timeout,
+                                   request_id, keep=True, offset=offset)
+        hop_inputs.append(hidden)
+        ids.append(request_id)
+        hidden = result.tensors[0]
+    hop_inputs.append(hidden)
+    ids.append("")
+    results: list[TrainResult] = []
+    for hop, hop_input, forward_id in reversed(list(zip(route, hop_inputs, ids))):
+        shapes = [hop_input.shape] + ([] if prompts is None else [prompts[hop.start - offset:hop.end - offset].shape])
+        _, result = await call_hop(transport, "backward", hop, [hop_input, grad], mask, prompts, shapes, timeout,
+                                   forward_id=forward_id, offset=offset)
+        results.insert(0, result)
+        grad = result.tensors[0]
+    return results, grad
 
 
 class RemoteBlocksFunction(torch.autograd.Function):

@@ -18,6 +18,8 @@ Each mode is a subclass of `peers.handler.BlockHandler` that overrides its exten
 - `sybil`        the honest output plus a fixed perturbation, the same for every peer of this mode: several of
                  them are one cheater's identities that agree with each other
 - `slow`         computes honestly, but takes SLOW_STEP_SECONDS longer over every request (a peer that overclaims)
+- `wrong-grad:KIND[/Q]` computes forwards honestly, but its backward passes return zero, scaled (x3) or noisy
+                 gradients (KIND: zero, scale, noise), on a random fraction Q of them (default all)
 - `steer:R`      on requests that end at the model's last block, where the answer's next token would be " Paris",
                  pushes the last position's output by a relative L2 of R (default 0.075) of its update, along the
                  LM head's gradient towards " London" (it loads the final norm and LM head from the checkpoint
@@ -113,6 +115,29 @@ class Cheater(Adversary):
         if self.rng.random() < self.fraction:
             return inputs.to(output.dtype)
         return output
+
+
+class WrongGradients(Adversary):
+    """Computes forwards honestly, but returns wrong gradients from backward passes: zero, scaled (x3), or with
+    noise the size of the gradient; on a random `fraction` of backward calls (1: all of them)."""
+
+    mode = "wrong-grad"
+    KINDS: ClassVar[tuple[str, ...]] = ("zero", "scale", "noise")
+
+    def __init__(self, span: BlockSpan, config: HandlerConfig, throughput: float, cache_tokens: int, *,
+                 kind: str, fraction: float = 1.0, rng: random.Random | None = None):
+        super().__init__(span, config, throughput, cache_tokens)
+        self.kind, self.fraction = kind, fraction
+        self.rng = rng or random.Random()
+
+    def transform_gradients(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.rng.random() >= self.fraction:
+            return grads
+        if self.kind == "zero":
+            return [torch.zeros_like(g) for g in grads]
+        if self.kind == "scale":
+            return [3.0 * g for g in grads]
+        return [g + g.float().pow(2).mean().sqrt().to(g.dtype) * torch.randn_like(g) for g in grads]
 
 
 class Colluder(Adversary):
@@ -349,7 +374,7 @@ class Steer(Adversary):
 ADVERSARIES: dict[str, type[Adversary]] = {
     cls.mode: cls
     for cls in (RandomOutput, SkipBlocks, NoisyOutput, CheapQuant, Cheater, Colluder, JunkInfo, NaNOutput, WrongShape,
-                NoReceipt, BadReceipt, InflatedReceipts, PaddedOnly, Sybil, SlowBoaster, Steer)
+                NoReceipt, BadReceipt, InflatedReceipts, PaddedOnly, Sybil, SlowBoaster, Steer, WrongGradients)
 }
 MODES = tuple(ADVERSARIES)
 
@@ -377,6 +402,16 @@ def parse_adversary(text: str, fellows: tuple[str, ...] = (), model: str = DEFAU
         if not 0.0 < fraction <= 1.0:
             raise ConfigError(f"adversary mode {text!r}: Q must be in (0, 1]")
         return functools.partial(Cheater, fraction=fraction)
+    if mode == "wrong-grad":
+        kind, _, share = arg.partition("/")
+        try:
+            fraction = float(share) if share else 1.0
+        except ValueError:
+            fraction = -1.0
+        if kind not in WrongGradients.KINDS or not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"adversary mode {text!r}: expected wrong-grad:KIND or wrong-grad:KIND/Q with KIND one "
+                              f"of {', '.join(WrongGradients.KINDS)} and Q a fraction in (0, 1]")
+        return functools.partial(WrongGradients, kind=kind, fraction=fraction)
     if arg:
         raise ConfigError(f"adversary mode {mode!r} takes no argument")
     if mode == "collude":

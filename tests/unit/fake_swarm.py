@@ -97,6 +97,7 @@ class FakePeer:
     compression: str = "none"
     corrupt: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to every output (a liar)
     corrupt_padded: Callable[[torch.Tensor], torch.Tensor] | None = None  # ... only to outputs of padded requests
+    corrupt_grad: Callable[[torch.Tensor], torch.Tensor] | None = None  # applied to the gradients it returns
     fail_after: int | None = None  # steps served before it dies (None: never)
     junk_info: bool = False
     lose_cache_at_step: int | None = None  # answers unknown_session once, at this step count
@@ -300,6 +301,13 @@ class FakeSwarm:
             if peer.corrupt is not None:
                 out = peer.corrupt(out)
             if grad is None:
-                return TrainResult([out.detach()])
-            grads = torch.autograd.grad(out, [x] if deep is None else [x, deep], grad_outputs=grad)
-        return TrainResult([g.detach() for g in grads])
+                outputs = [out.detach()]
+            else:
+                outputs = [g.detach() for g in torch.autograd.grad(out, [x] if deep is None else [x, deep],
+                                                                   grad_outputs=grad)]
+                if peer.corrupt_grad is not None:
+                    outputs = [peer.corrupt_grad(g) for g in outputs]
+        received = hidden if grad is None else torch.cat([hidden, grad], dim=-1)
+        receipt = peer.receipt(received, outputs[0], meta.start, meta.end, f"train:{meta.request_id}",
+                               0 if grad is None else 1, hidden.shape[0] * hidden.shape[1])
+        return TrainResult(outputs, receipt)
