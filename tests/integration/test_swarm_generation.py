@@ -64,7 +64,7 @@ def test_sampling_is_seeded_and_respects_top_k_one(client, chat_ids):
 def test_stateless_forward_matches_local_logits(client, local_model, chat_ids):
     with torch.inference_mode():
         expected = local_model(chat_ids).logits
-    produced = client(chat_ids)
+    produced = client(chat_ids).logits
     assert torch.allclose(produced, expected, atol=1e-4, rtol=0)
 
 
