@@ -24,7 +24,7 @@ from swarm.finetune import DEFAULT_DATA, encode, load_examples
 from swarm.models import DEFAULT_MODEL, open_model
 from swarm.protocol import TrainRequest
 
-SPANS = ((0, 10), (10, 20), (20, 30), (0, 30))
+SPANS = ((0, 10), (10, 20), (20, 30), (0, 15), (15, 30), (0, 30))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -42,9 +42,11 @@ def main() -> None:
         span.load_blocks(lambda i: {k: v.to(dtype) for k, v in checkpoint.load_block_state(i).items()})
         spans[(start, end, name)] = span
     worst: dict[tuple[str, str], list[float]] = {}
-    for example in load_examples(DEFAULT_DATA)[: args.prompts]:
+    for whole, example in itertools.product((False, True), load_examples(DEFAULT_DATA)[: args.prompts]):
         ids, labels = encode(tokenizer, example)
         ids, labels = torch.tensor([ids]), torch.tensor([labels])
+        if whole:  # the loss on every token, not only the answer's
+            labels = ids.clone()
         prompt = local.model.embed_tokens.weight[torch.randint(0, 1000, (16,))].clone()
         hidden = torch.cat([prompt[None], local.model.embed_tokens(ids)], dim=1)
         # the real gradients at every block boundary, from the loss through the whole local model
@@ -69,7 +71,8 @@ def main() -> None:
                 row = worst.setdefault((a, b), [0.0, 1.0, 0])
                 row[0], row[1], row[2] = max(row[0], agreement.rel_l2), min(row[1], agreement.min_token_cosine), row[2] + 1
     print(f"honest backward disagreement, {DEFAULT_MODEL}, spans {' '.join(f'{s}:{e}' for s, e in SPANS)}, "
-          f"{args.prompts} reviews with 16 soft-prompt tokens, gradients of the next-token loss")
+          f"{args.prompts} reviews with 16 soft-prompt tokens, gradients of the next-token loss on the answer and, "
+          f"separately, on every token")
     print(f"{'pair':<12}{'comparisons':>12}{'worst rel L2':>14}{'worst cosine':>14}")
     for (a, b), (rel, cos, count) in worst.items():
         print(f"{a + '/' + b:<12}{count:>12}{rel:>14.5f}{cos:>14.5f}")

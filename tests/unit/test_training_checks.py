@@ -107,6 +107,5 @@ def test_gradient_tolerances_pass_honest_rounding_and_fail_wrong_gradients(scale
     reference = torch.randn(2, 6, 16)
     other = reference * scale
     assert judge(compare_gradients(reference, other), gradient_profile(("float32", "none"), ("float32", "none"))) == verdict
-    bf16 = reference.to(torch.bfloat16).float()
-    assert judge(compare_gradients(reference, bf16), gradient_profile(("float32", "none"), ("bfloat16", "none"))) == "pass"
+    assert gradient_profile(("float32", "none"), ("bfloat16", "none")) is None  # as far apart as wrong gradients
     assert gradient_profile(("float32", "nf4"), ("float32", "none")) is None
