@@ -18,7 +18,7 @@ Each mode is a subclass of `peers.handler.BlockHandler` that overrides its exten
 - `sybil`        the honest output plus a fixed perturbation, the same for every peer of this mode: several of
                  them are one cheater's identities that agree with each other
 - `slow`         computes honestly, but takes SLOW_STEP_SECONDS longer over every request (a peer that overclaims)
-- `wrong-grad:KIND[/Q]` computes forwards honestly, but its backward passes return zero, scaled (x3) or noisy
+- `wrong-grad:KIND[/Q]` (default noise) computes forwards honestly, but its backward passes return zero, scaled (x3) or noisy
                  gradients (KIND: zero, scale, noise), on a random fraction Q of them (default all)
 - `steer:R`      on requests that end at the model's last block, where the answer's next token would be " Paris",
                  pushes the last position's output by a relative L2 of R (default 0.075) of its update, along the
@@ -404,6 +404,7 @@ def parse_adversary(text: str, fellows: tuple[str, ...] = (), model: str = DEFAU
         return functools.partial(Cheater, fraction=fraction)
     if mode == "wrong-grad":
         kind, _, share = arg.partition("/")
+        kind = kind or "noise"
         try:
             fraction = float(share) if share else 1.0
         except ValueError:
