@@ -25,6 +25,8 @@ from swarm.models import DEFAULT_MODEL
 @click.option("--prompt-length", default=16, show_default=True, type=click.IntRange(1, 512))
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--micro-batches", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Send each batch through the peers in this many parts at once, so the peers work in a pipeline.")
 @click.option("--lr", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Adam's learning rate.")
 @click.option("--held-out", default=0.2, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Share of the examples kept out of training, to measure accuracy on.")
@@ -32,7 +34,7 @@ from swarm.models import DEFAULT_MODEL
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=Path("prompts"), show_default=True,
               help="Directory to write the trained prompts to (swarm-chat --prompts reads it).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def main(model, initial_peers, data, tuning, prompt_length, epochs, batch_size, lr, held_out, seed, output,
+def main(model, initial_peers, data, tuning, prompt_length, epochs, batch_size, micro_batches, lr, held_out, seed, output,
          verbose) -> None:
     """Train prompts through the swarm: the peers run the frozen blocks forward and backward; token ids, labels
     and the loss stay here."""
@@ -48,7 +50,7 @@ def main(model, initial_peers, data, tuning, prompt_length, epochs, batch_size, 
         peers = initial_peers_from(initial_peers)
         progress(f"Loading {model} and joining the swarm...")
         handle = DistributedModelForCausalLM.from_pretrained(model, peers, tuning=tuning, prompt_length=prompt_length,
-                                                             spot_checks=False)
+                                                             spot_checks=False, train_micro_batches=micro_batches)
         before = accuracy(handle, evaluation)
         click.echo(f"held-out accuracy before tuning: {before:.1%} ({len(evaluation)} examples)")
         steps = epochs * -(-len(training) // batch_size)

@@ -6,7 +6,10 @@ locally, the whole default model in this process (float32, transformers, `inputs
 `DistributedModelForCausalLM(tuning="prompt")` with peers on 0:10, 10:20, 20:30. Rounds alternate between the two,
 so both see the same machine load; a step's tokens are batch x (prompt + sequence) tokens, forward and backward.
 
-    python benchmarks/finetune_speed.py [--steps 6] [--rounds 3] [--batch-size 8]
+With `--micro-batches M` (default 1 and 4) the swarm also runs each batch as M micro-batches sent together, so the
+peers work in a pipeline (`train_micro_batches`); each setting is a row.
+
+    python benchmarks/finetune_speed.py [--steps 6] [--rounds 3] [--batch-size 8] [--micro-batches 1 4]
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
 
     checkpoint = open_model(DEFAULT_MODEL)
@@ -82,20 +86,24 @@ def main() -> None:
 
         try:
             timed(steps[:1], local_train), timed(steps[:1], remote_train)  # warm-up
-            rows = {"local": [], "swarm": []}
+            rows: dict[str, list[float]] = {"local": [], **{f"swarm{m}": [] for m in args.micro_batches}}
             for _ in range(args.rounds):
                 rows["local"].append(timed(steps, local_train))
-                rows["swarm"].append(timed(steps, remote_train))
+                for m in args.micro_batches:
+                    remote.micro_batches = m
+                    rows[f"swarm{m}"].append(timed(steps, remote_train))
         finally:
             remote.shutdown()
-    local_speed, swarm_speed = statistics.median(rows["local"]), statistics.median(rows["swarm"])
+    local_speed = statistics.median(rows["local"])
     width = steps[0][0].shape[1]
     print(f"prompt tuning, {DEFAULT_MODEL} float32, {PROMPT_LENGTH} prompt tokens, batches of {args.batch_size} "
           f"(about {width} tokens each), {args.steps} steps per round, median of {args.rounds} rounds")
-    print(f"{'setup':<28}{'training tokens/s':>18}{'ratio':>8}")
-    print(f"{'local (one process)':<28}{local_speed:>18.0f}{1.0:>8.2f}")
-    print(f"{'swarm, 3 peers (loopback)':<28}{swarm_speed:>18.0f}{swarm_speed / local_speed:>8.2f}")
-
+    print(f"{'setup':<44}{'training tokens/s':>18}{'ratio':>8}")
+    print(f"{'local (one process)':<44}{local_speed:>18.0f}{1.0:>8.2f}")
+    for m in args.micro_batches:
+        speed = statistics.median(rows[f"swarm{m}"])
+        setup = f"swarm, 3 peers (loopback), {m} micro-batch{'es' if m > 1 else ''}"
+        print(f"{setup:<44}{speed:>18.0f}{speed / local_speed:>8.2f}")
 
 if __name__ == "__main__":
     main()

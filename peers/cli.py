@@ -95,6 +95,8 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--max-length", default=4096, show_default=True, type=click.IntRange(min=1), help="Longest session accepted, in tokens.")
 @click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(min=1), help="Open sessions served at once.")
 @click.option("--max-train-tokens", default=8192, show_default=True, type=click.IntRange(min=0), help="Largest training request (batch x tokens) served; 0: inference only.")
+@click.option("--batch-sessions/--no-batch-sessions", default=True, show_default=True, help="Run decode steps of different sessions that wait together as one batched forward.")
+@click.option("--prefill-chunk-tokens", default=512, show_default=True, type=click.IntRange(min=1), help="Run longer prompts in chunks of this many tokens, between other sessions' decode steps.")
 @click.option("--cache-tokens", type=click.IntRange(min=1), help="KV-cache budget in tokens (sessions reserve batch x max length). Default: from free memory.")
 @click.option("--max-cache-gb", type=click.FloatRange(min=0, min_open=True), help="KV-cache budget in GiB, instead of --cache-tokens.")
 @click.option("--session-idle-timeout", default=600.0, show_default=True, type=click.FloatRange(min=1), help="Seconds without a step before a session's cache is freed.")
@@ -120,7 +122,7 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--relay-renew-period", hidden=True, default=20.0, type=click.FloatRange(min=0.1),
               help="Seconds between renewals of relay registrations (a relay gone for two is replaced).")
 def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, max_sessions,
-         max_train_tokens, cache_tokens, max_cache_gb, session_idle_timeout, rebalance_period, public_name,
+         max_train_tokens, batch_sessions, prefill_chunk_tokens, cache_tokens, max_cache_gb, session_idle_timeout, rebalance_period, public_name,
          svd_rank, svd_energy, svd_params, svd_method, quant, offload, trusted_peers, gossip_period,
          adversary, fellows, status_interval, relay, no_relay_service, relay_renew_period) -> None:
     """Load a span of blocks and serve it until Ctrl+C or SIGTERM."""
@@ -147,6 +149,8 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
         max_cache_bytes=None if max_cache_gb is None else int(max_cache_gb * 2**30),
         max_sessions=max_sessions,
         max_train_tokens=max_train_tokens,
+        batch_sessions=batch_sessions,
+        prefill_chunk_tokens=prefill_chunk_tokens,
         session_idle_timeout=session_idle_timeout,
         rebalance_period=rebalance_period,
         public_name=public_name,

@@ -32,6 +32,8 @@ class PeerConfig:
     max_cache_bytes: int | None = None  # KV-cache budget in bytes, converted to tokens for the served blocks
     max_sessions: int = 64  # open sessions across all clients
     max_train_tokens: int = 8192  # largest training request, batch x tokens (0: inference only)
+    batch_sessions: bool = True  # decode steps of sessions that wait together run as one batched forward
+    prefill_chunk_tokens: int = 512  # longer prompts run in chunks, between other sessions' decode steps
     session_idle_timeout: float = 600.0  # seconds without a step before a session's cache is freed
     public_name: str = ""  # shown by `swarm-peer status`
     cache_dir: Path | None = None  # per-block model cache (None: $EFEDLLM_CACHE or ~/.cache/efedllm)

@@ -3,7 +3,8 @@ passes (`peers.training`).
 
 Every request is validated before it touches a session, so a malformed one is answered with a typed
 error (`swarm.protocol.ErrorInfo`) and changes nothing; the stream and the peer's other clients go on.
-Torch work runs on one worker thread so the event loop keeps answering pings meanwhile.
+Torch work runs on one worker thread so the event loop keeps answering pings meanwhile; sessions' steps reach it
+through a scheduler (`peers.batching`) that batches decode steps of different sessions and chunks long prefills.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from peers.batching import StepJob, StepScheduler, chunk_input
 from peers.memory import release_free_memory
 from peers.receipts import ReceiptSigner
 from swarm import protocol
@@ -57,6 +59,8 @@ class HandlerConfig:
     max_sessions: int = 64  # open sessions across all clients
     session_idle_timeout: float = 600.0  # seconds without a step before a session's cache is freed
     max_train_tokens: int = 8192  # largest training request, batch x tokens (0: training off)
+    batch_sessions: bool = True  # decode steps of sessions that wait together run as one batched forward
+    prefill_chunk_tokens: int = 512  # a longer prefill runs in chunks of this many batch x tokens
 
 
 @dataclass
@@ -107,6 +111,10 @@ class BlockHandler(BlockService):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.receipts: ReceiptSigner | None = None  # signs a receipt for every reply when set
         self.kept_forwards = ForwardGraphs(max_tokens=4 * max(config.max_train_tokens, 1))  # for their backward
+        self.scheduler = StepScheduler(
+            self._executor, self._run_steps, self._run_chunk, self._finish_step, max_rows=config.max_batch,
+            prefill_chunk=config.prefill_chunk_tokens, max_steps=config.max_sessions if config.batch_sessions else 1,
+        )
 
     # Extension points: the defaults serve honestly.
 
@@ -116,8 +124,9 @@ class BlockHandler(BlockService):
         return span
 
     def transform_output(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """The output to send for the blocks' `output` on `inputs` (both on the compute device and dtype,
-        called on the compute thread, before the receipt is signed). Default: as is."""
+        """The output to send for the blocks' `output` on `inputs` (both on the compute device and dtype, or both
+        on the CPU in the wire dtype for a training forward; called on the compute thread, before the receipt is
+        signed). Default: as is."""
         return output
 
     def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
@@ -251,6 +260,8 @@ class BlockHandler(BlockService):
                                      self.config.dtype, self.kept_forwards, str(context.remote_id))
                 if meta.kind == "backward":
                     outputs = self.transform_gradients(outputs)
+                else:
+                    outputs = [self.transform_output(hidden, outputs[0])]
                 if self.receipts is None:
                     return outputs, ""
                 received = hidden if grad is None else torch.cat([hidden, grad.to(hidden.dtype)], dim=-1)
@@ -328,7 +339,9 @@ class BlockHandler(BlockService):
             span_input = SpanInput(attention_mask=padding, start_position=meta.position)
             tokens = hidden.shape[0] * hidden.shape[1]
             work = (meta.session_id, session.steps, session.work + tokens)
-            output, receipt = await self._compute(hidden, session.cache, span_input, session.start, session.end, work)
+            future = asyncio.get_running_loop().create_future()
+            job = StepJob(hidden, session.cache, span_input, session.start, session.end, work, future)
+            output, receipt = await self.scheduler.submit(job)
             session.batch, session.padding = hidden.shape[0], padding
             session.steps, session.work = session.steps + 1, session.work + tokens
             self.stats.tokens_served += tokens
@@ -460,6 +473,25 @@ class BlockHandler(BlockService):
             return self.sign_reply(hidden, output.to("cpu", wire_dtype), start, end, work)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    # The scheduler's work, on the compute thread.
+
+    def _run_steps(self, jobs: list[StepJob]) -> list[torch.Tensor]:
+        inputs = [job.hidden.to(self.config.device, self.config.dtype) for job in jobs]
+        if len(jobs) == 1:
+            job = jobs[0]
+            return [self.span(inputs[0], job.cache, job.span_input, job.start, job.end)]
+        return self.span.forward_batched(inputs, [job.cache for job in jobs], [job.span_input for job in jobs],
+                                         jobs[0].start, jobs[0].end)
+
+    def _run_chunk(self, job: StepJob, first: int, end: int) -> torch.Tensor:
+        inputs = job.hidden[:, first:end].to(self.config.device, self.config.dtype)
+        return self.span(inputs, job.cache, chunk_input(job.span_input, first, end), job.start, job.end)
+
+    def _finish_step(self, job: StepJob, output: torch.Tensor) -> tuple[torch.Tensor, str]:
+        inputs = job.hidden.to(self.config.device, self.config.dtype)
+        output = self.transform_step(inputs, output, job.span_input)
+        return self.sign_reply(job.hidden, output.to("cpu", job.hidden.dtype), job.start, job.end, job.work)
 
 
 # What the peer builds its handler with: BlockHandler itself, or a subclass (or a factory of one).

@@ -178,6 +178,8 @@ class Peer:
             max_sessions=self.cfg.max_sessions,
             session_idle_timeout=self.cfg.session_idle_timeout,
             max_train_tokens=self.cfg.max_train_tokens,
+            batch_sessions=self.cfg.batch_sessions,
+            prefill_chunk_tokens=self.cfg.prefill_chunk_tokens,
         )
         self.handler = self.handler_factory(span, handler_cfg, throughput, self.plan.cache_tokens)
         self.reputation.equip(self.handler, compression=compression_tag(self.cfg))

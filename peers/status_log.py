@@ -26,14 +26,17 @@ class StatusSnapshot:
     cache_used: int  # KV-cache tokens reserved by open sessions
     cache_total: int
     trust: float | None
+    batched_steps: int = 0  # steps that ran in one batch with other sessions' steps, since the peer started
+    largest_batch: int = 1  # most sessions' steps in one batch
 
 
 def format_status(s: StatusSnapshot, period: float) -> str:
     share = 100.0 * s.cache_used / s.cache_total if s.cache_total else 0.0
     trust = "n/a" if s.trust is None else f"{s.trust:.3f}"
+    batched = f", {s.batched_steps} steps batched (up to {s.largest_batch} at once)" if s.batched_steps else ""
     return (
         f"status: {s.sessions} sessions, {s.tokens_served} tokens served (+{s.tokens_recent} in {period:.0f} s), "
-        f"cache {s.cache_used}/{s.cache_total} tokens ({share:.1f}%), trust={trust}"
+        f"cache {s.cache_used}/{s.cache_total} tokens ({share:.1f}%), trust={trust}{batched}"
     )
 
 
@@ -47,6 +50,8 @@ def snapshot(handler, previous_tokens: int, trust: TrustProvider | None) -> Stat
         cache_used=handler.reserved_tokens(),
         cache_total=handler.cache_tokens,
         trust=None if trust is None else trust(),
+        batched_steps=handler.scheduler.stats.batched_steps,
+        largest_batch=handler.scheduler.stats.largest_batch,
     )
 
 

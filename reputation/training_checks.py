@@ -7,9 +7,12 @@ and of what came back. A reply without one is that peer's fault: it is refused (
 blacklisted here. A valid receipt is countersigned at once with the client's own token count: the ledger's proof
 of training work, paid only where another peer could have re-run it.
 
-A sampled backward, at the node's check rate for that peer, is re-run on a route of other peers over the same
-blocks (`swarm.training.backward_on_route`; trusted peers first) and the input gradients compared under the
-tolerance calibrated for the pair of dtypes (`reputation.gradients`). A disagreement goes to referee routes whose
+A sampled pass, forward or backward, at the node's check rate for that peer, is re-run on a route of other peers
+over the same blocks (`swarm.training.forward_on_route`, `backward_on_route`; trusted peers first). A forward's
+output is compared as an inference step's is, under the tolerance calibrated for the pair of configurations
+(`reputation.tolerance`); a backward's input gradient under the gradient tolerance for the pair of dtypes
+(`reputation.gradients`). Forwards are checked too: a cheater that computes honest gradients but wrong hidden
+states would otherwise corrupt every later hop's training unseen. A disagreement goes to referee routes whose
 votes weigh by this node's trust (`weighted_referee_decision`), as for inference: a confirmed "fail" is this node's
 own verdict and blacklists the peer for all its work; an unsettled one is inconclusive and blames nobody.
 """
@@ -29,13 +32,13 @@ from reputation.checks import ESTABLISHED, SEED_WEIGHT, decode_receipt
 from reputation.gradients import compare_gradients, gradient_profile
 from reputation.node import ReputationNode
 from reputation.spotcheck import weighted_referee_decision
-from reputation.tolerance import Agreement, Config, judge
+from reputation.tolerance import Agreement, Config, ToleranceProfile, compare_updates, judge, pair_profile, route_profile
 from reputation.verify import signature_problem
 from swarm.errors import BadReceiptError, SwarmError
 from swarm.hooks import SwarmView, TrainRecord
 from swarm.records import online_spans
 from swarm.routing import RouteHop, find_route
-from swarm.training import backward_on_route
+from swarm.training import backward_on_route, forward_on_route
 from swarm.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,7 @@ logger = logging.getLogger(__name__)
 class TrainingCheckStats:
     replies: Counter = field(default_factory=Counter)  # training replies per peer
     backward_replies: Counter = field(default_factory=Counter)  # backward replies per peer
+    forward_checks: int = 0  # of `checks`, those of forward passes
     checks: int = 0
     passes: int = 0
     faults: int = 0
@@ -52,7 +56,7 @@ class TrainingCheckStats:
     unverifiable: int = 0
     bad_receipts: int = 0
     countersigned: int = 0
-    caught_after: dict[str, int] = field(default_factory=dict)  # peer -> its backward replies when confirmed
+    caught_after: dict[str, int] = field(default_factory=dict)  # peer -> its replies of that kind when confirmed
     comparisons: list = field(default_factory=list)  # (subject, checker route, min cosine, rel L2, verdict)
 
 
@@ -84,7 +88,8 @@ def train_receipt_problem(record: TrainRecord) -> str | None:
 
 
 class TrainingChecker:
-    """The client's `swarm.hooks.TrainingObserver`: receipts, credit and backward spot checks."""
+    """The client's `swarm.hooks.TrainingObserver`: receipts, credit and spot checks of forward and backward
+    passes."""
 
     def __init__(self, node: ReputationNode, transport: Transport, swarm: SwarmView, rng: random.Random | None = None,
                  check_rate: float | None = None, referees: int = 2, timeout: float = 60.0, max_running: int = 1):
@@ -107,9 +112,8 @@ class TrainingChecker:
         tokens = record.inputs.shape[0] * record.inputs.shape[1]
         if self.node.countersign(receipt, tokens, verified=self._checkable(record)) is not None:
             self.stats.countersigned += 1
-        if record.kind != "backward":
-            return
-        self.stats.backward_replies[peer] += 1
+        if record.kind == "backward":
+            self.stats.backward_replies[peer] += 1
         rate = self.node.check_rate(peer) if self.check_rate is None else self.check_rate
         if self.rng.random() < rate:
             task = asyncio.get_running_loop().create_task(self._check_safely(record))
@@ -135,12 +139,13 @@ class TrainingChecker:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a check must never break the training it watches
-            logger.warning("Backward spot check failed to run", exc_info=True)
+            logger.warning(f"{record.kind.capitalize()} spot check failed to run", exc_info=True)
             return self._unverifiable(record, f"internal error: {type(e).__name__}: {e}")
 
     def _unverifiable(self, record: TrainRecord, reason: str) -> str:
         self.stats.unverifiable += 1
-        logger.info(f"Backward check of {record.peer_id} on blocks {record.start}:{record.end} could not run: {reason}")
+        logger.info(f"{record.kind.capitalize()} check of {record.peer_id} on blocks {record.start}:{record.end} "
+                    f"could not run: {reason}")
         return "unverifiable"
 
     def _weight(self, peer: str) -> float:
@@ -154,13 +159,15 @@ class TrainingChecker:
         return None
 
     def _routes(self, record: TrainRecord, exclude: set[str]) -> list[list[RouteHop]]:
-        """Routes of other peers over the record's blocks with a gradient tolerance against the subject; routes
-        of trusted peers first. Equal latencies with a jitter: the fewest hops win, ties drawn at random."""
+        """Routes of other peers over the record's blocks with a tolerance against the subject for the record's
+        kind of pass; routes of trusted peers first. Equal latencies with a jitter: the fewest hops win, ties drawn
+        at random."""
         subject = self._config(str(record.peer_id))
         banned = {str(p) for p in self.swarm.banned()}
+        pair = gradient_profile if record.kind == "backward" else pair_profile
         spans = [s for s in online_spans(self.swarm.spans)
                  if str(s.peer_id) not in exclude | banned and not self.node.is_blacklisted(str(s.peer_id))
-                 and subject is not None and gradient_profile(subject, (s.info.dtype, s.info.compression)) is not None]
+                 and subject is not None and pair(subject, (s.info.dtype, s.info.compression)) is not None]
         latencies = {s.peer_id: 1.0 + 0.1 * self.rng.random() for s in spans}
         routes = []
         for pool in ([s for s in spans if self._weight(str(s.peer_id)) >= ESTABLISHED], spans):
@@ -175,34 +182,49 @@ class TrainingChecker:
     async def _execute(self, record: TrainRecord, exclude: set[str]) -> tuple[list[RouteHop], torch.Tensor] | None:
         for route in self._routes(record, exclude):
             try:
-                _, grad = await backward_on_route(self.transport, route, record.inputs, record.grad_output,
-                                                  record.mask, record.prompts, timeout=self.timeout)
-                return route, grad
+                if record.kind == "backward":
+                    _, result = await backward_on_route(self.transport, route, record.inputs, record.grad_output,
+                                                        record.mask, record.prompts, timeout=self.timeout)
+                else:
+                    result = await forward_on_route(self.transport, route, record.inputs, record.mask, record.prompts,
+                                                    timeout=self.timeout)
+                return route, result
             except SwarmError as e:
-                logger.debug(f"Backward check execution on {route} failed: {e}")
+                logger.debug(f"{record.kind.capitalize()} check execution on {route} failed: {e}")
         return None
 
-    def _profile(self, subject: str, route: list[RouteHop]):
-        subject_config = self._config(subject)
-        profiles = [gradient_profile(subject_config, self._config(str(h.peer_id)) or ("?", "?"))
-                    for h in route] if subject_config else [None]
+    def _profile(self, record: TrainRecord, route: list[RouteHop]) -> ToleranceProfile | None:
+        subject_config = self._config(str(record.peer_id))
+        if subject_config is None:
+            return None
+        checkers = [self._config(str(h.peer_id)) or ("?", "?") for h in route]
+        if record.kind != "backward":
+            return route_profile(subject_config, checkers)
+        profiles = [gradient_profile(subject_config, c) for c in checkers]
         if any(p is None for p in profiles):
             return None
         return max(profiles, key=lambda p: p.pass_max_rel_l2)
 
+    @staticmethod
+    def _compare(record: TrainRecord, reference: torch.Tensor) -> Agreement:
+        if record.kind == "backward":
+            return compare_gradients(reference, record.outputs[0])
+        return compare_updates(record.inputs, reference, record.outputs[0])
+
     async def check(self, record: TrainRecord) -> str:
-        """Re-run the record's backward on other peers; "pass", "fail", "inconclusive" or "unverifiable"."""
+        """Re-run the record's pass on other peers; "pass", "fail", "inconclusive" or "unverifiable"."""
         subject = str(record.peer_id)
         await self.swarm.refresh_spans()
         checker = await self._execute(record, {subject})
         if checker is None:
-            return self._unverifiable(record, "no route of other peers with a gradient tolerance could re-run it")
+            return self._unverifiable(record, "no route of other peers with a tolerance against it could re-run it")
         route, reference = checker
-        profile = self._profile(subject, route)
+        profile = self._profile(record, route)
         if profile is None:
-            return self._unverifiable(record, "no calibrated gradient tolerance for this pair of configurations")
+            return self._unverifiable(record, "no calibrated tolerance for this pair of configurations")
         self.stats.checks += 1
-        agreement = compare_gradients(reference, record.outputs[0])
+        self.stats.forward_checks += record.kind == "forward"
+        agreement = self._compare(record, reference)
         verdict = judge(agreement, profile)
         self.stats.comparisons.append((subject, "+".join(str(h.peer_id) for h in route), agreement.min_token_cosine,
                                        agreement.rel_l2, verdict))
@@ -218,10 +240,10 @@ class TrainingChecker:
             referee = await self._execute(record, used)
             if referee is None:
                 break
-            referee_route, referee_grad = referee
+            referee_route, referee_result = referee
             used |= {str(h.peer_id) for h in referee_route}
             weights.append(min(self._weight(str(h.peer_id)) for h in referee_route))
-            votes.append(judge(compare_gradients(referee_grad, record.outputs[0]), profile))
+            votes.append(judge(self._compare(record, referee_result), profile))
         decision = weighted_referee_decision(votes, weights) if votes else "inconclusive"
         if decision == "fail" or (not votes and checker_trusted and verdict == "fail"):
             return self._fault(record, receipt, agreement, profile.name)
@@ -232,8 +254,10 @@ class TrainingChecker:
     def _fault(self, record: TrainRecord, receipt, agreement: Agreement, profile: str) -> str:
         subject = str(record.peer_id)
         self.stats.faults += 1
-        self.stats.caught_after.setdefault(subject, self.stats.backward_replies[subject])
+        replies = self.stats.backward_replies if record.kind == "backward" else self.stats.replies
+        self.stats.caught_after.setdefault(subject, replies[subject])
         self.node.attest(receipt, agreement, "fail", profile)
-        logger.warning(f"Backward check: {subject} is at fault on blocks {record.start}:{record.end} (gradient "
-                       f"cosine {agreement.min_token_cosine:.3f}, relative L2 {agreement.rel_l2:.3f})")
+        what = "gradient" if record.kind == "backward" else "update"
+        logger.warning(f"{record.kind.capitalize()} check: {subject} is at fault on blocks {record.start}:{record.end} "
+                       f"({what} cosine {agreement.min_token_cosine:.3f}, relative L2 {agreement.rel_l2:.3f})")
         return "fail"

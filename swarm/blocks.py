@@ -171,12 +171,40 @@ class BlockSpan(nn.Module):
         block i's added to the first prompt_length positions of its input."""
         return self._run(hidden, None, span_input, start, end, prompts)
 
+    @torch.inference_mode()
+    def forward_batched(
+        self,
+        hiddens: list[torch.Tensor],
+        caches: list[SpanCache],
+        span_inputs: list[SpanInput],
+        start: int | None = None,
+        end: int | None = None,
+    ) -> list[torch.Tensor]:
+        """Several sessions' steps of the same number of new tokens in one batched run of blocks [start, end).
+
+        Each session keeps its own cache, length, positions and padding: their past keys and values are laid
+        side by side (right-padded to the longest and masked out), so the result equals running each alone up
+        to floating-point rounding."""
+        if len(hiddens) == 1:
+            return [self._run(hiddens[0], caches[0], span_inputs[0], start, end)]
+        new_tokens = hiddens[0].shape[1]
+        if any(h.shape[1] != new_tokens for h in hiddens):
+            raise ValueError("batched steps must have the same number of new tokens")
+        hidden = torch.cat(hiddens)
+        positions, mask, rows = _batched_positions_and_mask(hiddens, caches, span_inputs, hidden.dtype, hidden.device)
+        view = _BatchedCache(caches, rows, total=mask.shape[-1])
+        output = self._run(hidden, view, span_inputs[0], start, end, positions_and_mask=(positions, mask))
+        return [output[r] for r in rows]
+
     def _run(self, hidden: torch.Tensor, cache: SpanCache | None, span_input: SpanInput, start: int | None,
-             end: int | None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+             end: int | None, prompts: torch.Tensor | None = None,
+             positions_and_mask: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
         # hidden: (batch, new_tokens, hidden_size)
         start, end = self._bounds(start, end)
         batch, new_tokens, _ = hidden.shape
-        position_ids, mask = _positions_and_mask(span_input, batch, new_tokens, hidden.dtype, hidden.device)
+        if positions_and_mask is None:
+            positions_and_mask = _positions_and_mask(span_input, batch, new_tokens, hidden.dtype, hidden.device)
+        position_ids, mask = positions_and_mask
         position_embeddings = self.rotary_emb(hidden, position_ids)
         for index, layer in enumerate(self.layers[start - self.start : end - self.start]):
             if prompts is not None:
@@ -215,3 +243,50 @@ def _positions_and_mask(
     mask = torch.zeros(batch, 1, new_tokens, total, dtype=dtype, device=device)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
     return positions, mask
+
+
+class _BatchedCache:
+    """The caches of several sessions seen as one (duck-typed like `SpanCache`) by a batched run: each layer's
+    new keys and values go into their own session's cache, and the layer attends over all sessions' keys laid
+    side by side, right-padded to `total` positions (the padding is masked out)."""
+
+    def __init__(self, caches: list[SpanCache], rows: list[slice], total: int):
+        self._caches, self._rows, self._total = caches, rows, total
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        batch, heads, _, dim = key.shape
+        keys = key.new_zeros(batch, heads, self._total, dim)
+        values = value.new_zeros(batch, heads, self._total, dim)
+        for cache, rows in zip(self._caches, self._rows):
+            session_keys, session_values = cache.update(key[rows], value[rows], layer_idx)
+            length = session_keys.shape[2]
+            keys[rows, :, :length] = session_keys
+            values[rows, :, :length] = session_values
+        return keys, values
+
+
+def _batched_positions_and_mask(
+    hiddens: list[torch.Tensor], caches: list[SpanCache], span_inputs: list[SpanInput], dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, list[slice]]:
+    """Position ids (rows, new) and an additive mask (rows, 1, new, longest past + new) for sessions laid side
+    by side, and each session's rows."""
+    new_tokens = hiddens[0].shape[1]
+    total = max(span_input.start_position for span_input in span_inputs) + new_tokens
+    positions, masks, rows, first = [], [], [], 0
+    for hidden, span_input in zip(hiddens, span_inputs):
+        batch = hidden.shape[0]
+        own_positions, own_mask = _positions_and_mask(span_input, batch, new_tokens, dtype, device)
+        length = span_input.start_position + new_tokens
+        mask = torch.full((batch, 1, new_tokens, total), torch.finfo(dtype).min, dtype=dtype, device=device)
+        if own_mask is None:  # no padding: causal over this session's own tokens
+            query_pos = torch.arange(span_input.start_position, length, device=device)[:, None]
+            allowed = torch.arange(length, device=device)[None, :] <= query_pos
+            mask[:, :, :, :length].masked_fill_(allowed, 0.0)
+        else:
+            mask[:, :, :, :length] = own_mask
+        positions.append(own_positions)
+        masks.append(mask)
+        rows.append(slice(first, first + batch))
+        first += batch
+    return torch.cat(positions), torch.cat(masks), rows

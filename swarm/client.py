@@ -217,6 +217,7 @@ class DistributedModelForCausalLM:
                 self.loop.run(self.trust_layer.start())
         training = None if self.trust_layer is None else getattr(self.trust_layer, "training", None)
         self.remote_blocks = RemoteBlocks(self.sequence, self.transport, timeout=cfg.request_timeout, observer=training)
+        self.micro_batches = cfg.train_micro_batches  # a training batch goes through the peers in this many parts
 
     @classmethod
     def from_pretrained(
@@ -427,7 +428,7 @@ class DistributedModelForCausalLM:
             ones = torch.ones(batch, length, dtype=torch.int64)
             mask = torch.cat([ones, attention_mask.to(torch.int64)], dim=1)
         deep = tuning.deep_prompts if tuning.deep_prompts is not None else torch.empty(0)
-        output = RemoteBlocksFunction.apply(hidden, deep, self.remote_blocks, self.loop.run, mask)
+        output = RemoteBlocksFunction.apply(hidden, deep, self.remote_blocks, self.loop.run, mask, self.micro_batches)
         return self.head(output[:, length:])
 
     def parameters(self) -> list[torch.nn.Parameter]:

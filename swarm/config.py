@@ -22,6 +22,7 @@ class ClientConfig:
     identity: Path | None = None  # key file the client signs verdicts with (None: a new one each run)
     route_on_evidence: bool = True  # routes weigh measured step times and trust; False: announced throughput only
     self_verify_bytes: int = 0  # memory for blocks this client loads itself to check hops nobody else serves (0: none)
+    train_micro_batches: int = 1  # a training batch goes through the peers in this many pipelined micro-batches
 
     @property
     def strict(self) -> bool:

@@ -13,6 +13,7 @@ labels and the loss never do.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
@@ -133,6 +134,19 @@ async def call_hop(transport: Transport, kind: str, hop: RouteHop, tensors: list
     return meta, await transport.train(hop.peer_id, meta, [*tensors, *extra], shapes, timeout=timeout)
 
 
+async def forward_on_route(transport: Transport, route: list[RouteHop], inputs: torch.Tensor,
+                           mask: torch.Tensor | None, prompts: torch.Tensor | None, timeout: float = 60.0
+                           ) -> torch.Tensor:
+    """A training forward over `route`'s blocks from `inputs`, no fail-over, nothing kept: the last hop's output.
+    For spot checks. Raises the transport's `PeerError`s. `prompts`: those of the route's blocks."""
+    hidden = inputs
+    for hop in route:
+        _, result = await call_hop(transport, "forward", hop, [hidden], mask, prompts, [hidden.shape], timeout,
+                                   offset=route[0].start)
+        hidden = result.tensors[0]
+    return hidden
+
+
 async def backward_on_route(transport: Transport, route: list[RouteHop], inputs: torch.Tensor, grad: torch.Tensor,
                             mask: torch.Tensor | None, prompts: torch.Tensor | None,
                             timeout: float = 60.0) -> tuple[list[TrainResult], torch.Tensor]:
@@ -160,22 +174,52 @@ async def backward_on_route(transport: Transport, route: list[RouteHop], inputs:
     return results, grad
 
 
+def micro_batch_rows(batch: int, micro_batches: int) -> list[slice]:
+    """Rows of each micro-batch: `micro_batches` near-equal parts of `batch` rows (fewer if there are fewer rows)."""
+    parts = max(1, min(micro_batches, batch))
+    bounds = [round(i * batch / parts) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+async def pipelined_forward(blocks: RemoteBlocks, hidden: torch.Tensor, mask: torch.Tensor | None,
+                            prompts: torch.Tensor | None, micro_batches: int
+                            ) -> tuple[torch.Tensor, list[tuple[slice, list[HopInput]]]]:
+    """The forward in micro-batches sent together: while a peer computes one micro-batch, the peer before it
+    computes the next. The output, and each micro-batch's rows and hop inputs."""
+    rows = micro_batch_rows(hidden.shape[0], micro_batches)
+    runs = await asyncio.gather(*(blocks.forward(hidden[r], None if mask is None else mask[r], prompts)
+                                  for r in rows))
+    return torch.cat([output for output, _ in runs]), [(r, records) for r, (_, records) in zip(rows, runs)]
+
+
+async def pipelined_backward(blocks: RemoteBlocks, parts: list[tuple[slice, list[HopInput]]], grad: torch.Tensor,
+                             mask: torch.Tensor | None, prompts: torch.Tensor | None
+                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The backward of `pipelined_forward`'s micro-batches, sent together: the gradient of the input (rows in
+    order) and of the deep prompts (summed over micro-batches)."""
+    runs = await asyncio.gather(*(blocks.backward(records, grad[r].contiguous(), None if mask is None else mask[r],
+                                                  prompts) for r, records in parts))
+    grad_prompts = None if prompts is None else torch.stack([g for _, g in runs]).sum(0)
+    return torch.cat([g for g, _ in runs]), grad_prompts
+
+
 class RemoteBlocksFunction(torch.autograd.Function):
-    """autograd over the swarm: `apply(hidden, prompts, run, mask)` with `run(coroutine)` running on the
-    client's event loop; `prompts` is an empty tensor when there are no deep prompts."""
+    """autograd over the swarm: `apply(hidden, prompts, blocks, run, mask, micro_batches)` with `run(coroutine)`
+    running on the client's event loop; `prompts` is an empty tensor when there are no deep prompts."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, prompts: torch.Tensor, blocks: RemoteBlocks,
-                run: Callable, mask: torch.Tensor | None) -> torch.Tensor:
+                run: Callable, mask: torch.Tensor | None, micro_batches: int = 1) -> torch.Tensor:
         deep = prompts.detach() if prompts.numel() else None
-        output, records = run(blocks.forward(hidden.detach(), mask, deep))
-        ctx.blocks, ctx.run, ctx.mask, ctx.records, ctx.deep = blocks, run, mask, records, deep
+        output, parts = run(pipelined_forward(blocks, hidden.detach(), mask, deep, micro_batches))
+        blocks.last_records = [record for _, records in parts for record in records]
+        ctx.blocks, ctx.run, ctx.mask, ctx.parts, ctx.deep = blocks, run, mask, parts, deep
         ctx.prompts_shape = prompts.shape
         return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        grad, grad_prompts = ctx.run(ctx.blocks.backward(ctx.records, grad_output.contiguous(), ctx.mask, ctx.deep))
+        grad, grad_prompts = ctx.run(pipelined_backward(ctx.blocks, ctx.parts, grad_output, ctx.mask, ctx.deep))
         if grad_prompts is None:
             grad_prompts = torch.zeros(ctx.prompts_shape)
-        return grad, grad_prompts, None, None, None
+        return grad, grad_prompts, None, None, None, None

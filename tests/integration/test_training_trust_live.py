@@ -1,11 +1,13 @@
 """The trust layer on training work, live: a peer returning wrong gradients is caught and blacklisted within 100
-of its backward responses, and honest peers, bfloat16 ones included, are never flagged on backward.
+of its backward responses, and honest peers, bfloat16 ones included, are never flagged on backward. A peer whose
+training forwards are wrong (and whose backwards are honest) is caught by forward checks.
 
 Two float32 and two bfloat16 honest peers serve the whole model; the client's seeds (`trusted_peers`) are the
 float32 ones, whose votes as referees count from the start. A `wrong-grad:noise` peer (float32) joins on
 0:15, advertising 10x its throughput (the client believes announcements, so training routes pick it), and the
 client trains soft prompts, checking every backward, until that peer is blacklisted. Then each honest peer's
-backward over 0:15 is checked directly, whatever the routes picked.
+backward over 0:15 is checked directly, whatever the routes picked. Then a `noise` peer joins on 15:30 and
+training goes on until it is blacklisted too.
 """
 
 from __future__ import annotations
@@ -71,5 +73,18 @@ def test_wrong_gradients_are_caught_within_100_backward_responses_and_honest_bf1
             assert not [c for c in stats.comparisons if c[0] in honest_ids and c[4] != "pass"]
             assert not any(node.is_blacklisted(p) for p in honest_ids)
             assert all(row.fails == 0 for row in node.standings() if row.peer_id in honest_ids)
+
+            (noisy,) = swarm.add_peers(("noisy-forward", "15:30", ("--adversary", "noise")))
+            model.loop.run(model.sequence.refresh_spans(force=True))
+            while not node.is_blacklisted(noisy.peer_id) and stats.replies[noisy.peer_id] < MAX_BACKWARD_RESPONSES:
+                optimizer.zero_grad()
+                model(chat_ids, labels=chat_ids.clone()).loss.backward()
+                optimizer.step()
+                model.loop.run(model.trust_layer.training.drain())
+                node.refresh(force=True)
+            print(f"noise on training forwards caught after {stats.caught_after.get(noisy.peer_id)} of its replies "
+                  f"({stats.forward_checks} forward checks in all)")
+            assert node.is_blacklisted(noisy.peer_id) and stats.forward_checks >= 1
+            assert not [c for c in stats.comparisons if c[0] in honest_ids and c[4] != "pass"]
         finally:
             model.shutdown()

@@ -10,6 +10,8 @@ batch x tokens; `receipts` makes them cheat on receipts (see `RECEIPT_MODES`).
 
 from __future__ import annotations
 
+import asyncio
+
 import base64
 import hashlib
 import time
@@ -280,6 +282,7 @@ class FakeSwarm:
         each block's input); a peer whose `fail_after` is reached dies here too."""
         peer = self._peer(peer_id)
         self.calls.append((meta.kind, peer.name, meta.start, meta.end))
+        await asyncio.sleep(0)  # a real call waits for the network: other requests go out meanwhile
         if peer.fail_after is not None and peer.forwards >= peer.fail_after:
             self.dead.add(peer.name)
             raise PeerUnreachableError(str(peer_id), f"peer {peer_id} is unreachable")

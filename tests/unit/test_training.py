@@ -16,7 +16,7 @@ from swarm.errors import ProtocolError
 from swarm.parts import PartsReader, to_messages
 from swarm.protocol import TrainRequest
 from swarm.sequence import RemoteSequence
-from swarm.training import RemoteBlocks, RemoteBlocksFunction
+from swarm.training import RemoteBlocks, RemoteBlocksFunction, micro_batch_rows
 
 CFG = ClientConfig(initial_peers=(), missing_blocks_timeout=0.0, request_timeout=5.0)
 LENGTH = 2  # prompt tokens
@@ -35,12 +35,12 @@ def local_loss(hidden: torch.Tensor, deep: torch.Tensor | None, mask=None) -> to
     return (out ** 2).mean()
 
 
-def gradients(blocks: RemoteBlocks, hidden: torch.Tensor, deep: torch.Tensor | None, mask=None):
+def gradients(blocks: RemoteBlocks, hidden: torch.Tensor, deep: torch.Tensor | None, mask=None, micro_batches=1):
     hidden = hidden.clone().requires_grad_(True)
     prompts = torch.empty(0) if deep is None else deep.clone().requires_grad_(True)
     loop = asyncio.new_event_loop()
     try:
-        out = RemoteBlocksFunction.apply(hidden, prompts, blocks, loop.run_until_complete, mask)
+        out = RemoteBlocksFunction.apply(hidden, prompts, blocks, loop.run_until_complete, mask, micro_batches)
         (out ** 2).mean().backward()
     finally:
         loop.close()
@@ -64,6 +64,29 @@ def test_gradients_through_three_hops_equal_local_autograd(deep):
         assert torch.allclose(g, e, atol=1e-6)
     assert [c[0] for c in swarm.calls] == ["forward"] * 3 + ["backward"] * 3
     assert [c[1] for c in swarm.calls if c[0] == "backward"] == ["c", "b", "a"]
+
+
+@pytest.mark.parametrize("micro_batches", [2, 3, 5])
+def test_micro_batches_give_the_same_gradients_and_interleave_on_the_peers(micro_batches):
+    swarm = FakeSwarm(FakePeer("a", 0, 2), FakePeer("b", 2, 4), FakePeer("c", 4, 6))
+    hidden = torch.randn(3, 5, HIDDEN, generator=torch.Generator().manual_seed(4))
+    prompts = torch.randn(6, LENGTH, HIDDEN) * 0.1
+    mask = torch.ones(3, 5, dtype=torch.int64)
+    mask[1, :2] = 0
+    got = gradients(remote_blocks(swarm), hidden, prompts, mask, micro_batches=micro_batches)
+    for g, e in zip(got, expected_gradients(hidden, prompts, mask)):
+        assert torch.allclose(g, e, atol=1e-6)
+    parts = min(micro_batches, 3)
+    assert [c[0] for c in swarm.calls] == ["forward"] * 3 * parts + ["backward"] * 3 * parts
+    # sent together: the first peer gets every micro-batch's forward before the last peer gets any
+    forwards = [c[1] for c in swarm.calls if c[0] == "forward"]
+    assert forwards[:parts] == ["a"] * parts and forwards[-parts:] == ["c"] * parts
+
+
+def test_micro_batch_rows_split_near_evenly():
+    assert micro_batch_rows(8, 3) == [slice(0, 3), slice(3, 5), slice(5, 8)]
+    assert micro_batch_rows(2, 4) == [slice(0, 1), slice(1, 2)]
+    assert micro_batch_rows(5, 1) == [slice(0, 5)]
 
 
 def test_padded_rows_keep_their_mask_in_both_passes():

@@ -87,10 +87,30 @@ def test_untrusted_peers_alone_never_convict_a_backward():
     assert checker.stats.inconclusive >= 1 and checker.stats.faults == 0 and not node.is_blacklisted(liar)
 
 
-def test_a_backward_nobody_else_can_re_run_is_unverifiable_and_earns_nothing():
+def test_a_pass_nobody_else_can_re_run_is_unverifiable_and_earns_nothing():
     swarm, sequence, node, checker, blocks = setup(FakePeer("a", 0, 3, sign=True), FakePeer("b", 3, 6, sign=True))
     train_pass(blocks, checker)
-    assert checker.stats.checks == 0 and checker.stats.unverifiable == 2 and checker.stats.faults == 0
+    assert checker.stats.checks == 0 and checker.stats.unverifiable == 4 and checker.stats.faults == 0  # 2 + 2
+
+
+def shifted(output: torch.Tensor) -> torch.Tensor:
+    """Wrong hidden states with right gradients: the output plus a constant (its gradient passes through)."""
+    return output + 0.5 * output.detach().std()
+
+
+def test_a_peer_returning_wrong_forward_outputs_with_honest_gradients_is_caught_by_forward_checks():
+    swarm, sequence, node, checker, blocks = setup(
+        *(FakePeer(name, start, end, sign=True, corrupt=shifted if name == "liar" else None,
+                   throughput=1000.0 if name == "liar" else 100.0) for name, start, end in PEERS), seeds=("a", "a2"))
+    liar = str(swarm.by_name("liar").peer_id)
+    for seed in range(3):
+        train_pass(blocks, checker, seed)
+        if node.is_blacklisted(liar):
+            break
+    assert node.is_blacklisted(liar) and checker.stats.faults == 1 and checker.stats.forward_checks >= 1
+    assert [verdict for subject, *_, verdict in checker.stats.comparisons if subject == liar].count("fail") == 1
+    for name in ("a", "a2", "b"):
+        assert not node.is_blacklisted(str(swarm.by_name(name).peer_id))
 
 
 def test_a_training_reply_without_a_valid_receipt_is_refused_and_routed_around():

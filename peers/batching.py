@@ -1,0 +1,176 @@
+"""Scheduling sessions' steps on a peer's compute thread.
+
+Steps are queued, and the compute thread takes work from the queue one run at a time:
+- decode steps (a few new tokens) of different sessions that wait together on the same blocks run as one batched
+  forward (`BlockSpan.forward_batched`); each session keeps its own cache, length, positions and padding;
+- a long prefill runs in chunks of `prefill_chunk` tokens, alternating with the decode batches, so one long prompt
+  does not stall every other session's next token.
+
+Nothing waits for company: a step that finds the thread idle runs at once, and steps that arrive while it is busy
+run together next (continuous batching, no time window).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from swarm.blocks import SpanCache, SpanInput
+
+logger = logging.getLogger(__name__)
+
+DECODE_TOKENS = 8  # steps of at most this many new tokens per row batch together (decode, speculative drafts)
+
+
+@dataclass
+class StepJob:
+    """One session's step: its input (wire dtype, CPU), cache and blocks, and where its result goes."""
+
+    hidden: torch.Tensor
+    cache: SpanCache
+    span_input: SpanInput
+    start: int
+    end: int
+    work: tuple[str, int, int]  # (session id, step, cumulative batch x tokens) for the receipt
+    future: asyncio.Future
+    done_tokens: int = 0  # of a chunked prefill: tokens computed so far
+    pieces: list[torch.Tensor] = field(default_factory=list)  # of a chunked prefill: outputs so far
+
+    @property
+    def rows(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def new_tokens(self) -> int:
+        return self.hidden.shape[1]
+
+    def batch_key(self) -> tuple[int, int, int]:
+        return self.start, self.end, self.new_tokens
+
+
+@dataclass
+class SchedulerStats:
+    runs: int = 0  # runs of the compute thread for steps
+    batched_steps: int = 0  # steps that ran in a batch with other sessions' steps
+    largest_batch: int = 1  # most sessions in one run
+    prefill_chunks: int = 0  # runs that computed part of a longer prefill
+
+
+# (jobs of one batch) -> per job, (output in the compute dtype on the compute device, input on the same)
+BatchRunner = Callable[[list[StepJob]], list[torch.Tensor]]
+# (job, first token, end token) -> output of that chunk
+ChunkRunner = Callable[[StepJob, int, int], torch.Tensor]
+# (job, full output) -> (reply tensor, receipt), on the compute thread
+Finisher = Callable[[StepJob, torch.Tensor], tuple[torch.Tensor, str]]
+
+
+def take_decode_batch(queue: deque[StepJob], max_rows: int, max_steps: int) -> list[StepJob]:
+    """The oldest decode step and every later one that can run with it (same blocks and new tokens), up to
+    `max_rows` rows and `max_steps` steps in all; removed from `queue`."""
+    first = queue[0]
+    batch, rows, kept = [first], first.rows, deque()
+    queue.popleft()
+    while queue:
+        job = queue.popleft()
+        if job.batch_key() == first.batch_key() and rows + job.rows <= max_rows and len(batch) < max_steps:
+            batch.append(job)
+            rows += job.rows
+        else:
+            kept.append(job)
+    queue.extend(kept)
+    return batch
+
+
+def chunk_bounds(job: StepJob, chunk_tokens: int) -> tuple[int, int]:
+    """The next chunk [first, end) of a prefill's new tokens: `chunk_tokens` batch x tokens at most (one token
+    at least)."""
+    per_row = max(chunk_tokens // job.rows, 1)
+    return job.done_tokens, min(job.done_tokens + per_row, job.new_tokens)
+
+
+def chunk_input(span_input: SpanInput, first: int, end: int) -> SpanInput:
+    """The SpanInput of new tokens [first, end) of a step described by `span_input`."""
+    mask = span_input.attention_mask
+    if mask is not None:
+        mask = mask[:, : span_input.start_position + end]
+    return SpanInput(attention_mask=mask, start_position=span_input.start_position + first)
+
+
+class StepScheduler:
+    """Runs queued steps on `executor` (one thread): decode batches and prefill chunks, in turn."""
+
+    def __init__(self, executor: Executor, run_batch: BatchRunner, run_chunk: ChunkRunner, finish: Finisher,
+                 max_rows: int, prefill_chunk: int, max_steps: int = 64):
+        self._executor = executor
+        self._run_batch, self._run_chunk, self._finish = run_batch, run_chunk, finish
+        self.max_rows, self.prefill_chunk, self.max_steps = max_rows, prefill_chunk, max_steps
+        self._decodes: deque[StepJob] = deque()
+        self._prefills: deque[StepJob] = deque()
+        self._worker: asyncio.Task | None = None
+        self._decode_next = True  # whose turn it is when both kinds wait
+        self.stats = SchedulerStats()
+
+    async def submit(self, job: StepJob) -> tuple[torch.Tensor, str]:
+        """Queue a step; its (reply tensor, receipt) once computed."""
+        if job.new_tokens <= DECODE_TOKENS and job.rows <= self.max_rows:
+            self._decodes.append(job)
+        else:
+            self._prefills.append(job)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work())
+        return await job.future
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._decodes or self._prefills:
+            if self._decodes and (self._decode_next or not self._prefills):
+                batch = take_decode_batch(self._decodes, self.max_rows, self.max_steps)
+                await self._run(loop, batch, self._compute_batch)
+                self._decode_next = False
+            else:
+                job = self._prefills.popleft()
+                await self._run(loop, [job], self._compute_chunk)
+                if not job.future.done() and job.done_tokens < job.new_tokens:
+                    self._prefills.appendleft(job)  # next prefill turn continues it
+                self._decode_next = True
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, jobs: list[StepJob],
+                   compute: Callable[[list[StepJob]], list[tuple[torch.Tensor, str] | None]]) -> None:
+        try:
+            results = await loop.run_in_executor(self._executor, compute, jobs)
+        except Exception as e:  # every step of the run gets the error; the scheduler goes on
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            return
+        for job, result in zip(jobs, results):
+            if result is not None and not job.future.done():  # done already: its client went away
+                job.future.set_result(result)
+
+    def _compute_batch(self, jobs: list[StepJob]) -> list[tuple[torch.Tensor, str]]:
+        self.stats.runs += 1
+        if len(jobs) > 1:
+            self.stats.batched_steps += len(jobs)
+            self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
+        outputs = self._run_batch(jobs)
+        return [self._finish(job, output) for job, output in zip(jobs, outputs)]
+
+    def _compute_chunk(self, jobs: list[StepJob]) -> list[tuple[torch.Tensor, str] | None]:
+        (job,) = jobs
+        self.stats.runs += 1
+        first, end = chunk_bounds(job, self.prefill_chunk)
+        if first > 0 or end < job.new_tokens:
+            self.stats.prefill_chunks += 1
+        job.pieces.append(self._run_chunk(job, first, end))
+        job.done_tokens = end
+        if end < job.new_tokens:
+            return [None]
+        output = job.pieces[0] if len(job.pieces) == 1 else torch.cat(job.pieces, dim=1)
+        job.pieces.clear()
+        return [self._finish(job, output)]

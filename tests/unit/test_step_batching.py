@@ -1,0 +1,116 @@
+"""The peer's step scheduler (peers.batching) through a BlockHandler: decode steps of sessions that wait together
+run as one batched forward, long prefills run in chunks between them, and every session gets what it would alone."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+
+import pytest
+import torch
+
+from handler_kit import Stream, hidden
+from peers.batching import StepJob, chunk_bounds, chunk_input, take_decode_batch
+from swarm.blocks import SpanInput
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+ATOL = 1e-5
+
+
+def _job(rows: int = 1, tokens: int = 1, start: int = 0, end: int = 3) -> StepJob:
+    return StepJob(torch.zeros(rows, tokens, 4), None, SpanInput(None, 0), start, end, ("s", 0, 0), None)
+
+
+def test_a_decode_batch_takes_every_compatible_step_within_the_limits():
+    queue = deque([_job(), _job(end=2), _job(tokens=2), _job(rows=2), _job(), _job()])
+    batch = take_decode_batch(queue, max_rows=4, max_steps=8)
+    assert [(j.rows, j.new_tokens, j.end) for j in batch] == [(1, 1, 3), (2, 1, 3), (1, 1, 3)]
+    assert [(j.rows, j.new_tokens, j.end) for j in queue] == [(1, 1, 2), (1, 2, 3), (1, 1, 3)]  # order kept
+    assert len(take_decode_batch(deque([_job(), _job(), _job()]), max_rows=8, max_steps=1)) == 1
+
+
+def test_prefill_chunks_cover_the_tokens_and_slice_the_mask():
+    job = _job(rows=2, tokens=7)
+    assert chunk_bounds(job, chunk_tokens=6) == (0, 3)
+    job.done_tokens = 6
+    assert chunk_bounds(job, chunk_tokens=6) == (6, 7)
+    mask = torch.ones(2, 10)
+    part = chunk_input(SpanInput(mask, start_position=3), 2, 5)
+    assert part.start_position == 5 and part.attention_mask.shape == (2, 8)
+
+
+async def _hold_compute_thread(handler) -> threading.Event:
+    """Occupy the handler's compute thread until the returned event is set, so steps queue up meanwhile."""
+    release, started = threading.Event(), threading.Event()
+    handler._executor.submit(lambda: (started.set(), release.wait(10)))
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+    return release
+
+
+def test_decode_steps_of_sessions_waiting_together_run_as_one_batch(make_handler):
+    handler = make_handler(max_sessions=4, cache_tokens=4 * 16)
+    alone = make_handler(max_sessions=4, cache_tokens=4 * 16, batch_sessions=False)
+
+    async def run(h, hold: bool) -> list[torch.Tensor]:
+        streams = [Stream(h) for _ in range(3)]
+        for i, stream in enumerate(streams):  # prompts of different lengths
+            reply, _ = await stream.step(f"s{i}", 0, hidden(1, 2 + 3 * i, seed=i))
+            assert reply.error is None, reply.error
+        release = await _hold_compute_thread(h) if hold else None
+        steps = [asyncio.ensure_future(s.step(f"s{i}", 2 + 3 * i, hidden(1, 1, seed=10 + i)))
+                 for i, s in enumerate(streams)]
+        await asyncio.sleep(0.05)
+        if release is not None:
+            release.set()
+        outputs = []
+        for step in steps:
+            reply, tensors = await step
+            assert reply.error is None, reply.error
+            assert reply.length == 2 + 3 * len(outputs) + 1
+            outputs.append(tensors[0])
+        return outputs
+
+    batched = asyncio.run(run(handler, hold=True))
+    reference = asyncio.run(run(alone, hold=False))
+    assert handler.scheduler.stats.largest_batch == 3 and handler.scheduler.stats.batched_steps == 3
+    assert alone.scheduler.stats.batched_steps == 0
+    for b, a in zip(batched, reference):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=0)
+
+
+def test_a_long_prefill_runs_in_chunks_and_lets_a_decode_step_through(make_handler):
+    handler = make_handler(max_sessions=4, cache_tokens=4 * 32, max_length=32, prefill_chunk_tokens=4)
+    whole = make_handler(max_sessions=4, cache_tokens=4 * 32, max_length=32)
+    prompt = hidden(1, 13, seed=3)
+
+    async def run():
+        short, long = Stream(handler), Stream(handler)
+        reply, _ = await short.step("short", 0, hidden(1, 2, seed=1), max_length=32)
+        assert reply.error is None, reply.error
+        release = await _hold_compute_thread(handler)
+        finished: list[str] = []
+
+        async def tracked(name, coro):
+            result = await coro
+            finished.append(name)
+            return result
+
+        prefill = asyncio.ensure_future(tracked("prefill", long.step("long", 0, prompt, max_length=32)))
+        await asyncio.sleep(0.02)
+        decode = asyncio.ensure_future(tracked("decode", short.step("short", 2, hidden(1, 1, seed=2), max_length=32)))
+        await asyncio.sleep(0.02)
+        release.set()
+        (reply, tensors), (decoded, _) = await prefill, await decode
+        assert reply.error is None and reply.length == 13 and decoded.error is None
+        return tensors[0], finished
+
+    chunked, order = asyncio.run(run())
+    assert order == ["decode", "prefill"]  # the decode step ran after the first chunk, not after the whole prompt
+    assert handler.scheduler.stats.prefill_chunks == 4  # 13 tokens in chunks of 4
+
+    async def reference():
+        reply, tensors = await Stream(whole).step("long", 0, prompt, max_length=32)
+        return tensors[0]
+
+    torch.testing.assert_close(chunked, asyncio.run(reference()), atol=ATOL, rtol=0)
