@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -159,6 +160,13 @@ class DelayRelay:
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()  # half-close: the other direction may still be sending
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now: for a peer to listen on behind a relay started before it."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
 
 
 # --- relays in a process of their own -------------------------------------------------------------------------
