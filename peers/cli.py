@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from peers.config import DTYPES, PeerConfig, parse_block_range
+from peers.config import DTYPES, PeerConfig, parse_announce_maddrs, parse_block_range
 from swarm.errors import SwarmError
 from swarm.models import DEFAULT_MODEL
 from swarm.network import initial_peers_from, trusted_peers_from
@@ -59,6 +59,8 @@ def main(verbose: bool) -> None:
     setup_logging(verbose)
 
 
+ANNOUNCE_HELP = ("Tell others to dial these multiaddrs instead of the listening ones (repeat, or comma-separated), e.g. "
+                 "/ip4/203.0.113.5/tcp/31337: a forwarded port, or an emulated WAN link (benchmarks/wan.py).")
 RELAY_HELP = ("auto: through a relay only if nobody can dial this peer (checked as it joins); always; never "
               "($SWARM_RELAY).")
 NO_RELAY_SERVICE_HELP = "Do not relay for peers that cannot be dialled (by default every reachable node does)."
@@ -89,6 +91,7 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--initial-peers", multiple=True, help=INITIAL_PEERS_HELP)
 @click.option("--host", default="0.0.0.0", show_default=True, envvar="SWARM_HOST", help="Interface to listen on ($SWARM_HOST).")
 @click.option("--port", default=0, type=click.IntRange(0, 65535), envvar="SWARM_PORT", help="TCP port ($SWARM_PORT; default: any free port).")
+@click.option("--announce-maddrs", multiple=True, help=ANNOUNCE_HELP)
 @click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), envvar="SWARM_IDENTITY", help="Identity file; keeps the peer id across restarts ($SWARM_IDENTITY).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True, help="auto: the checkpoint's dtype (float32 for the default model, bfloat16/float16 for most 7B checkpoints); a float16 checkpoint on CPU computes in bfloat16.")
@@ -121,8 +124,9 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--no-relay-service", is_flag=True, help=NO_RELAY_SERVICE_HELP)
 @click.option("--relay-renew-period", hidden=True, default=20.0, type=click.FloatRange(min=0.1),
               help="Seconds between renewals of relay registrations (a relay gone for two is replaced).")
-def join(model, blocks, num_blocks, initial_peers, host, port, identity, device, dtype, max_length, max_sessions,
-         max_train_tokens, batch_sessions, prefill_chunk_tokens, cache_tokens, max_cache_gb, session_idle_timeout, rebalance_period, public_name,
+def join(model, blocks, num_blocks, initial_peers, host, port, announce_maddrs, identity, device, dtype, max_length,
+         max_sessions, max_train_tokens, batch_sessions, prefill_chunk_tokens, cache_tokens, max_cache_gb,
+         session_idle_timeout, rebalance_period, public_name,
          svd_rank, svd_energy, svd_params, svd_method, quant, offload, trusted_peers, gossip_period,
          adversary, fellows, status_interval, relay, no_relay_service, relay_renew_period) -> None:
     """Load a span of blocks and serve it until Ctrl+C or SIGTERM."""
@@ -141,6 +145,7 @@ def join(model, blocks, num_blocks, initial_peers, host, port, identity, device,
         num_blocks=num_blocks,
         host=host,
         port=port,
+        announce_maddrs=parse_announce_maddrs(announce_maddrs),
         identity=identity,
         device=device,
         dtype=dtype,

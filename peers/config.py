@@ -6,8 +6,10 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from hivemind.utils.multiaddr import Multiaddr
 
 from swarm.errors import ConfigError
 
@@ -24,6 +26,7 @@ class PeerConfig:
     num_blocks: int | None = None  # how many blocks to serve when choosing; None: as many as fit
     host: str = "0.0.0.0"  # interface the peer listens on
     port: int = 0  # TCP port (0: any free one)
+    announce_maddrs: tuple[str, ...] = ()  # addresses others dial instead of the listening ones (a forwarded port)
     identity: Path | None = None  # RSA identity file; keeps the peer id across restarts
     device: str = "cpu"
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the checkpoint's dtype, see auto_dtype)
@@ -104,3 +107,21 @@ def parse_block_range(text: str, num_blocks: int | None = None) -> tuple[int, in
     if num_blocks is not None and end > num_blocks:
         raise ConfigError(f"invalid block range {text!r}: the model has only {num_blocks} blocks (0:{num_blocks})")
     return start, end
+
+
+def parse_announce_maddrs(values: Sequence[str]) -> tuple[str, ...]:
+    """--announce-maddrs values (repeat, or comma/space-separated): multiaddrs with an explicit TCP port and no
+    peer id, e.g. /ip4/203.0.113.5/tcp/31337 (p2pd adds the peer id, and cannot announce port 0)."""
+    addresses: list[str] = []
+    for part in " ".join(values).replace(",", " ").split():
+        try:
+            maddr = Multiaddr(part)
+            protocols = {p.name: maddr.value_for_protocol(p.code) for p in maddr.protocols()}
+        except Exception as e:  # multiaddr raises several error types for bad input
+            raise ConfigError(f"invalid multiaddr {part!r}: {e}") from None
+        if "p2p" in protocols:
+            raise ConfigError(f"announced multiaddr {part!r}: leave out the peer id (/p2p/...); it is added")
+        if protocols.get("tcp") in (None, "0"):
+            raise ConfigError(f"announced multiaddr {part!r}: needs an explicit TCP port, e.g. /ip4/1.2.3.4/tcp/31337")
+        addresses.append(part)
+    return tuple(addresses)

@@ -117,6 +117,7 @@ class Peer:
         def start_node(client_mode: bool, port: int | None) -> DHT:
             return create_dht(
                 initial_peers=cfg.initial_peers, host=cfg.host, port=cfg.port if port is None else port,
+                announce_maddrs=cfg.announce_maddrs,
                 identity=self.identity, validators=validators, client_mode=client_mode, check_identity=port is None,
             )
 

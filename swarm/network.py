@@ -102,9 +102,14 @@ def create_dht(
     validators: Sequence = (),
     client_mode: bool = False,
     announce_host: str | None = None,
+    announce_maddrs: Sequence[str] = (),
     check_identity: bool = True,
 ) -> DHT:
     """Start a hivemind DHT node; any failure becomes one SwarmConnectionError line.
+
+    `announce_maddrs` (e.g. `/ip4/203.0.113.5/tcp/31337`) are the only addresses the node tells others to dial
+    (p2pd's -announceAddrs replaces its listening addresses in what it announces); so is `announce_host` with the
+    listening port.
 
     `check_identity=False` skips hivemind's check that no other node uses this identity (for a restart of this
     very node, which is known to be gone).
@@ -121,8 +126,11 @@ def create_dht(
     )
     if identity is not None:
         kwargs["identity_path"] = str(identity.path)
+    announce = list(announce_maddrs)
     if announce_host is not None and port:
-        kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
+        announce.append(f"/ip4/{announce_host}/tcp/{port}")
+    if announce:
+        kwargs["announce_maddrs"] = announce
     if not check_identity:
         kwargs["check_if_identity_free"] = False
     # The DHT process and its p2pd inherit an ignored SIGINT, so Ctrl+C in a terminal (sent to the whole

@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from peers.config import PeerConfig, auto_dtype, parse_block_range
+from peers.config import PeerConfig, auto_dtype, parse_announce_maddrs, parse_block_range
 from swarm.errors import ConfigError
 
 
@@ -103,3 +103,23 @@ def test_cuda_without_cuda_is_config_error(monkeypatch):
     with pytest.raises(ConfigError, match="no CUDA device"):
         PeerConfig(model="tiny", initial_peers=(), device="cuda").torch_device()
     assert PeerConfig(model="tiny", initial_peers=()).torch_device() == torch.device("cpu")
+
+
+def test_announced_addresses_accept_repeats_and_commas():
+    assert parse_announce_maddrs(["/ip4/127.0.0.1/tcp/4000, /ip4/203.0.113.5/tcp/31337", "/ip6/::1/tcp/5"]) == (
+        "/ip4/127.0.0.1/tcp/4000", "/ip4/203.0.113.5/tcp/31337", "/ip6/::1/tcp/5")
+    assert parse_announce_maddrs([]) == ()
+
+
+@pytest.mark.parametrize(
+    "address, reason",
+    [
+        ("/ip4/1.2.3.4/tcp/0", "explicit TCP port"),  # p2pd cannot announce port 0
+        ("/ip4/1.2.3.4", "explicit TCP port"),
+        ("1.2.3.4:31337", "invalid multiaddr"),
+        ("/ip4/127.0.0.1/tcp/4000/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N", "leave out the peer id"),
+    ],
+)
+def test_bad_announced_addresses_say_what_is_wrong(address, reason):
+    with pytest.raises(ConfigError, match=reason):
+        parse_announce_maddrs([address])

@@ -11,7 +11,7 @@ from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 
 from swarm.errors import ConfigError
-from swarm.network import INITIAL_PEERS_ENV, initial_peers_from, load_identity, signer_for, split_multiaddrs
+from swarm.network import INITIAL_PEERS_ENV, create_dht, initial_peers_from, load_identity, signer_for, split_multiaddrs
 
 
 def peer_id(name: str) -> str:
@@ -157,3 +157,14 @@ def test_identity_in_a_missing_directory_is_config_error(tmp_path):
 def test_identity_path_is_kept_as_given(tmp_path):
     path = Path(tmp_path) / "id.key"
     assert load_identity(path).path == path
+
+
+def test_create_dht_announces_only_the_given_addresses(monkeypatch):
+    """p2pd tells others to dial announce_maddrs instead of its listening addresses (a relay, a forwarded port)."""
+    started: list[dict] = []
+    monkeypatch.setattr("swarm.network.DHT", lambda **kwargs: started.append(kwargs))
+    create_dht(initial_peers=[], port=4000, announce_maddrs=("/ip4/127.0.0.1/tcp/5000",))
+    create_dht(initial_peers=[], port=4000)
+    assert started[0]["host_maddrs"] == ["/ip4/127.0.0.1/tcp/4000"]
+    assert started[0]["announce_maddrs"] == ["/ip4/127.0.0.1/tcp/5000"]
+    assert "announce_maddrs" not in started[1]
