@@ -127,6 +127,18 @@ class StepScheduler:
         return await job.future
 
     async def _work(self) -> None:
+        try:
+            await self._work_queue()
+        except BaseException as e:  # never leave a queued step waiting forever (shutdown, or a bug here)
+            error = e if isinstance(e, Exception) else RuntimeError("the peer is shutting down")
+            for job in [*self._decodes, *self._prefills]:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            self._decodes.clear()
+            self._prefills.clear()
+            raise
+
+    async def _work_queue(self) -> None:
         loop = asyncio.get_running_loop()
         while self._decodes or self._prefills:
             if self._decodes and (self._decode_next or not self._prefills):

@@ -38,20 +38,6 @@ def test_long_greedy_generation_matches_local_model(client, local_model, chat_id
     assert produced.tolist() == expected.tolist()
 
 
-def test_concurrent_sessions_each_match_the_local_model(client, local_model, tokenizer):
-    """Sessions of several users at once (the peers batch their decode steps together): each one token-exact."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    questions = ["What is the capital of France?", "Name three colours.", "Write one sentence about the sea.",
-                 "What is 2 + 2? Explain it to a child who is just learning to count."]
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                             return_tensors="pt", return_dict=True)["input_ids"] for q in questions]
-    expected = [local_greedy(local_model, ids, max_new_tokens=24, min_new_tokens=24) for ids in prompts]
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        produced = list(pool.map(lambda ids: client.generate(ids, max_new_tokens=24, min_new_tokens=24), prompts))
-    assert [p.tolist() for p in produced] == [e.tolist() for e in expected]
-
-
 def test_padded_batch_matches_local_model(client, local_model, tokenizer):
     tokenizer.padding_side = "left"
     prompts = ["The capital of Italy is", "Once upon a time, in a small village by the sea, there lived"]
