@@ -332,11 +332,11 @@ class DistributedModelForCausalLM:
         beside the ids with `return_dict_in_generate=True` (a `GenerateOutput`, for concurrent callers).
 
         `prompt_lookup_num_tokens` (transformers' name; 0: off) turns on speculative decoding: each step also
-        sends up to that many tokens guessed by prompt lookup (the continuation of the latest earlier match of the
-        last 1 to `max_matching_ngram_size` tokens) and keeps those the model confirms, so one round trip through
-        the swarm may bring several tokens; the answer stays the same (`swarm.speculative`). One row only: a
-        batch, or a padded prompt, is decoded normally (its rows share one KV-cache position on every peer).
-        The report's `decoding` counts round trips and tokens.
+        sends up to that many tokens guessed by prompt lookup (what followed the latest earlier occurrence of the
+        last `max_matching_ngram_size` tokens, or of fewer, but at least two: `swarm.drafting`) and keeps those the
+        model confirms, so one round trip through the swarm may bring several tokens; the answer stays the same up
+        to float rounding (`swarm.speculative`). One row only: a batch, or a padded prompt, is decoded normally
+        (its rows share one KV-cache position on every peer). The report's `decoding` counts round trips and tokens.
         """
         self.last_generation = None
         if isinstance(input_ids, dict) or hasattr(input_ids, "input_ids"):  # a BatchEncoding

@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from swarm.drafting import DEFAULT_MAX_NGRAM, prompt_lookup
+from swarm.drafting import DEFAULT_MAX_NGRAM, next_draft_length, prompt_lookup
 from swarm.generation import (
     DecodeStats,
     Rewind,
@@ -58,8 +58,9 @@ def decode_speculative(
     stats: DecodeStats | None = None,
     draft: Draft = prompt_lookup,
 ) -> torch.Tensor:
-    """`swarm.generation.decode` for one row (`input_ids` (1, prompt)), with drafts checked `num_draft_tokens`
-    at a time; returns (1, prompt + new). Streamer, stopping criteria, `settle` and `Rewind` behave as there."""
+    """`swarm.generation.decode` for one row (`input_ids` (1, prompt)), with drafts of up to `num_draft_tokens`
+    checked at once (fewer after rejected ones: `swarm.drafting.next_draft_length`); returns (1, prompt + new).
+    Streamer, stopping criteria, `settle` and `Rewind` behave as there."""
     if input_ids.shape[0] != 1:
         raise ValueError(f"speculative decoding takes one row at a time, not {input_ids.shape[0]}")
     processors = logits_processors(cfg)
@@ -69,21 +70,22 @@ def decode_speculative(
     sequences, finished = input_ids, False
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    rewinds = 0
+    rewinds, budget = 0, num_draft_tokens
     while True:
         try:
             while sequences.shape[1] - prompt_length < cfg.max_new_tokens and not finished:
                 # the model holds every token but the last one (all of the prompt's at first, or after a rewind to it)
                 pending = input_ids if sequences.shape[1] == prompt_length else sequences[:, -1:]
                 room = cfg.max_new_tokens - (sequences.shape[1] - prompt_length)
-                proposal = draft(sequences[0], min(num_draft_tokens, room - 1), max_ngram)
+                proposal = draft(sequences[0], min(budget, room - 1), max_ngram)
                 fed = torch.cat([pending, torch.tensor([proposal], dtype=input_ids.dtype)], dim=1)
                 logits = verify(fed, len(proposal) + 1).float()  # (1, 1 + drafted, vocab)
                 stats.round_trips += 1
                 stats.drafted += len(proposal)
                 held = sequences.shape[1] + len(proposal)  # tokens the model holds now
-                sequences, finished = _accept(logits, proposal, sequences, prompt_length, cfg, processors, eos,
-                                              streamer, stopping, stats)
+                sequences, finished, accepted = _accept(logits, proposal, sequences, prompt_length, cfg, processors,
+                                                        eos, streamer, stopping, stats)
+                budget = next_draft_length(budget, len(proposal), accepted, num_draft_tokens)
                 if held > sequences.shape[1] - 1:
                     keep_cache(sequences.shape[1] - 1)  # drop the rejected positions (the last token goes next)
             if settle is not None:
@@ -102,9 +104,9 @@ def decode_speculative(
 def _accept(
     logits: torch.Tensor, proposal: list[int], sequences: torch.Tensor, prompt_length: int, cfg: SamplingConfig,
     processors, eos: torch.Tensor, streamer: Streamer | None, stopping: Stopping | None, stats: DecodeStats,
-) -> tuple[torch.Tensor, bool]:
+) -> tuple[torch.Tensor, bool, int]:
     """The model's tokens for one round's positions (logits (1, 1 + len(proposal), vocab)), position by position
-    while they confirm the draft: (the sequence with them, whether the answer ended)."""
+    while they confirm the draft: (the sequence with them, whether the answer ended, draft tokens accepted)."""
     for index in range(len(proposal) + 1):
         step = sequences.shape[1] - prompt_length
         tokens, scores = choose_tokens(logits[:, index], sequences, cfg, processors, eos, step)  # (1,)
@@ -117,5 +119,5 @@ def _accept(
         confirmed = index < len(proposal) and int(tokens[0]) == proposal[index]
         stats.accepted += int(confirmed)
         if finished or not confirmed:
-            return sequences, finished
+            return sequences, finished, index + int(confirmed)
     raise AssertionError("unreachable: the last position never confirms a draft token")

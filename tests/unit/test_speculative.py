@@ -143,6 +143,20 @@ def test_never_more_than_max_new_tokens_nor_a_longer_session(model, prompt):
     assert counts == [4]  # one round: 4 drafted + the model's own = the 5 allowed
 
 
+def test_drafts_shrink_while_they_are_rejected_and_grow_back_once_accepted(model, prompt):
+    cfg = SamplingConfig(max_new_tokens=40)
+    reference = plain(model, prompt, cfg)
+    asked: list[int] = []
+
+    def wrong_then_right(sequence, count, max_ngram):
+        asked.append(count)
+        wrong = set(range(40)) if len(asked) <= 4 else set()
+        return oracle(reference, wrong)(sequence, count, max_ngram)
+
+    assert torch.equal(speculative(model, prompt, cfg, 8, draft=wrong_then_right), reference)
+    assert asked[:8] == [8, 4, 2, 1, 1, 2, 4, 8]
+
+
 def test_end_of_sequence_inside_an_accepted_draft_ends_the_answer(model, prompt):
     long = plain(model, prompt, SamplingConfig(max_new_tokens=12))
     eos = int(long[0, PROMPT + 4])
