@@ -230,8 +230,8 @@ def run_repl(chat: ChatSession) -> None:
 PROMPT_LOOKUP_HELP = (
     "Speculative decoding: each step also sends up to N tokens guessed by prompt lookup (what followed the last "
     "words where they occurred before) and keeps those the model confirms. The same answer, in fewer round trips "
-    "when it repeats or quotes earlier text; each step then computes up to N more tokens, so it helps most on slow "
-    "links. 0: off."
+    "when it repeats or quotes earlier text. A step with guesses costs the peers more compute (on 2 CPU cores about "
+    "twice a one-token step), so it pays most on slow links and can be slower on fast ones. 0: off."
 )
 
 
