@@ -5,9 +5,10 @@ one step, so through the swarm it costs one round trip per hop, and takes the lo
 sent. The token the model chooses at each position (the same choice `decode` would make there: argmax, or a
 sample, after the same logits processors) is kept; while it equals the draft's next token, the next position's
 logits are valid too. So a round brings the accepted draft tokens plus the model's first token of its own, at
-least one token, and the answer is the one `decode` gives, token for token (Leviathan et al. 2023, section 2.3:
-with a deterministic draft, keeping a token only when the model's own choice equals it is exact). Sampling
-stays exact as well, and draws the same random numbers in the same order as `decode`. Then the model forgets
+least one token, and the answer is the one `decode` gives, token for token. Sampling stays exact as well: it
+is Leviathan et al.'s speculative sampling (2023) for a draft that puts all its probability on one token (the
+draft token is kept with the model's probability of it; otherwise the model's sample, which is not that
+token, is kept), and it draws the same random numbers in the same order as `decode`. Then the model forgets
 the rejected positions (`keep_cache`; swarm peers crop their KV caches at the next step).
 
 One row at a time: the rows of a batch would accept different numbers of tokens, but a session's rows share
