@@ -2,7 +2,9 @@
 
 The conversation lives in one inference session: each turn sends only the tokens the peers have
 not seen yet (the new user message and the template around it), never the whole history. An answer that
-spot checks did not fully verify gets a one-line mark under it (`--strict` checks every step).
+spot checks did not fully verify gets a one-line mark under it (`--strict` checks every step). With
+`--prompt-lookup N`, each step also carries up to N tokens guessed from the text so far (speculative decoding):
+the same answer in fewer round trips when it repeats what came before.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class TurnStats:
     started: float = 0.0
     first_token_at: float | None = None
     last_token_at: float | None = None
+    round_trips: int | None = None  # steps through the swarm, when speculative decoding was on
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -52,10 +55,12 @@ class TurnStats:
     def summary(self) -> str:
         ttft = self.time_to_first_token
         speed = self.tokens_per_second
+        trips = "" if not self.round_trips else (
+            f", {self.round_trips} round trips ({self.new_tokens / self.round_trips:.2f} tokens each)")
         return (
             f"{self.new_tokens} tokens, time to first token "
             f"{'-' if ttft is None else f'{ttft * 1000:.0f} ms'}, "
-            f"{'-' if speed is None else f'{speed:.1f}'} tokens/s"
+            f"{'-' if speed is None else f'{speed:.1f}'} tokens/s{trips}"
         )
 
 
@@ -107,11 +112,13 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
 
 
 class ChatSession:
-    def __init__(self, model, max_length: int, max_new_tokens: int, temperature: float, top_p: float):
+    def __init__(self, model, max_length: int, max_new_tokens: int, temperature: float, top_p: float,
+                 prompt_lookup: int = 0):
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_length, self.max_new_tokens = max_length, max_new_tokens
         self.temperature, self.top_p = temperature, top_p
+        self.prompt_lookup = prompt_lookup  # draft tokens per step (speculative decoding); 0: off
         self.session = model.inference_session(max_length)
         self.conversation = Conversation()
         self.last_stats: TurnStats | None = None
@@ -143,8 +150,11 @@ class ChatSession:
             streamer=streamer,
             session=self.session,
             return_dict_in_generate=True,
+            prompt_lookup_num_tokens=self.prompt_lookup,
         )
         self.last_report = result.report
+        if self.prompt_lookup:
+            stats.round_trips = result.report.decoding.round_trips
         mark = result.report.mark()
         if mark is not None:  # not fully verified: say so under the answer (on stderr: stdout is only answers)
             click.echo(mark, err=True)
@@ -217,6 +227,14 @@ def run_repl(chat: ChatSession) -> None:
                 click.echo(f"error: {e}", err=True)
 
 
+PROMPT_LOOKUP_HELP = (
+    "Speculative decoding: each step also sends up to N tokens guessed by prompt lookup (what followed the last "
+    "words where they occurred before) and keeps those the model confirms. The same answer, in fewer round trips "
+    "when it repeats or quotes earlier text. A step with guesses costs the peers more compute (on 2 CPU cores about "
+    "twice a one-token step), so it pays most on slow links and can be slower on fast ones. 0: off."
+)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, invoke_without_command=True)
 @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Alias, Hugging Face repo id or local path.")
 @click.option("--initial-peers", multiple=True, help="Multiaddrs of peers in the swarm. Default: $SWARM_INITIAL_PEERS.")
@@ -231,10 +249,11 @@ def run_repl(chat: ChatSession) -> None:
 @click.option("--strict", is_flag=True, help="Check every step of every answer, and wait for the checks before answering.")
 @click.option("--self-verify-gb", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Memory (GiB) for blocks this client loads itself to check hops that no other peer serves (0: none).")
 @click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Trained soft prompts to put before every conversation (a directory written by swarm-tune).")
+@click.option("--prompt-lookup", default=0, show_default=True, type=click.IntRange(min=0), help=PROMPT_LOOKUP_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.pass_context
 def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_length, trusted_peers, identity,
-         no_spot_checks, strict, self_verify_gb, prompts_dir, verbose) -> None:
+         no_spot_checks, strict, self_verify_gb, prompts_dir, prompt_lookup, verbose) -> None:
     """Chat with a model whose blocks are served by the swarm (`swarm-chat serve`: an OpenAI-compatible API)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -258,7 +277,7 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
         )
         progress(f"Looking for peers serving its {model_handle.sequence.num_blocks} blocks...")
         progress(connect(model_handle))
-        chat = ChatSession(model_handle, max_length, max_new_tokens, temperature, top_p)
+        chat = ChatSession(model_handle, max_length, max_new_tokens, temperature, top_p, prompt_lookup)
         if prompt is not None:
             chat.ask(prompt)
             route = " -> ".join(f"{h.peer_id}[{h.start}:{h.end}]" for h in chat.session.route)
@@ -287,8 +306,9 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
 @click.option("--strict", is_flag=True, help="Check every step of every answer, and wait for the checks (streamed answers too).")
 @click.option("--self-verify-gb", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Memory (GiB) for blocks this client loads itself to check hops that no other peer serves (0: none).")
 @click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Trained soft prompts to put before every conversation (a directory written by swarm-tune).")
+@click.option("--prompt-lookup", default=0, show_default=True, type=click.IntRange(min=0), help=PROMPT_LOOKUP_HELP)
 def serve(model, initial_peers, host, port, max_length, default_max_tokens, workers, strict, self_verify_gb,
-          prompts_dir) -> None:
+          prompts_dir, prompt_lookup) -> None:
     """Serve /v1/models, /v1/chat/completions and /v1/completions (OpenAI's API) backed by the swarm."""
     from apps.api.serve import ServeConfig, serve as run_server
 
@@ -296,7 +316,8 @@ def serve(model, initial_peers, host, port, max_length, default_max_tokens, work
     try:
         cfg = ServeConfig(model=model, initial_peers=tuple(initial_peers_from(initial_peers)), host=host, port=port,
                           max_length=max_length, default_max_tokens=default_max_tokens, workers=workers,
-                          strict=strict, self_verify_bytes=int(self_verify_gb * 2**30), prompts=prompts_dir)
+                          strict=strict, self_verify_bytes=int(self_verify_gb * 2**30), prompts=prompts_dir,
+                          prompt_lookup=prompt_lookup)
         run_server(cfg)
     except SwarmError as e:
         click.echo(f"error: {e}", err=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -12,7 +12,8 @@ from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutput
 
 from swarm.config import ClientConfig
-from swarm.generation import Rewind, SamplingConfig, Stopping, Streamer, decode
+from swarm.drafting import DEFAULT_MAX_NGRAM
+from swarm.generation import DecodeStats, Rewind, SamplingConfig, Stopping, Streamer, decode
 from swarm.head import ClientHead
 from swarm.errors import ConfigError
 from swarm.hooks import ClientContext, Coverage, TrustLayer, TrustLayerFactory
@@ -24,6 +25,7 @@ from swarm.plugins import default_trust_layer
 from swarm.remote import HivemindTransport
 from swarm.sequence import DhtSpanSource, RemoteSequence
 from swarm.session import InferenceSession, StepOutput
+from swarm.speculative import decode_speculative
 from swarm.stateless import run_route
 from swarm.training import RemoteBlocks, RemoteBlocksFunction
 from swarm.tuning import PromptTuning
@@ -79,12 +81,14 @@ class GenerationReport:
     `verification` counts the answer's hop-steps (each hop's reply to each step that went into it) by how
     far their checks got, once the answer waited for them (unless `settle_checks` was off). An answer is
     `flagged` when it is not fully verified: some step was not checked, could not be, failed, or is still
-    being checked. Without a trust layer nothing is verified.
+    being checked. Without a trust layer nothing is verified. `decoding` counts the steps through the route
+    (round trips) and the tokens they brought (more than one each with `prompt_lookup_num_tokens`).
     """
 
     verification: Coverage
     checked: bool  # a trust layer was on
     rewinds: int = 0  # times part of the answer was dropped and written again (a peer on its route was caught)
+    decoding: DecodeStats = field(default_factory=DecodeStats)
 
     @property
     def steps(self) -> int:
@@ -285,10 +289,17 @@ class DistributedModelForCausalLM:
         """Logits for the token after `new_ids`. Raises `Rewind` if a peer of the route was blacklisted and
         tokens generated since position `start` (where this call's prompt of `prompt_length` tokens began)
         went through it; the session is already rolled back then."""
+        return self.step_logits(session, new_ids, attention_mask, start, prompt_length)[:, 0]  # (batch, vocab)
+
+    def step_logits(
+        self, session: SyncSession, new_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+        start: int = 0, prompt_length: int | None = None, last: int = 1,
+    ) -> torch.Tensor:
+        """`next_logits` for each of the `last` positions of `new_ids`, in one step: (batch, last, vocab)."""
         output = session.step(self.head.embed(new_ids), attention_mask)
         if prompt_length is not None:
             _rewind_if_untrusted(session, output.untrusted_from, start, prompt_length)
-        return self.head.logits(output.hidden[:, -1:])[:, 0]  # (batch, vocab)
+        return self.head.logits(output.hidden[:, -last:])
 
     def generate(
         self,
@@ -309,6 +320,8 @@ class DistributedModelForCausalLM:
         settle_checks: bool | None = None,
         stopping_criteria: Stopping | None = None,
         return_dict_in_generate: bool = False,
+        prompt_lookup_num_tokens: int = 0,
+        max_matching_ngram_size: int = DEFAULT_MAX_NGRAM,
     ) -> torch.LongTensor | GenerateOutput:
         """Like `transformers.GenerationMixin.generate`: returns (batch, prompt + new) token ids.
 
@@ -318,6 +331,13 @@ class DistributedModelForCausalLM:
         `stopping_criteria(sequences, scores)` ends rows (or all) early, before the answer settles.
         How much of the answer was verified is in `last_generation` (a `GenerationReport`), or returned
         beside the ids with `return_dict_in_generate=True` (a `GenerateOutput`, for concurrent callers).
+
+        `prompt_lookup_num_tokens` (transformers' name; 0: off) turns on speculative decoding: each step also
+        sends up to that many tokens guessed by prompt lookup (what followed the latest earlier occurrence of the
+        last `max_matching_ngram_size` tokens, or of fewer, but at least two: `swarm.drafting`) and keeps those the
+        model confirms, so one round trip through the swarm may bring several tokens; the answer stays the same up
+        to float rounding (`swarm.speculative`). One row only: a batch, or a padded prompt, is decoded normally
+        (its rows share one KV-cache position on every peer). The report's `decoding` counts round trips and tokens.
         """
         self.last_generation = None
         if isinstance(input_ids, dict) or hasattr(input_ids, "input_ids"):  # a BatchEncoding
@@ -345,24 +365,48 @@ class DistributedModelForCausalLM:
         own_session = session is None
         if own_session:
             session = self.inference_session(max_length=input_ids.shape[1] + max_new_tokens)
-        start, hop_steps, rewinds = session.position, session.inner.hop_steps, [0]
+        start, hop_steps, rewinds, stats = session.position, session.inner.hop_steps, [0], DecodeStats()
         next_logits, settle = self._decoding_hooks(session, input_ids.shape[1], settle_checks, rewinds)
+        speculate = prompt_lookup_num_tokens > 0 and input_ids.shape[0] == 1 and attention_mask is None
         try:
-            sequences = decode(next_logits, input_ids, attention_mask, cfg, streamer, settle, stopping_criteria)
-            report = self._report(session, start, session.inner.hop_steps - hop_steps, rewinds[0])
+            if speculate:
+                verify = self._verify_hook(session, input_ids.shape[1], rewinds)
+                sequences = decode_speculative(
+                    verify, lambda kept: session.rollback(start + kept), input_ids, cfg, prompt_lookup_num_tokens,
+                    max_matching_ngram_size, streamer, settle, stopping_criteria, stats,
+                )
+            else:
+                sequences = decode(next_logits, input_ids, attention_mask, cfg, streamer, settle, stopping_criteria,
+                                   stats)
+            report = self._report(session, start, session.inner.hop_steps - hop_steps, rewinds[0], stats)
             self.last_generation = report
         finally:
             if own_session:
                 session.close()
         return GenerateOutput(sequences, report) if return_dict_in_generate else sequences
 
-    def _report(self, session: SyncSession, start: int, hop_steps: int, rewinds: int) -> GenerationReport:
+    def _report(self, session: SyncSession, start: int, hop_steps: int, rewinds: int,
+                decoding: DecodeStats) -> GenerationReport:
         """The verification of the answer whose steps began at session position `start`."""
         if self.trust_layer is None:
-            return GenerationReport(Coverage(steps=hop_steps), checked=False, rewinds=rewinds)
+            return GenerationReport(Coverage(steps=hop_steps), checked=False, rewinds=rewinds, decoding=decoding)
         observer = self.trust_layer.observer
         coverage = self.loop.run(_call(lambda: observer.coverage(session.inner.session_id, since=start)))
-        return GenerationReport(coverage, checked=True, rewinds=rewinds)
+        return GenerationReport(coverage, checked=True, rewinds=rewinds, decoding=decoding)
+
+    def _verify_hook(self, session: SyncSession, prompt_length: int, rewinds: list[int]):
+        """`decode_speculative`'s verify for this session: the logits of a step's last positions (`step_logits`);
+        each rewind is counted in `rewinds[0]`."""
+        start = session.position
+
+        def verify(ids: torch.Tensor, last: int) -> torch.Tensor:
+            try:
+                return self.step_logits(session, ids, None, start, prompt_length, last)
+            except Rewind:
+                rewinds[0] += 1
+                raise
+
+        return verify
 
     def _decoding_hooks(self, session: SyncSession, prompt_length: int, settle_checks: bool | None,
                         rewinds: list[int] | None = None):

@@ -56,6 +56,29 @@ class Rewind(Exception):
         self.keep, self.reason = keep, reason
 
 
+@dataclass
+class DecodeStats:
+    """Counts of one decoding run, filled in as it goes: how many tokens each call to the model brought.
+
+    Through the swarm a call is one step through the whole route (one round trip per hop), so
+    `tokens_per_round_trip` is what speculative decoding (`swarm.speculative`) raises above 1.
+    """
+
+    round_trips: int = 0  # calls to the model (the prompt's included, and calls redone after a rewind)
+    new_tokens: int = 0  # tokens of the answer (per row), set when decoding ends
+    drafted: int = 0  # draft tokens sent to the model to verify
+    accepted: int = 0  # draft tokens that the model's own choice confirmed
+
+    @property
+    def tokens_per_round_trip(self) -> float:
+        return self.new_tokens / self.round_trips if self.round_trips else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """The share of draft tokens accepted (0.0 when none were drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     max_new_tokens: int = 20
@@ -92,6 +115,20 @@ def logits_processors(cfg: SamplingConfig) -> LogitsProcessorList:
     return processors
 
 
+def choose_tokens(
+    logits: torch.Tensor, sequences: torch.Tensor, cfg: SamplingConfig, processors: LogitsProcessorList,
+    eos: torch.Tensor, step: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's next token from its logits (batch, vocab) (changed in place) after `sequences`, `step` new
+    tokens into the answer: (tokens (batch,), the processed scores (batch, vocab))."""
+    if step < cfg.min_new_tokens and len(eos):
+        logits[:, eos] = -float("inf")  # MinNewTokensLengthLogitsProcessor, without a vocab-sized copy
+    scores = processors(sequences, logits)
+    if cfg.do_sample:
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1), scores
+    return scores.argmax(dim=-1), scores
+
+
 @torch.inference_mode()
 def decode(
     next_logits: NextLogits,
@@ -101,18 +138,21 @@ def decode(
     streamer: Streamer | None = None,
     settle: Callable[[], None] | None = None,
     stopping: Stopping | None = None,
+    stats: DecodeStats | None = None,
 ) -> torch.Tensor:
     """Generate up to `max_new_tokens` after `input_ids` (batch, prompt); returns (batch, prompt + new).
 
     Rows that produced an end-of-sequence token are padded with `pad_token_id` until all are done.
     `stopping(sequences, scores)` (like transformers' stopping criteria) ends rows, or all of them, early.
     `settle()`, if given, runs when the answer is complete and may raise `Rewind` to reopen it.
+    `stats`, if given, counts the calls to `next_logits` and the tokens they brought.
     """
     processors = logits_processors(cfg)
     prompt_length = input_ids.shape[1]
     sequences = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
     eos = torch.tensor(cfg.eos_token_ids, dtype=input_ids.dtype)
+    stats = DecodeStats() if stats is None else stats
     if streamer is not None:
         streamer.put(input_ids.cpu())
     new_ids, new_mask = input_ids, attention_mask
@@ -122,13 +162,8 @@ def decode(
             while sequences.shape[1] - prompt_length < cfg.max_new_tokens and not bool(finished.all()):
                 step = sequences.shape[1] - prompt_length
                 logits = next_logits(new_ids, new_mask).float()  # (batch, vocab)
-                if step < cfg.min_new_tokens and len(eos):
-                    logits[:, eos] = -float("inf")  # MinNewTokensLengthLogitsProcessor, without a vocab-sized copy
-                scores = processors(sequences, logits)
-                if cfg.do_sample:
-                    tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-                else:
-                    tokens = scores.argmax(dim=-1)
+                stats.round_trips += 1
+                tokens, scores = choose_tokens(logits, sequences, cfg, processors, eos, step)
                 tokens = torch.where(finished, torch.full_like(tokens, cfg.pad_token_id), tokens)
                 sequences = torch.cat([sequences, tokens[:, None]], dim=1)
                 if streamer is not None:
@@ -144,22 +179,33 @@ def decode(
             break
         except Rewind as rewind:
             rewinds += 1
-            if rewinds > MAX_REWINDS:
-                raise SwarmError(
-                    f"gave up after {MAX_REWINDS} restarts of this answer: peers on its route kept being caught "
-                    f"returning wrong results ({rewind.reason or 'untrusted outputs'})"
-                ) from None
-            sequences, finished = _rewind_to(sequences, max(rewind.keep, prompt_length), prompt_length, eos)
-            if streamer is not None and hasattr(streamer, "rewind"):
-                streamer.rewind(sequences.shape[1] - prompt_length)
+            sequences, finished = restart_after(rewind, rewinds, sequences, prompt_length, eos, streamer)
             if sequences.shape[1] == prompt_length:
                 new_ids, new_mask = input_ids, attention_mask
             else:
                 new_ids = sequences[:, -1:]
                 new_mask = None if attention_mask is None else torch.ones_like(new_ids)
+    stats.new_tokens = sequences.shape[1] - prompt_length
     if streamer is not None:
         streamer.end()
     return sequences
+
+
+def restart_after(
+    rewind: Rewind, rewinds: int, sequences: torch.Tensor, prompt_length: int, eos: torch.Tensor,
+    streamer: Streamer | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """After the `rewinds`-th `Rewind` of a call: the trusted part of `sequences`, and which rows had ended in it
+    (the streamer is told). Raises `SwarmError` once there were more than `MAX_REWINDS`."""
+    if rewinds > MAX_REWINDS:
+        raise SwarmError(
+            f"gave up after {MAX_REWINDS} restarts of this answer: peers on its route kept being caught "
+            f"returning wrong results ({rewind.reason or 'untrusted outputs'})"
+        ) from None
+    sequences, finished = _rewind_to(sequences, max(rewind.keep, prompt_length), prompt_length, eos)
+    if streamer is not None and hasattr(streamer, "rewind"):
+        streamer.rewind(sequences.shape[1] - prompt_length)
+    return sequences, finished
 
 
 def _rewind_to(

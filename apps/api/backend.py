@@ -85,8 +85,10 @@ class TextCollector(StreamedText):
 class SwarmBackend:
     """Runs requests against one `DistributedModelForCausalLM`."""
 
-    def __init__(self, model, max_length: int, default_max_tokens: int, workers: int, strict: bool = False):
+    def __init__(self, model, max_length: int, default_max_tokens: int, workers: int, strict: bool = False,
+                 prompt_lookup: int = 0):
         self.model = model
+        self.prompt_lookup = prompt_lookup  # draft tokens per step (speculative decoding); 0: off
         self.strict = strict  # streamed answers wait for their checks too (the client checks every step)
         self.tokenizer = model.tokenizer
         self.max_length = max_length  # session length: prompt + new tokens
@@ -132,6 +134,7 @@ class SwarmBackend:
                 settle_checks=None if on_text is None or self.strict else False,
                 stopping_criteria=collector.stopping,
                 return_dict_in_generate=True,
+                prompt_lookup_num_tokens=self.prompt_lookup,
             )
             report = result.report
             verification = Verification(coverage=report.coverage, verified_steps=report.verified, steps=report.steps,

@@ -28,6 +28,7 @@ class ServeConfig:
     strict: bool = False  # check every step of every answer, and let every answer (streamed too) wait for its checks
     self_verify_bytes: int = 0  # memory for blocks the server loads to check hops no other peer serves (0: none)
     prompts: Path | None = None  # trained soft prompts put before every request (swarm-tune's output)
+    prompt_lookup: int = 0  # draft tokens per step (speculative decoding, one-row requests); 0: off
 
 
 def _interrupt(signum: int, frame) -> None:
@@ -45,7 +46,8 @@ def serve(cfg: ServeConfig) -> None:
     model = DistributedModelForCausalLM.from_pretrained(cfg.model, cfg.initial_peers, trust_layer=ClientTrust,
                                                         self_verify_bytes=cfg.self_verify_bytes, prompts=cfg.prompts,
                                                         **strict)
-    backend = SwarmBackend(model, cfg.max_length, cfg.default_max_tokens, cfg.workers, strict=cfg.strict)
+    backend = SwarmBackend(model, cfg.max_length, cfg.default_max_tokens, cfg.workers, strict=cfg.strict,
+                           prompt_lookup=cfg.prompt_lookup)
     names = tuple(dict.fromkeys((cfg.model, model.checkpoint.manifest.name)))
     app = create_app(backend, names)
     logger.info(f"OpenAI-compatible API for {cfg.model} at http://{cfg.host}:{cfg.port}/v1")

@@ -204,6 +204,18 @@ def test_the_backend_reports_verification_and_ends_at_stop_sequences(strict):
     backend.shutdown()
 
 
+def test_the_backend_passes_prompt_lookup_on():
+    from apps.api.backend import GenerationParams, SwarmBackend
+    from swarm.hooks import Coverage
+
+    model = _ReportingModel("Paris.", Coverage(steps=1, verified=1))
+    for lookup in (0, 6):
+        backend = SwarmBackend(model, max_length=64, default_max_tokens=16, workers=1, prompt_lookup=lookup)
+        backend.generate([ord("Q")], GenerationParams(None, 0.0, 1.0, ()))
+        backend.shutdown()
+    assert [call["prompt_lookup_num_tokens"] for call in model.calls] == [0, 6]
+
+
 def test_only_the_final_chunk_carries_verification():
     from apps.api.app import chat_chunk, completion_chunk
     from apps.api.schema import Verification

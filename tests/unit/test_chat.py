@@ -49,6 +49,11 @@ def test_stats_speed_counts_tokens_after_the_first():
     assert stats.summary() == "10 tokens, time to first token 500 ms, 4.5 tokens/s"
 
 
+def test_stats_with_speculative_decoding_say_how_many_tokens_each_round_trip_brought():
+    stats = TurnStats(new_tokens=10, started=100.0, first_token_at=100.5, last_token_at=102.5, round_trips=4)
+    assert stats.summary() == "10 tokens, time to first token 500 ms, 4.5 tokens/s, 4 round trips (2.50 tokens each)"
+
+
 def test_stats_speed_with_no_elapsed_time_is_finite():
     stats = TurnStats(new_tokens=3, started=0.0, first_token_at=1.0, last_token_at=1.0)
     assert stats.tokens_per_second == pytest.approx(2 / 1e-9)
@@ -152,8 +157,8 @@ def test_terminal_streamer_decodes_a_few_tokens_per_step():
 class ChatModel:
     """Just what ChatSession uses of a client: a tokenizer, sessions and a generate that reports coverage."""
 
-    def __init__(self, coverage):
-        self.coverage = coverage
+    def __init__(self, coverage, decoding=None):
+        self.coverage, self.decoding = coverage, decoding
         self.tokenizer = self
         self.generated: list[dict] = []
 
@@ -181,7 +186,10 @@ class ChatModel:
         kwargs["streamer"].put(input_ids)
         kwargs["streamer"].put(answer[0])
         kwargs["streamer"].end()
-        return GenerateOutput(torch.cat([input_ids, answer], dim=1), GenerationReport(self.coverage, checked=True))
+        report = GenerationReport(self.coverage, checked=True)
+        if self.decoding is not None:
+            report = GenerationReport(self.coverage, checked=True, decoding=self.decoding)
+        return GenerateOutput(torch.cat([input_ids, answer], dim=1), report)
 
 
 @pytest.mark.parametrize("verified, mark", [(40, ""), (12, "[verified 12 of 40 steps: not fully verified]\n")])
@@ -194,6 +202,21 @@ def test_an_answer_not_fully_verified_is_marked_under_it(capsys, verified, mark)
     assert chat.ask("hi", out=io.StringIO()) == "ok"
     assert capsys.readouterr().err == mark
     assert chat.last_report.verified == verified and model.generated[0]["return_dict_in_generate"]
+
+
+def test_prompt_lookup_reaches_generate_and_the_turn_counts_round_trips():
+    from apps.chat import ChatSession
+    from swarm.generation import DecodeStats
+    from swarm.hooks import Coverage
+
+    model = ChatModel(Coverage(steps=4, verified=4), DecodeStats(round_trips=1, new_tokens=2))
+    chat = ChatSession(model, max_length=200, max_new_tokens=8, temperature=0.0, top_p=1.0, prompt_lookup=5)
+    chat.ask("hi", out=io.StringIO())
+    assert model.generated[0]["prompt_lookup_num_tokens"] == 5
+    assert chat.last_stats.round_trips == 1 and chat.last_stats.summary().endswith("1 round trips (2.00 tokens each)")
+    plain = ChatSession(model, max_length=200, max_new_tokens=8, temperature=0.0, top_p=1.0)
+    plain.ask("hi", out=io.StringIO())
+    assert model.generated[1]["prompt_lookup_num_tokens"] == 0 and plain.last_stats.round_trips is None
 
 
 def test_strict_mode_checks_every_step_and_waits():
