@@ -181,13 +181,19 @@ class InferenceSession:
                                push_from=str(hops[i - 1].route.peer_id) if i > 0 else "",
                                push_to=_target(hops[i + 1]) if i + 1 < len(hops) else None)
                  for i, hop in enumerate(hops)]
-        began = time.perf_counter()
-        calls = [hops[0].stream.step(metas[0], hidden, mask, timeout=timeout)]
+        began, first_reply = time.perf_counter(), 0.0
+
+        async def first() -> Reply:  # only the first hop's timing is a plain round trip (the speed it shows)
+            nonlocal first_reply
+            reply = await hops[0].stream.step(metas[0], hidden, mask, timeout=timeout)
+            first_reply = time.perf_counter() - began
+            return reply
+
+        calls = [first()]
         calls += [hop.stream.step_pushed(meta, hidden.shape, mask, timeout=timeout)
                   for hop, meta in zip(hops[1:], metas[1:])]
         # every reply is awaited, failed or not: a stream's next step must not be answered by this one's reply
         replies = await asyncio.gather(*calls, return_exceptions=True)
-        seconds = time.perf_counter() - began
         used = 0
         for index, (hop, meta, reply) in enumerate(zip(hops, metas, replies)):
             if isinstance(reply, BaseException) and not isinstance(reply, PeerError):
@@ -195,7 +201,7 @@ class InferenceSession:
             if isinstance(reply, PeerError) or (index > 0 and reply.input_digest != tensor_digest(hidden)):
                 break  # a broken link, a failed hop, or a hop that computed on another input than the one shown
             try:
-                self._accept(hop, meta, hidden, reply, seconds)
+                self._accept(hop, meta, hidden, reply, first_reply if index == 0 else None)
             except PeerError as refused:
                 self._fall_back(index, replies, hidden, refused)
                 return index, hidden, refused
@@ -240,14 +246,16 @@ class InferenceSession:
         self._accept(hop, meta, hidden, reply, time.perf_counter() - began)
         return reply
 
-    def _accept(self, hop: _Hop, meta: StepRequest, hidden: torch.Tensor, reply: Reply, seconds: float) -> None:
-        """Count a hop's reply to a step that took `hidden`; with a verifier, only if its receipt is valid for it."""
+    def _accept(self, hop: _Hop, meta: StepRequest, hidden: torch.Tensor, reply: Reply, seconds: float | None) -> None:
+        """Count a hop's reply to a step that took `hidden`; with a verifier, only if its receipt is valid for it.
+        `seconds`: the step's round trip, to learn the peer's speed from (None: not a plain round trip)."""
         sent = hop.sent + hidden.shape[0] * hidden.shape[1]
         if self.verifier is not None:
             self.verifier.verify(HopStep(hop.route.peer_id, meta, hop.steps, sent), hidden, reply)
         hop.steps, hop.sent = hop.steps + 1, sent
-        self.sequence.observe_step(hop.route.peer_id, hop.route.end - hop.route.start,
-                                   hidden.shape[0] * hidden.shape[1], seconds)
+        if seconds is not None:
+            self.sequence.observe_step(hop.route.peer_id, hop.route.end - hop.route.start,
+                                       hidden.shape[0] * hidden.shape[1], seconds)
 
     async def _evict_blacklisted(self, position: int, mask: torch.Tensor | None) -> None:
         """Route around hops whose peer the trust layer avoids since the last step (blacklisted or disputed), then
