@@ -10,7 +10,8 @@ For d in 0, 10, 25 ms (set on the running relays; the swarm stays up), each deco
 decodes the chat prompt "What is the capital of France?" (EOS suppressed) a few rounds, the rounds going through
 the delays in turn; the median ms per token (between the first and the last new token) is reported, and the
 shortest gap between two tokens, which other load on a shared machine disturbs least. The delay's lower bound per
-token is d x (one-way link crossings per token): the client-driven path makes a round trip to each peer, 2 x hops x d.
+token is d x (one-way link crossings per token): the client-driven path makes a round trip to each peer, 2 x hops x d;
+the push chain crosses client -> p1 -> p2 -> p3 -> client, (hops + 1) x d.
 Every relay must carry the decode's hidden states (checked from their byte counts), else the client bypassed it.
 
 Who dials whom (checked once with psutil on a running swarm): p2pd announces only the -announceAddrs, so the
@@ -101,13 +102,14 @@ class TokenTimes:
 
 
 class ClientDriven:
-    """Today's path: the client sends each token's hidden states to every peer in turn over open streams."""
+    """The client sends each token's hidden states to every peer in turn over open streams."""
 
     name = "client-driven"
+    push = False
 
     def __init__(self, bench: Bench):
         self.prompt = bench.prompt
-        self.model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [bench.initial_peers])
+        self.model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [bench.initial_peers], push=self.push)
 
     def links_per_token(self, hops: int) -> int:
         return 2 * hops  # a round trip to each peer
@@ -123,7 +125,29 @@ class ClientDriven:
         self.model.shutdown()
 
 
-PATHS: list[Callable[[Bench], DecodePath]] = [ClientDriven]  # push chain, speculative decoding: append here
+class PushChain(ClientDriven):
+    """The client sends every hop its request at once; each peer pushes its output to the next and replies to
+    the client, so a token crosses client -> p1 -> p2 -> p3 -> client: hops + 1 links."""
+
+    name = "push chain"
+    push = True
+
+    def links_per_token(self, hops: int) -> int:
+        return hops + 1
+
+    def decode(self, tokens: int) -> Timing:
+        times = TokenTimes()
+        with self.model.inference_session(max_length=self.prompt.shape[1] + tokens) as session:
+            output = self.model.generate(self.prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                         streamer=times, session=session)
+            pushed = session.inner.pushed_steps
+        assert output.shape[1] == self.prompt.shape[1] + tokens and len(times.times) == tokens
+        if pushed != tokens - 1:  # each decode step went through the chain, none fell back to the client-driven path
+            raise RuntimeError(f"only {pushed} of {tokens - 1} decode steps went through the push chain")
+        return times.timing()
+
+
+PATHS: list[Callable[[Bench], DecodePath]] = [ClientDriven, PushChain]  # speculative decoding: append here
 
 
 def relayed_bytes(before: dict[int, RelayStats], after: dict[int, RelayStats]) -> dict[int, int]:
@@ -180,7 +204,7 @@ def render(rows: list[Row], paths: list[DecodePath], args: argparse.Namespace, h
         f"delays) after a warm-up; {torch.get_num_threads()} torch threads per process, {os.cpu_count()} cores",
         "ms/token: between the first and the last new token; over d=0: minus its value at d=0; min gap: the shortest "
         "time between two new tokens in any round;",
-        "bound: d x one-way link crossings per token (client-driven: 2 x hops x d); KB/relay/token: bytes each relay "
+        "bound: d x one-way link crossings per token (client-driven: 2 x hops x d, push chain: (hops + 1) x d); KB/relay/token: bytes each relay "
         "carried both ways in the timed rounds (prompts included)",
         "",
     ]
@@ -198,6 +222,12 @@ def render(rows: list[Row], paths: list[DecodePath], args: argparse.Namespace, h
             line += f"{row.ms_per_token(path.name):>26.1f}{over:>10}{row.min_gap_ms(path.name):>9.1f}{bound:>7g}"
         kb = statistics.mean(row.carried.values()) / row.tokens / 1024
         lines.append(line + f"{kb:>16.1f}")
+    if len(paths) > 1:
+        first = paths[0].name
+        lines.append("")
+        lines += [f"{path.name} / {first} at d={row.delay_ms:g} ms: "
+                  f"{row.ms_per_token(path.name) / row.ms_per_token(first):.2f}x"
+                  for path in paths[1:] for row in rows]
     return "\n".join(lines)
 
 

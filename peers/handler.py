@@ -5,6 +5,7 @@ Every request is validated before it touches a session, so a malformed one is an
 error (`swarm.protocol.ErrorInfo`) and changes nothing; the stream and the peer's other clients go on.
 Torch work runs on one worker thread so the event loop keeps answering pings meanwhile; sessions' steps reach it
 through a scheduler (`peers.batching`) that batches decode steps of different sessions and chunks long prefills.
+A step of a push chain (`peers.push`) takes its input from the previous hop's push and pushes its output on.
 """
 
 from __future__ import annotations
@@ -14,20 +15,22 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Coroutine, Protocol
 
 import torch
-from hivemind.p2p import P2P, P2PContext
+from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import runtime_pb2
 
 from peers.batching import StepJob, StepScheduler, chunk_input
 from peers.memory import release_free_memory
+from peers.push import PushInbox, PushLinks, PushTimeout
 from peers.receipts import ReceiptSigner
 from swarm import protocol
 from swarm.blocks import BlockSpan, SpanCache, SpanInput
 from peers.training import ForwardGraphs, TooManyTokens, read_train_tensors, request_byte_limit, train_step
 from swarm.parts import PartsReader, to_messages
-from swarm.protocol import PeerInfo, ProtocolError, SpanRequest, BlocksReply, StepRequest, TrainReply, TrainRequest
+from swarm.protocol import (PeerInfo, ProtocolError, PushRequest, SpanRequest, BlocksReply, StepRequest, TrainReply,
+                            TrainRequest, tensor_digest)
 from swarm.remote import BlockService
 
 if TYPE_CHECKING:
@@ -61,6 +64,7 @@ class HandlerConfig:
     max_train_tokens: int = 8192  # largest training request, batch x tokens (0: training off)
     batch_sessions: bool = True  # decode steps of sessions that wait together run as one batched forward
     prefill_chunk_tokens: int = 512  # a longer prefill runs in chunks of this many batch x tokens
+    push_timeout: float = 5.0  # seconds a pushed step waits for its input from the previous hop (`peers.push`)
 
 
 @dataclass
@@ -91,6 +95,13 @@ class Session:
 @dataclass
 class PeerStats:
     tokens_served: int = 0  # batch x tokens computed, over all requests
+    pushed_steps: int = 0  # steps whose input came by push from the previous hop
+
+
+class PushSender(Protocol):
+    """Where a hop's output goes to the next hop (`peers.push.PushLinks`; tests pass an in-process one)."""
+
+    def send(self, peer_id: PeerID, meta: PushRequest, hidden: torch.Tensor) -> None: ...
 
 
 class BlockHandler(BlockService):
@@ -110,6 +121,8 @@ class BlockHandler(BlockService):
         self._live: dict[int, dict[str, Session]] = {}  # stream id -> its sessions
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.receipts: ReceiptSigner | None = None  # signs a receipt for every reply when set
+        self.inbox = PushInbox()  # inputs pushed by other peers, until their steps take them
+        self.pushes: PushSender | None = None  # set once the handler is on a P2P (`add_p2p_handlers`)
         self.kept_forwards = ForwardGraphs(max_tokens=4 * max(config.max_train_tokens, 1))  # for their backward
         self.scheduler = StepScheduler(
             self._executor, self._run_steps, self._run_chunk, self._finish_step, max_rows=config.max_batch,
@@ -161,6 +174,18 @@ class BlockHandler(BlockService):
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def add_p2p_handlers(self, p2p: P2P, wrapper=None, *, namespace: str | None = None,
+                               balanced: bool = False) -> None:
+        """Register the RPCs, and push the outputs of push-chain steps through `p2p`."""
+        self.pushes = PushLinks(p2p)
+        await super().add_p2p_handlers(p2p, wrapper, namespace=namespace, balanced=balanced)
+
+    async def remove_p2p_handlers(self, p2p: P2P, *, namespace: str | None = None) -> None:
+        await super().remove_p2p_handlers(p2p, namespace=namespace)
+        if isinstance(self.pushes, PushLinks):
+            await self.pushes.close()
+        self.pushes = None
 
     def sessions(self) -> list[Session]:
         return [session for sessions in self._live.values() for session in sessions.values()]
@@ -295,6 +320,23 @@ class BlockHandler(BlockService):
                 pass
             yield error
 
+    async def rpc_push(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Inputs pushed by the previous hop of some client's route (`peers.push`), one ack each."""
+        async for request in requests:
+            try:
+                meta = protocol.unpack(request.metadata, PushRequest)
+                hidden, padding = self._read_tensors(request, expected_length=None)
+                if padding is not None:
+                    raise ProtocolError("a push carries the hidden states only")
+                self.inbox.deliver((meta.session_id, meta.start, meta.position), str(context.remote_id), hidden)
+                yield protocol.make_reply(BlocksReply())
+            except ProtocolError as e:
+                yield protocol.error_reply("bad_request", str(e))
+            except RequestRejected as e:
+                yield protocol.error_reply(e.kind, str(e))
+
     async def _read_train_request(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest]
     ) -> tuple[TrainRequest, list[torch.Tensor]]:
@@ -329,7 +371,10 @@ class BlockHandler(BlockService):
             if meta.session_id not in sessions:
                 opening = meta.session_id
             session = self._session_for(meta, sessions)
-            hidden, padding = self._read_tensors(request, expected_length=meta.position)
+            if meta.pushed:
+                hidden, padding = await self._pushed_input(meta, request)
+            else:
+                hidden, padding = self._read_tensors(request, expected_length=meta.position)
             self._check_step(session, meta, hidden)
             self._reserve_cache(session, hidden.shape[0])
             session.last_used = time.monotonic()
@@ -346,7 +391,10 @@ class BlockHandler(BlockService):
             session.steps, session.work = session.steps + 1, session.work + tokens
             self.stats.tokens_served += tokens
             opening = None
-            return protocol.make_reply(BlocksReply(length=session.length, receipt=receipt), output)
+            if meta.push_to is not None:
+                self._push(meta, output)
+            digest = tensor_digest(hidden) if meta.pushed else ""
+            return protocol.make_reply(BlocksReply(length=session.length, receipt=receipt, input_digest=digest), output)
         except ProtocolError as e:
             return protocol.error_reply("bad_request", str(e))
         except RequestRejected as e:
@@ -357,6 +405,43 @@ class BlockHandler(BlockService):
         finally:
             if opening is not None:  # a refused first step opens nothing (nor holds a slot or cache room)
                 sessions.pop(opening, None)
+
+    async def _pushed_input(
+        self, meta: StepRequest, request: runtime_pb2.ExpertRequest
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A pushed step's hidden states (from `push_from`'s push) and its optional mask (from the request)."""
+        if not meta.push_from:
+            raise ProtocolError("a pushed step must name the peer that pushes its input (push_from)")
+        if len(request.tensors) > 1:
+            raise ProtocolError(f"a pushed step carries at most the attention mask, got {len(request.tensors)} tensors")
+        try:
+            hidden = await self.inbox.take((meta.session_id, meta.start, meta.position), meta.push_from,
+                                           self.config.push_timeout)
+        except PushTimeout as e:
+            raise RequestRejected("push_timeout", str(e)) from None
+        padding = protocol.deserialize_tensors(request.tensors)[0] if request.tensors else None
+        past = meta.position
+        if padding is not None and (tuple(padding.shape) != (hidden.shape[0], past + hidden.shape[1])
+                                    or not ((padding == 0) | (padding == 1)).all()):
+            raise ProtocolError(f"attention mask must be 0/1 of shape ({hidden.shape[0]}, {past + hidden.shape[1]}), "
+                                f"got {tuple(padding.shape)}")
+        self.stats.pushed_steps += 1
+        return hidden, padding
+
+    def _push(self, meta: StepRequest, output: torch.Tensor) -> None:
+        """Send a step's output on to the next hop the client named (best effort: a lost push times out there)."""
+        target = meta.push_to
+        try:
+            peer_id = PeerID.from_base58(target.peer_id)
+        except Exception:  # not a peer id: the client's mistake; its next hop times out and it sends the input
+            logger.debug(f"Cannot push to {target.peer_id[:64]!r}: not a peer id")
+            return
+        if self.pushes is None:
+            logger.debug("Cannot push: this handler is not on a P2P")
+            return
+        push = PushRequest(session_id=meta.session_id, start=target.start, end=target.end,
+                           position=meta.position)
+        self.pushes.send(peer_id, push, output)
 
     def _session_for(self, meta: StepRequest, sessions: dict[str, Session]) -> Session:
         session = sessions.get(meta.session_id)

@@ -34,6 +34,7 @@ from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from pydantic import Field, StrictInt, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from reputation.errors import MalformedMessageError
+from swarm.protocol import tensor_digest  # noqa: F401  (part of this module's API: receipts digest tensors with it)
 from swarm.records import peer_id_of_public_key
 from swarm.schema import Count, FiniteFloat, Float, StrictModel, check_span, first_error, load_msgpack
 
@@ -55,16 +56,6 @@ Nonce = Annotated[bytes, Field(min_length=8, max_length=64)]
 PuzzleNonce = Annotated[bytes, Field(max_length=32)]  # solves the signer's identity puzzle (reputation.identity_puzzle)
 EvidenceBytes = Annotated[bytes, Field(max_length=MAX_EVIDENCE_BYTES)]
 EVIDENCE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """sha256 hex over dtype, shape and raw bytes, so equal digests mean bit-identical tensors."""
-    h = hashlib.sha256()
-    h.update(str(t.dtype).encode())
-    h.update(repr(tuple(t.shape)).encode())
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return h.hexdigest()
 
 
 class _Pair(NamedTuple):

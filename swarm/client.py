@@ -137,7 +137,8 @@ class SyncSession:
         self.offset = 0 if prefix is None else prefix.shape[0]
         layer = model.trust_layer
         observer, verifier = (None, None) if layer is None else (layer.observer, layer.verifier)
-        self.inner = InferenceSession(model.sequence, model.transport, max_length + self.offset, observer, verifier)
+        self.inner = InferenceSession(model.sequence, model.transport, max_length + self.offset, observer, verifier,
+                                      push=model.sequence.cfg.push)
 
     @property
     def position(self) -> int:

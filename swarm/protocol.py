@@ -8,6 +8,8 @@ with msgpack into `metadata`. RPCs (handler `rpc_x` on the peer, caller `call_x`
 - `rpc_forward`    unary: hidden states through blocks [start, end), no state kept
 - `rpc_inference`  bidirectional stream: `StepRequest`s of one or more sessions, one reply each;
                    a session's KV cache lives as long as the stream that opened it
+- `rpc_push`       bidirectional stream between peers: `PushRequest`s, each a hop's output pushed to the next hop
+                   of a push chain (a client's `StepRequest` with `push_to` / `pushed`), one `BlocksReply` ack each
 - `rpc_train`      bidirectional stream, stateless: a `TrainRequest` (a training forward, or a backward that
                    recomputes the forward under autograd) whose tensors travel in parts over as many messages
                    as they need (`swarm.parts`), answered by a `TrainReply` the same way
@@ -15,6 +17,7 @@ with msgpack into `metadata`. RPCs (handler `rpc_x` on the peer, caller `call_x`
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 import msgpack
@@ -60,6 +63,14 @@ class SpanRequest(WireModel):
     end: int
 
 
+class PushTarget(WireModel):
+    """The next hop of a push chain: where a peer sends its output for this step (`rpc_push`)."""
+
+    peer_id: str = Field(min_length=1, max_length=128)  # base58
+    start: int  # the next hop's blocks in this session
+    end: int
+
+
 class StepRequest(WireModel):
     """One step of an inference session (the messages of `rpc_inference`).
 
@@ -77,11 +88,27 @@ class StepRequest(WireModel):
     position: int = Field(ge=0)
     max_length: int = Field(ge=1)
     close: bool = False  # end the session after this message (no tensors needed)
+    # Push chain (issue 15): the client sends every hop its request at once; each hop passes its output on itself.
+    push_to: PushTarget | None = None  # also send the output to this next hop (`rpc_push`), besides replying
+    pushed: bool = False  # the hidden states come by push from `push_from`, not in this message (tensors: the mask)
+    push_from: str = Field(default="", max_length=128)  # the only peer whose push this step takes (base58)
+
+
+class PushRequest(WireModel):
+    """A hop's output, pushed to the next hop of the route (`rpc_push`): the input of the receiver's step of
+    session `session_id` on blocks [start, end) at `position`. Tensor: hidden states (batch, new, hidden)."""
+
+    version: int = PROTOCOL_VERSION
+    session_id: str = Field(min_length=1, max_length=128)
+    start: int
+    end: int
+    position: int = Field(ge=0)
 
 
 class ErrorInfo(WireModel):
     kind: Literal[
-        "bad_request", "bad_span", "too_long", "unknown_session", "bad_position", "busy", "internal", "no_training"
+        "bad_request", "bad_span", "too_long", "unknown_session", "bad_position", "busy", "internal", "no_training",
+        "push_timeout",  # a pushed step's input did not arrive in time (the client sends it itself instead)
     ]
     message: str
 
@@ -93,6 +120,7 @@ class BlocksReply(WireModel):
     error: ErrorInfo | None = None
     length: int = 0  # tokens the session holds after this step
     receipt: str = Field(default="", max_length=8192)  # base64 of the peer's signed reputation Receipt, or ""
+    input_digest: str = Field(default="", max_length=64)  # of a pushed step: `tensor_digest` of the input it used
 
 
 class TrainRequest(WireModel):
@@ -121,6 +149,16 @@ class TrainReply(WireModel):
     error: ErrorInfo | None = None
     tensors: int = 0
     receipt: str = Field(default="", max_length=8192)
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 hex over dtype, shape and raw bytes, so equal digests mean bit-identical tensors."""
+    h = hashlib.sha256()
+    h.update(str(t.dtype).encode())
+    h.update(repr(tuple(t.shape)).encode())
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return h.hexdigest()
 
 
 def pack(message: WireModel) -> bytes:

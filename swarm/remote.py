@@ -55,6 +55,12 @@ class BlockService(ServicerBase):
         raise NotImplementedError
         yield  # pragma: no cover
 
+    async def rpc_push(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
 
 def _stub(p2p: P2P, peer_id: PeerID):
     return BlockService.get_stub(p2p, peer_id)
@@ -72,7 +78,7 @@ def read_reply(peer_id: PeerID, reply: runtime_pb2.ExpertResponse, expected_shap
         tensors = protocol.deserialize_tensors(reply.tensors)
     except ProtocolError as e:
         raise BadReplyError(str(peer_id), str(e)) from None
-    return Reply(check_output(peer_id, tensors, expected_shape), meta.receipt, meta.length)
+    return Reply(check_output(peer_id, tensors, expected_shape), meta.receipt, meta.length, meta.input_digest)
 
 
 def _through(relay: PeerID | None) -> str:
@@ -227,6 +233,11 @@ class InferenceStream:
         extra = () if mask is None else (mask,)
         reply = await self.send(meta, hidden, *extra, timeout=timeout)
         return read_reply(self.peer_id, reply, hidden.shape)
+
+    async def step_pushed(self, meta: StepRequest, shape: torch.Size, mask: torch.Tensor | None = None,
+                          timeout: float | None = None) -> Reply:
+        reply = await self.send(meta, *(() if mask is None else (mask,)), timeout=timeout)
+        return read_reply(self.peer_id, reply, shape)
 
     async def close(self) -> None:
         self._outbox.put_nowait(None)

@@ -18,6 +18,7 @@ can regenerate those tokens.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -27,7 +28,7 @@ import torch
 
 from swarm.errors import BadReceiptError, MissingBlocksError, PeerError, PeerUnreachableError, RemoteError, SwarmError
 from swarm.hooks import HopStep, ReplyVerifier, StepObserver, StepRecord
-from swarm.protocol import StepRequest
+from swarm.protocol import PushTarget, StepRequest, tensor_digest
 from swarm.routing import RouteHop
 from swarm.sequence import RemoteSequence
 from swarm.transport import PeerStream, Reply, Transport
@@ -84,7 +85,7 @@ class FailoverEvent:
 
 class InferenceSession:
     def __init__(self, sequence: RemoteSequence, transport: Transport, max_length: int,
-                 observer: StepObserver | None = None, verifier: ReplyVerifier | None = None):
+                 observer: StepObserver | None = None, verifier: ReplyVerifier | None = None, push: bool = False):
         self.sequence, self.transport, self.observer = sequence, transport, observer
         self.verifier = verifier  # None: replies are used without looking at their receipts
         self.max_length = max_length
@@ -96,6 +97,9 @@ class InferenceSession:
         self._padding: torch.Tensor | None = None  # (batch, position) 0/1 mask, only if some row is padded
         self._needed_tokens = max_length  # KV-cache room each peer must hold for this session
         self._untrusted_from: int | None = None  # not yet reported to the caller
+        self.push = push  # decode steps go as push chains (`_push_step`); off after the first broken one
+        self.pushed_steps = 0  # steps that went through a push chain end to end
+        self.push_fallbacks = 0  # push chains that broke (the step went on client-driven)
 
     @property
     def route(self) -> list[RouteHop]:
@@ -126,10 +130,15 @@ class InferenceSession:
         for hop in self._hops:  # after a rollback, a hop serves the steps from `position` on again
             hop.since = min(hop.since, position)
         await self._evict_blacklisted(position, mask)
-        index, failures = 0, 0
+        index, failures, pending = 0, 0, None
+        if self._can_push(position):
+            index, hidden, pending = await self._push_step(hidden, position, mask)
         while index < len(self._hops):
             hop = self._hops[index]
             try:
+                if pending is not None:  # the push chain's reply from this hop was bad: recover as from any other
+                    error, pending = pending, None
+                    raise error
                 reply = await self._send(hop, hidden, position, mask)
             except PeerError as error:
                 failures += 1
@@ -139,18 +148,84 @@ class InferenceSession:
                     self._untrust(hop.since)  # a peer caught faking receipts: its earlier outputs go too
                 await self._recover(index, error, position, mask)
                 continue  # retry this step on the replacement hop(s) at the same index
-            hop.record(hidden, position)
-            self.hop_steps += 1
-            if self.observer is not None:
-                self.observer.on_step(StepRecord(
-                    self.session_id, hop.route.peer_id, hop.route.start, hop.route.end, position, hidden,
-                    reply.output, tuple(hop.chunks), mask is not None, reply.receipt, mask, hop.sent,
-                ))
+            self._record(hop, hidden, reply, position, mask)
             hidden = reply.output
             index += 1
         self.position = position + hidden.shape[1]
         self._padding = mask
         return StepOutput(hidden, self._take_untrusted())
+
+    def _record(self, hop: _Hop, hidden: torch.Tensor, reply: Reply, position: int, mask: torch.Tensor | None) -> None:
+        """Keep a hop's input for replay, and show the step to the observer (the spot checks)."""
+        hop.record(hidden, position)
+        self.hop_steps += 1
+        if self.observer is not None:
+            self.observer.on_step(StepRecord(
+                self.session_id, hop.route.peer_id, hop.route.start, hop.route.end, position, hidden,
+                reply.output, tuple(hop.chunks), mask is not None, reply.receipt, mask, hop.sent,
+            ))
+
+    def _can_push(self, position: int) -> bool:
+        """Push chains carry decode steps (prefills open the sessions client-driven) over direct links only."""
+        return (self.push and position > 0 and len(self._hops) >= 2
+                and not any(self.sequence.relayed(hop.route.peer_id) for hop in self._hops))
+
+    async def _push_step(self, hidden: torch.Tensor, position: int, mask: torch.Tensor | None
+                         ) -> tuple[int, torch.Tensor, PeerError | None]:
+        """One step as a push chain: every hop gets its request at once, each passes its output to the next, and
+        each replies to the client. Returns how many hops' replies were used and the last one's output; on any
+        trouble, from where the client-driven path goes on (and pushing stops for this session), and the error of
+        a hop whose reply the verifier refused (recovered from like a failed client-driven step)."""
+        hops, timeout = self._hops, self.sequence.cfg.request_timeout
+        metas = [self._request(hop, position, pushed=i > 0,
+                               push_from=str(hops[i - 1].route.peer_id) if i > 0 else "",
+                               push_to=_target(hops[i + 1]) if i + 1 < len(hops) else None)
+                 for i, hop in enumerate(hops)]
+        began, first_reply = time.perf_counter(), 0.0
+
+        async def first() -> Reply:  # only the first hop's timing is a plain round trip (the speed it shows)
+            nonlocal first_reply
+            reply = await hops[0].stream.step(metas[0], hidden, mask, timeout=timeout)
+            first_reply = time.perf_counter() - began
+            return reply
+
+        calls = [first()]
+        calls += [hop.stream.step_pushed(meta, hidden.shape, mask, timeout=timeout)
+                  for hop, meta in zip(hops[1:], metas[1:])]
+        # every reply is awaited, failed or not: a stream's next step must not be answered by this one's reply
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        used = 0
+        for index, (hop, meta, reply) in enumerate(zip(hops, metas, replies)):
+            if isinstance(reply, BaseException) and not isinstance(reply, PeerError):
+                raise reply
+            if isinstance(reply, PeerError) or (index > 0 and reply.input_digest != tensor_digest(hidden)):
+                break  # a broken link, a failed hop, or a hop that computed on another input than the one shown
+            try:
+                self._accept(hop, meta, hidden, reply, first_reply if index == 0 else None)
+            except PeerError as refused:
+                self._fall_back(index, replies, hidden, refused)
+                return index, hidden, refused
+            self._record(hop, hidden, reply, position, mask)
+            hidden, used = reply.output, index + 1
+        if used == len(hops):
+            self.pushed_steps += 1
+            return used, hidden, None
+        self._fall_back(used, replies, hidden)
+        return used, hidden, None
+
+    def _fall_back(self, used: int, replies: list, hidden: torch.Tensor, refused: PeerError | None = None) -> None:
+        """Stop pushing for this session after a push step failed at hop `used`; the replies of later hops count
+        as steps the peers served (their receipts number them) though the client-driven path redoes them."""
+        self.push = False
+        self.push_fallbacks += 1
+        failure = refused or replies[used]
+        reason = _reason(failure) if isinstance(failure, SwarmError) else "its input differs from the previous hop's output"
+        logger.warning(f"Push chain broke at {self._hops[used].route.peer_id} ({reason}); "
+                       f"this session goes on client-driven")
+        first = used + 1 if refused is not None else used  # a refused hop is recovered from, not stepped again
+        for hop, reply in zip(self._hops[first:], replies[first:]):
+            if isinstance(reply, Reply):
+                hop.steps, hop.sent = hop.steps + 1, hop.sent + hidden.shape[0] * hidden.shape[1]
 
     def _take_untrusted(self) -> int | None:
         untrusted, self._untrusted_from = self._untrusted_from, None
@@ -159,25 +234,28 @@ class InferenceSession:
     def _untrust(self, since: int) -> None:
         self._untrusted_from = since if self._untrusted_from is None else min(self._untrusted_from, since)
 
+    def _request(self, hop: _Hop, position: int, **push) -> StepRequest:
+        return StepRequest(session_id=self.session_id, start=hop.route.start, end=hop.route.end, position=position,
+                           max_length=self.max_length, **push)
+
     async def _send(self, hop: _Hop, hidden: torch.Tensor, position: int, mask: torch.Tensor | None) -> Reply:
         """One step on one hop; with a verifier, only a reply whose receipt is valid for it comes back."""
-        meta = StepRequest(
-            session_id=self.session_id,
-            start=hop.route.start,
-            end=hop.route.end,
-            position=position,
-            max_length=self.max_length,
-        )
+        meta = self._request(hop, position)
         began = time.perf_counter()
         reply = await hop.stream.step(meta, hidden, mask, timeout=self.sequence.cfg.request_timeout)
-        seconds = time.perf_counter() - began
+        self._accept(hop, meta, hidden, reply, time.perf_counter() - began)
+        return reply
+
+    def _accept(self, hop: _Hop, meta: StepRequest, hidden: torch.Tensor, reply: Reply, seconds: float | None) -> None:
+        """Count a hop's reply to a step that took `hidden`; with a verifier, only if its receipt is valid for it.
+        `seconds`: the step's round trip, to learn the peer's speed from (None: not a plain round trip)."""
         sent = hop.sent + hidden.shape[0] * hidden.shape[1]
         if self.verifier is not None:
             self.verifier.verify(HopStep(hop.route.peer_id, meta, hop.steps, sent), hidden, reply)
         hop.steps, hop.sent = hop.steps + 1, sent
-        self.sequence.observe_step(hop.route.peer_id, hop.route.end - hop.route.start,
-                                   hidden.shape[0] * hidden.shape[1], seconds)
-        return reply
+        if seconds is not None:
+            self.sequence.observe_step(hop.route.peer_id, hop.route.end - hop.route.start,
+                                       hidden.shape[0] * hidden.shape[1], seconds)
 
     async def _evict_blacklisted(self, position: int, mask: torch.Tensor | None) -> None:
         """Route around hops whose peer the trust layer avoids since the last step (blacklisted or disputed), then
@@ -315,6 +393,10 @@ def _avoided(trust, peer: str) -> RemoteError:
     if trust.is_blacklisted(peer):
         return RemoteError(peer, "blacklisted", "blacklisted by spot checks")
     return RemoteError(peer, "disputed", "contradicted by every other execution of its blocks")
+
+
+def _target(hop: _Hop) -> PushTarget:
+    return PushTarget(peer_id=str(hop.route.peer_id), start=hop.route.start, end=hop.route.end)
 
 
 def _failed_peer(error: PeerError, hops: list[_Hop]):

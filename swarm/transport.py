@@ -26,6 +26,7 @@ class Reply:
     output: torch.Tensor  # hidden states, the same shape as the input
     receipt: str = ""  # base64 of the peer's signed receipt, or ""
     length: int = 0  # tokens the session holds after a step
+    input_digest: str = ""  # of a pushed step: the digest of the input the peer used (`swarm.protocol.tensor_digest`)
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,11 @@ class PeerStream(Protocol):
 
     async def step(self, meta: StepRequest, hidden: torch.Tensor, mask: torch.Tensor | None = None,
                    timeout: float | None = None) -> Reply: ...
+
+    async def step_pushed(self, meta: StepRequest, shape: torch.Size, mask: torch.Tensor | None = None,
+                          timeout: float | None = None) -> Reply:
+        """A step whose input the previous hop pushes to the peer (`meta.pushed`); the reply is checked against
+        `shape`, the input's."""
 
     async def close(self) -> None: ...
 

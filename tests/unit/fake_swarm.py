@@ -114,6 +114,7 @@ class FakePeer:
     relays: tuple[str, ...] = ()  # announced relays (reachable only through them)
     dialable: bool = True  # False: announces that nobody can dial it, and cannot be reached
     drop_stream_at: int | None = None  # its stream drops once at this step count (as when its relay goes away)
+    push: str = "honest"  # how it pushes its output to the next hop: "honest", "drop" (never), "tamper" (altered)
 
     def __post_init__(self) -> None:
         if self.sign:
@@ -206,7 +207,27 @@ class FakeStream:
         receipt = peer.receipt(hidden, output, meta.start, meta.end, meta.session_id, step, work, mode)
         if mode == "bad-digest":
             output = output + 0.5  # the receipt signed the honest output
-        return Reply(check_output(peer.peer_id, [output], hidden.shape), receipt, full.shape[1])
+        if meta.push_to is not None and peer.push != "drop":
+            pushed = output + 0.5 if peer.push == "tamper" else output
+            box = self.swarm.box(meta.session_id, meta.push_to.start, meta.position)
+            if not box.done():
+                box.set_result((str(peer.peer_id), pushed))
+        digest = tensor_digest(hidden) if meta.pushed else ""
+        return Reply(check_output(peer.peer_id, [output], hidden.shape), receipt, full.shape[1], digest)
+
+    async def step_pushed(self, meta: StepRequest, shape: torch.Size, mask: torch.Tensor | None = None,
+                          timeout: float | None = None) -> Reply:
+        """A pushed step: the input the previous hop pushes (as `peers.push.PushInbox` takes it), then a step."""
+        box = self.swarm.box(meta.session_id, meta.start, meta.position)
+        try:
+            sender, hidden = await asyncio.wait_for(asyncio.shield(box), self.swarm.push_timeout)
+        except asyncio.TimeoutError:
+            raise RemoteError(str(self.peer_id), "push_timeout", "no input pushed in time") from None
+        finally:
+            self.swarm.boxes.pop((meta.session_id, meta.start, meta.position), None)
+        assert sender == meta.push_from
+        self.swarm.pushed_steps += 1
+        return await self.step(meta, hidden, mask, timeout)
 
     def _mask(self, session_id: str, position: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The session's whole mask after this step, kept like the real handler's (None while nothing is padded)."""
@@ -229,6 +250,16 @@ class FakeSwarm:
         self.dead: set[str] = set()
         self.calls: list[tuple] = []
         self.max_message_bytes = max_message_bytes  # like hivemind's 4 MiB cap on a message (None: no cap)
+        self.boxes: dict[tuple[str, int, int], asyncio.Future] = {}  # pushes, by (session, first block, position)
+        self.push_timeout = 0.2  # seconds a pushed step waits for its input
+        self.pushed_steps = 0  # steps that took a pushed input
+
+    def box(self, session_id: str, start: int, position: int) -> asyncio.Future:
+        """Where the push for one step goes (either the pusher or the pushed step may come first)."""
+        key = (session_id, start, position)
+        if key not in self.boxes:
+            self.boxes[key] = asyncio.get_running_loop().create_future()
+        return self.boxes[key]
 
     def add(self, *peers: FakePeer) -> None:
         self.peers.update({p.peer_id: p for p in peers})

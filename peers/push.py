@@ -1,0 +1,130 @@
+"""The push chain on a peer (issue 15): hidden states pushed from one hop of a client's route to the next.
+
+A client that pushes sends every hop its step request at once. The first hop gets the hidden states in its
+request; a later hop's request says `pushed` and names the previous hop (`push_from`), and the hidden states come
+from that peer over `rpc_push`. Each hop still replies to the client, so the client holds every hop's input and
+output as on the client-driven path (history, replay, spot checks, receipts), and only the last hop's reply is on
+the critical path: client -> p1 -> p2 -> p3 -> client, one link crossing per hop plus one.
+
+`PushInbox` holds pushes until the step that needs them (either may come first); `PushLinks` keeps one open
+`rpc_push` stream to each next hop. A push that never comes makes the step fail with `push_timeout`, and the
+client sends that hop its input itself: a lost push costs time, never a wrong token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+
+from swarm import protocol
+from swarm.protocol import BlocksReply, PushRequest
+from swarm.remote import BlockService
+
+logger = logging.getLogger(__name__)
+
+PushKey = tuple[str, int, int]  # (session id, first block, position) of the step a push is the input of
+
+
+class PushTimeout(Exception):
+    """The step's pushed input did not arrive in time."""
+
+
+@dataclass
+class _Held:
+    sender: str
+    hidden: torch.Tensor
+    arrived: float
+
+
+@dataclass
+class PushInbox:
+    """Pushed inputs by the step they are for, and the steps waiting for theirs. Pushes nobody asked for yet wait
+    `ttl` seconds at most, `max_held` of them (the oldest go first), so strangers cannot fill the peer's memory."""
+
+    ttl: float = 10.0
+    max_held: int = 64
+    received: int = 0  # pushes taken by a step
+    _held: dict[PushKey, _Held] = field(default_factory=dict)
+    _waiting: dict[PushKey, tuple[str, asyncio.Future]] = field(default_factory=dict)
+
+    def deliver(self, key: PushKey, sender: str, hidden: torch.Tensor) -> None:
+        waiter = self._waiting.get(key)
+        if waiter is not None and waiter[0] == sender and not waiter[1].done():
+            waiter[1].set_result(hidden)
+            return
+        self._expire(time.monotonic())
+        while len(self._held) >= self.max_held:
+            del self._held[next(iter(self._held))]
+        self._held[key] = _Held(sender, hidden, time.monotonic())
+
+    async def take(self, key: PushKey, sender: str, timeout: float) -> torch.Tensor:
+        """The input `sender` pushed for the step `key`, waiting `timeout` seconds at most (else `PushTimeout`)."""
+        held = self._held.get(key)
+        if held is not None and held.sender == sender:
+            del self._held[key]
+            self.received += 1
+            return held.hidden
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._waiting[key] = (sender, future)
+        try:
+            hidden = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise PushTimeout(f"no input pushed by {sender} within {timeout:g} s") from None
+        finally:
+            if self._waiting.get(key, (None, None))[1] is future:
+                del self._waiting[key]
+        self.received += 1
+        return hidden
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, held in self._held.items() if now - held.arrived > self.ttl]:
+            del self._held[key]
+
+
+class PushLinks:
+    """One `rpc_push` stream from this peer to each next hop it pushes to, opened on the first push. `send` only
+    queues (the step's reply to its client never waits for the push); a link that breaks is opened anew on the
+    next push, and the pushes it lost time out at the receiver."""
+
+    def __init__(self, p2p: P2P):
+        self._p2p = p2p
+        self._outboxes: dict[PeerID, asyncio.Queue] = {}
+        self._tasks: dict[PeerID, asyncio.Task] = {}
+        self.sent = 0
+
+    def send(self, peer_id: PeerID, meta: PushRequest, hidden: torch.Tensor) -> None:
+        outbox = self._outboxes.setdefault(peer_id, asyncio.Queue())
+        outbox.put_nowait(protocol.make_request("", meta, hidden))
+        self.sent += 1
+        task = self._tasks.get(peer_id)
+        if task is None or task.done():
+            self._tasks[peer_id] = asyncio.create_task(self._run(peer_id, outbox), name=f"push link to {peer_id}")
+
+    async def _run(self, peer_id: PeerID, outbox: asyncio.Queue) -> None:
+        async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
+            while (request := await outbox.get()) is not None:
+                yield request
+
+        try:
+            replies = await BlockService.get_stub(self._p2p, peer_id).rpc_push(requests())
+            async for ack in replies:
+                reply = protocol.unpack(ack.metadata, BlocksReply)
+                if reply.error is not None:
+                    logger.debug(f"Push to {peer_id} refused: {reply.error.kind}: {reply.error.message}")
+        except Exception as e:  # link boundary: the receiver times out and its client sends the input itself
+            logger.debug(f"Push link to {peer_id} broke: {type(e).__name__}: {e}")
+
+    async def close(self) -> None:
+        for outbox in self._outboxes.values():
+            outbox.put_nowait(None)
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
