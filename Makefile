@@ -31,10 +31,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check swarm peers reputation apps benchmarks examples tests
 	$(VENV)/bin/lint-imports
 
+# Two pytest workers, each taking whole test files (a file's swarm fixtures stay in one process): most of a live
+# test's time is spent waiting on peers, so two at once fit 2 cores. TEST_WORKERS=0 runs in one process.
 # The NAT tests run in a pytest process of their own: a client they build inside a network namespace leaves the
 # process unable to start further DHT nodes ("Broken pipe"). Exit status 5 = those arguments selected no test.
+TEST_WORKERS ?= 2
 test: model lint
-	$(PY) -m pytest -m "not netns" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not netns" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	$(PY) -m pytest -m netns $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: model

@@ -147,7 +147,31 @@ class PushChain(ClientDriven):
         return times.timing()
 
 
-PATHS: list[Callable[[Bench], DecodePath]] = [ClientDriven, PushChain]  # speculative decoding: append here
+class Speculative(PushChain):
+    """The push chain with speculative decoding: each step also carries up to 8 tokens guessed by prompt lookup,
+    and the peers' one pass verifies them, so a round trip may bring several tokens (`swarm.speculative`)."""
+
+    name = "speculative"
+    LOOKUP = 8
+
+    def __init__(self, bench: Bench):
+        super().__init__(bench)
+        self.trips: list[float] = []  # tokens per round trip of each timed decode
+
+    def links_per_token(self, hops: int) -> float:
+        return round((hops + 1) / (statistics.median(self.trips) if self.trips else 1.0), 1)
+
+    def decode(self, tokens: int) -> Timing:
+        times = TokenTimes()
+        output = self.model.generate(self.prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                                     streamer=times, prompt_lookup_num_tokens=self.LOOKUP)
+        assert output.shape[1] == self.prompt.shape[1] + tokens and len(times.times) == tokens
+        decoding = self.model.last_generation.decoding
+        self.trips.append(decoding.tokens_per_round_trip)  # the prompt's step counted, as DecodeStats counts
+        return times.timing()
+
+
+PATHS: list[Callable[[Bench], DecodePath]] = [ClientDriven, PushChain, Speculative]
 
 
 def relayed_bytes(before: dict[int, RelayStats], after: dict[int, RelayStats]) -> dict[int, int]:
@@ -204,8 +228,9 @@ def render(rows: list[Row], paths: list[DecodePath], args: argparse.Namespace, h
         f"delays) after a warm-up; {torch.get_num_threads()} torch threads per process, {os.cpu_count()} cores",
         "ms/token: between the first and the last new token; over d=0: minus its value at d=0; min gap: the shortest "
         "time between two new tokens in any round;",
-        "bound: d x one-way link crossings per token (client-driven: 2 x hops x d, push chain: (hops + 1) x d); KB/relay/token: bytes each relay "
-        "carried both ways in the timed rounds (prompts included)",
+        "bound: d x one-way link crossings per token (client-driven: 2 x hops x d, push chain: (hops + 1) x d, speculative: "
+        "(hops + 1) x d / tokens per round trip); KB/relay/token: bytes each relay carried both ways in the timed rounds "
+        "(prompts included)",
         "",
     ]
     header = f"{'delay_ms':>8}"
@@ -219,7 +244,7 @@ def render(rows: list[Row], paths: list[DecodePath], args: argparse.Namespace, h
         for path in paths:
             over = f"{row.ms_per_token(path.name) - base.ms_per_token(path.name):.1f}" if base else "n/a"
             bound = path.links_per_token(hops) * row.delay_ms
-            line += f"{row.ms_per_token(path.name):>26.1f}{over:>10}{row.min_gap_ms(path.name):>9.1f}{bound:>7g}"
+            line += f"{row.ms_per_token(path.name):>26.1f}{over:>10}{row.min_gap_ms(path.name):>9.1f}{bound:>7.3g}"
         kb = statistics.mean(row.carried.values()) / row.tokens / 1024
         lines.append(line + f"{kb:>16.1f}")
     if len(paths) > 1:
@@ -228,6 +253,10 @@ def render(rows: list[Row], paths: list[DecodePath], args: argparse.Namespace, h
         lines += [f"{path.name} / {first} at d={row.delay_ms:g} ms: "
                   f"{row.ms_per_token(path.name) / row.ms_per_token(first):.2f}x"
                   for path in paths[1:] for row in rows]
+    for path in paths:
+        if isinstance(path, Speculative) and path.trips:
+            lines.append(f"speculative decoding (prompt lookup, up to {path.LOOKUP} guessed tokens per step) on the chat "
+                         f"prompt: {statistics.median(path.trips):.2f} new tokens per round trip (the prompt's step included)")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -30,14 +31,16 @@ def test_health_check_and_status_line(tmp_path):
     key, port = tmp_path / "peer.key", free_port()
     with LocalSwarm() as swarm:
         peer = swarm.add_peer("0:1", "--identity", str(key), "--port", str(port), "--status-interval", "1")
-        served = health(swarm.env, "--port", str(port), "--identity", str(key))
+        checks = [("--port", str(port), "--identity", str(key)),
+                  ("--port", str(port), "--identity", str(key), "--dht-only"),
+                  ("--port", str(free_port()), "--identity", str(key), "--timeout", "3"),
+                  ("--port", str(port), "--identity", str(tmp_path / "none.key"))]
+        with ThreadPoolExecutor(len(checks)) as pool:  # separate processes, at once (each is mostly imports)
+            served, dht_only, closed, missing = pool.map(lambda args: health(swarm.env, *args), checks)
         assert served.returncode == 0, served.stdout + served.stderr
         assert re.match(rf"healthy: peer {peer.peer_id} serves blocks 0:1 \(0 sessions", served.stdout)
-        assert health(swarm.env, "--port", str(port), "--identity", str(key), "--dht-only").returncode == 0
-
-        closed = health(swarm.env, "--port", str(free_port()), "--identity", str(key), "--timeout", "3")
+        assert dht_only.returncode == 0
         assert closed.returncode == 1 and closed.stdout.startswith("unhealthy: node"), closed.stdout
-        missing = health(swarm.env, "--port", str(port), "--identity", str(tmp_path / "none.key"))
         assert missing.returncode == 1 and "no identity file" in missing.stdout
 
         deadline = time.monotonic() + 30
