@@ -17,6 +17,7 @@ from swarm.generation import DecodeStats, Rewind, SamplingConfig, Stopping, Stre
 from swarm.head import ClientHead
 from swarm.errors import ConfigError
 from swarm.hooks import ClientContext, Coverage, TrustLayer, TrustLayerFactory
+from swarm.head_batching import BatchedLogits
 from swarm.local_blocks import LocalBlocks
 from swarm.loop import BackgroundLoop
 from swarm.models import BlockCheckpoint, open_model
@@ -199,6 +200,7 @@ class DistributedModelForCausalLM:
         self.tokenizer = checkpoint.load_tokenizer()
         self.dtype = dtype
         self.head = ClientHead(checkpoint, self.config, dtype)
+        self.batched_logits = BatchedLogits(self.head.logits)  # concurrent sessions' logits in one pass of the head
         self.eos_token_ids = self._default_eos_ids()
         self.loop = BackgroundLoop()
         self.identity = load_identity(cfg.identity)
@@ -300,7 +302,7 @@ class DistributedModelForCausalLM:
         output = session.step(self.head.embed(new_ids), attention_mask)
         if prompt_length is not None:
             _rewind_if_untrusted(session, output.untrusted_from, start, prompt_length)
-        return self.head.logits(output.hidden[:, -last:])
+        return self.batched_logits(output.hidden[:, -last:])
 
     def generate(
         self,

@@ -1,0 +1,56 @@
+"""BatchedLogits: concurrent single-token logits calls run as one pass, each getting exactly its own rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from swarm.head_batching import BatchedLogits
+
+WEIGHT = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+
+
+def test_calls_waiting_while_one_computes_run_together_and_get_their_own_rows():
+    passes: list[int] = []
+    first_started = threading.Event()
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        passes.append(hidden.shape[0])
+        first_started.set()
+        time.sleep(0.2)  # long enough for the other threads to queue behind this pass
+        return hidden @ WEIGHT
+
+    batched = BatchedLogits(logits)
+    inputs = [torch.randn(rows, 1, 8, generator=torch.Generator().manual_seed(i)) for i, rows in enumerate([1, 2, 1, 1])]
+    results: list = [None] * len(inputs)
+
+    def run(i: int) -> None:
+        results[i] = batched(inputs[i])
+
+    threads = [threading.Thread(target=run, args=(0,))]
+    threads[0].start()
+    first_started.wait(5)
+    threads += [threading.Thread(target=run, args=(i,)) for i in range(1, len(inputs))]
+    for thread in threads[1:]:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert passes == [1, 4]  # the first alone (nothing waits for company), then the three that queued, together
+    for got, x in zip(results, inputs):
+        torch.testing.assert_close(got, x @ WEIGHT)
+    assert batched.batched_calls == 3
+
+
+def test_a_multi_token_call_is_computed_alone_and_errors_reach_every_caller():
+    batched = BatchedLogits(lambda hidden: hidden @ WEIGHT)
+    x = torch.randn(1, 5, 8)
+    torch.testing.assert_close(batched(x), x @ WEIGHT)
+
+    def broken(hidden: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("no memory")
+
+    with pytest.raises(RuntimeError, match="no memory"):
+        BatchedLogits(broken)(torch.randn(1, 1, 8))
