@@ -4,7 +4,8 @@ Steps are queued, and the compute thread takes work from the queue one run at a 
 - decode steps (a few new tokens) of different sessions that wait together on the same blocks run as one batched
   forward (`BlockSpan.forward_batched`); each session keeps its own cache, length, positions and padding;
 - a long prefill runs in chunks of `prefill_chunk` tokens, alternating with the decode batches, so one long prompt
-  does not stall every other session's next token.
+  does not stall every other session's next token;
+- a step that carries deep prompts runs alone (each chunk of a prefill gets its positions' part of them).
 
 Nothing waits for company: a step that finds the thread idle runs at once, and steps that arrive while it is busy
 run together next (continuous batching, no time window).
@@ -39,6 +40,7 @@ class StepJob:
     end: int
     work: tuple[str, int, int]  # (session id, step, cumulative batch x tokens) for the receipt
     future: asyncio.Future
+    prompts: torch.Tensor | None = None  # deep prompts (end - start, prompt_length, hidden), wire dtype, CPU
     done_tokens: int = 0  # of a chunked prefill: tokens computed so far
     pieces: list[torch.Tensor] = field(default_factory=list)  # of a chunked prefill: outputs so far
 
@@ -72,13 +74,14 @@ Finisher = Callable[[StepJob, torch.Tensor], tuple[torch.Tensor, str]]
 
 def take_decode_batch(queue: deque[StepJob], max_rows: int, max_steps: int) -> list[StepJob]:
     """The oldest decode step and every later one that can run with it (same blocks and new tokens), up to
-    `max_rows` rows and `max_steps` steps in all; removed from `queue`."""
+    `max_rows` rows and `max_steps` steps in all; removed from `queue`. A step with deep prompts runs alone."""
     first = queue[0]
     batch, rows, kept = [first], first.rows, deque()
     queue.popleft()
     while queue:
         job = queue.popleft()
-        if job.batch_key() == first.batch_key() and rows + job.rows <= max_rows and len(batch) < max_steps:
+        if (job.batch_key() == first.batch_key() and rows + job.rows <= max_rows and len(batch) < max_steps
+                and first.prompts is None and job.prompts is None):
             batch.append(job)
             rows += job.rows
         else:

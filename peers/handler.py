@@ -6,6 +6,8 @@ error (`swarm.protocol.ErrorInfo`) and changes nothing; the stream and the peer'
 Torch work runs on one worker thread so the event loop keeps answering pings meanwhile; sessions' steps reach it
 through a scheduler (`peers.batching`) that batches decode steps of different sessions and chunks long prefills.
 A step of a push chain (`peers.push`) takes its input from the previous hop's push and pushes its output on.
+A step (or forward) may carry a client's deep prompts for its blocks (`swarm.protocol.StepRequest`): they are added
+at each block's input to the positions below their length, and the receipt commits to them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from peers.push import PushInbox, PushLinks, PushTimeout
 from peers.receipts import ReceiptSigner
 from swarm import protocol
 from swarm.blocks import BlockSpan, SpanCache, SpanInput
-from peers.training import ForwardGraphs, TooManyTokens, read_train_tensors, request_byte_limit, train_step
+from peers.training import (MAX_PROMPT_LENGTH, ForwardGraphs, TooManyTokens, read_train_tensors, request_byte_limit,
+                            train_step)
 from swarm.parts import PartsReader, to_messages
 from swarm.protocol import (PeerInfo, ProtocolError, PushRequest, SpanRequest, BlocksReply, StepRequest, TrainReply,
                             TrainRequest, tensor_digest)
@@ -143,13 +146,14 @@ class BlockHandler(BlockService):
         return output
 
     def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
-                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+                   work: tuple[str, int, int], prompts: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
         """The output to send for `output` computed from `hidden` on blocks [start, end) (both in the wire
         dtype, on the CPU; called on the compute thread), and its receipt: base64, or "" when not signing.
-        `work` is (session id, step, cumulative batch x tokens). Default: the output as is, signed."""
+        `work` is (session id, step, cumulative batch x tokens); `prompts`: the deep prompts the request carried
+        (the receipt commits to them). Default: the output as is, signed."""
         if self.receipts is None:
             return output, ""
-        return output, self.receipts.sign(work[0], work[1], start, end, work[2], hidden, output)
+        return output, self.receipts.sign(work[0], work[1], start, end, work[2], hidden, output, prompts)
 
     def transform_step(self, inputs: torch.Tensor, output: torch.Tensor, span_input: SpanInput) -> torch.Tensor:
         """Like `transform_output`, with the request's attention mask and start position (called in its place).
@@ -237,10 +241,11 @@ class BlockHandler(BlockService):
             if self.draining:
                 raise RequestRejected("busy", "this peer is moving to other blocks; try another peer")
             self._check_span(meta.start, meta.end)
-            hidden, padding = self._read_tensors(request, expected_length=None)
+            hidden, padding, prompts = self._read_tensors(request, None, meta.end - meta.start if meta.prompts else 0)
             span_input = SpanInput(attention_mask=padding, start_position=0)
             tokens = hidden.shape[0] * hidden.shape[1]
-            output, receipt = await self._compute(hidden, None, span_input, meta.start, meta.end, ("forward", 0, tokens))
+            output, receipt = await self._compute(hidden, span_input, meta.start, meta.end, ("forward", 0, tokens),
+                                                  prompts)
             self.stats.tokens_served += tokens
             return protocol.make_reply(BlocksReply(length=hidden.shape[1], receipt=receipt), output)
         except ProtocolError as e:
@@ -327,7 +332,7 @@ class BlockHandler(BlockService):
         async for request in requests:
             try:
                 meta = protocol.unpack(request.metadata, PushRequest)
-                hidden, padding = self._read_tensors(request, expected_length=None)
+                hidden, padding, _ = self._read_tensors(request, expected_length=None)
                 if padding is not None:
                     raise ProtocolError("a push carries the hidden states only")
                 self.inbox.deliver((meta.session_id, meta.start, meta.position), str(context.remote_id), hidden)
@@ -371,10 +376,14 @@ class BlockHandler(BlockService):
             if meta.session_id not in sessions:
                 opening = meta.session_id
             session = self._session_for(meta, sessions)
+            if meta.pushed and meta.prompts:
+                raise ProtocolError("a pushed step cannot carry deep prompts (send the step itself)")
             if meta.pushed:
                 hidden, padding = await self._pushed_input(meta, request)
+                prompts = None
             else:
-                hidden, padding = self._read_tensors(request, expected_length=meta.position)
+                hidden, padding, prompts = self._read_tensors(request, meta.position,
+                                                              meta.end - meta.start if meta.prompts else 0)
             self._check_step(session, meta, hidden)
             self._reserve_cache(session, hidden.shape[0])
             session.last_used = time.monotonic()
@@ -385,7 +394,7 @@ class BlockHandler(BlockService):
             tokens = hidden.shape[0] * hidden.shape[1]
             work = (meta.session_id, session.steps, session.work + tokens)
             future = asyncio.get_running_loop().create_future()
-            job = StepJob(hidden, session.cache, span_input, session.start, session.end, work, future)
+            job = StepJob(hidden, session.cache, span_input, session.start, session.end, work, future, prompts)
             output, receipt = await self.scheduler.submit(job)
             session.batch, session.padding = hidden.shape[0], padding
             session.steps, session.work = session.steps + 1, session.work + tokens
@@ -501,13 +510,18 @@ class BlockHandler(BlockService):
             raise RequestRejected("bad_request", f"batch size {hidden.shape[0]} differs from the session's {session.batch}")
 
     def _read_tensors(
-        self, request: runtime_pb2.ExpertRequest, expected_length: int | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Hidden states (batch, new, hidden) and an optional 0/1 mask (batch, past + new), checked."""
-        if not 1 <= len(request.tensors) <= 2:
-            raise ProtocolError(f"expected 1 or 2 tensors, got {len(request.tensors)}")
+        self, request: runtime_pb2.ExpertRequest, expected_length: int | None, prompt_blocks: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Hidden states (batch, new, hidden), an optional 0/1 mask (batch, past + new) and, when `prompt_blocks`,
+        the deep prompts of that many blocks (they follow the hidden states), checked."""
+        least = 1 + (prompt_blocks > 0)
+        if not least <= len(request.tensors) <= least + 1:
+            raise ProtocolError(f"expected {least} or {least + 1} tensors, got {len(request.tensors)}")
         tensors = protocol.deserialize_tensors(request.tensors)
-        hidden = tensors[0]
+        hidden = tensors.pop(0)
+        prompts = None
+        if prompt_blocks:
+            prompts = check_prompts(tensors.pop(0), prompt_blocks, self.config.hidden_size, expected_length or 0)
         if hidden.ndim != 3 or hidden.shape[2] != self.config.hidden_size:
             raise ProtocolError(f"hidden states must be (batch, tokens, {self.config.hidden_size}), got {tuple(hidden.shape)}")
         if not hidden.is_floating_point():
@@ -521,12 +535,12 @@ class BlockHandler(BlockService):
             raise RequestRejected("too_long", f"{new} tokens exceed this peer's limit of {self.config.max_length}")
         if not torch.isfinite(hidden).all():
             raise ProtocolError("hidden states contain NaN or infinity")
-        padding = tensors[1] if len(tensors) == 2 else None
+        padding = tensors[0] if tensors else None
         if padding is not None:
             past = 0 if expected_length is None else expected_length
             if tuple(padding.shape) != (batch, past + new) or not ((padding == 0) | (padding == 1)).all():
                 raise ProtocolError(f"attention mask must be 0/1 of shape ({batch}, {past + new}), got {tuple(padding.shape)}")
-        return hidden, padding
+        return hidden, padding, prompts
 
     @staticmethod
     def _session_padding(
@@ -543,40 +557,62 @@ class BlockHandler(BlockService):
     async def _compute(
         self,
         hidden: torch.Tensor,
-        cache: SpanCache | None,
         span_input: SpanInput,
         start: int,
         end: int,
         work: tuple[str, int, int],  # (session id, step, cumulative batch x tokens) for the receipt
+        prompts: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, str]:
-        """The blocks' output in the wire dtype, and the signed receipt for it ("" when not signing)."""
+        """A stateless run's output in the wire dtype, and the signed receipt for it ("" when not signing)."""
         wire_dtype = hidden.dtype
 
         def run() -> tuple[torch.Tensor, str]:
             inputs = hidden.to(self.config.device, self.config.dtype)
-            output = self.transform_step(inputs, self.span(inputs, cache, span_input, start, end), span_input)
-            return self.sign_reply(hidden, output.to("cpu", wire_dtype), start, end, work)
+            output = self.span(inputs, None, span_input, start, end, self._compute_prompts(prompts))
+            output = self.transform_step(inputs, output, span_input)
+            return self.sign_reply(hidden, output.to("cpu", wire_dtype), start, end, work, prompts)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     # The scheduler's work, on the compute thread.
 
+    def _compute_prompts(self, prompts: torch.Tensor | None) -> torch.Tensor | None:
+        return None if prompts is None else prompts.to(self.config.device, self.config.dtype)
+
     def _run_steps(self, jobs: list[StepJob]) -> list[torch.Tensor]:
         inputs = [job.hidden.to(self.config.device, self.config.dtype) for job in jobs]
         if len(jobs) == 1:
             job = jobs[0]
-            return [self.span(inputs[0], job.cache, job.span_input, job.start, job.end)]
+            return [self.span(inputs[0], job.cache, job.span_input, job.start, job.end, self._compute_prompts(job.prompts))]
+        assert all(job.prompts is None for job in jobs), "steps with deep prompts run alone"
         return self.span.forward_batched(inputs, [job.cache for job in jobs], [job.span_input for job in jobs],
                                          jobs[0].start, jobs[0].end)
 
     def _run_chunk(self, job: StepJob, first: int, end: int) -> torch.Tensor:
         inputs = job.hidden[:, first:end].to(self.config.device, self.config.dtype)
-        return self.span(inputs, job.cache, chunk_input(job.span_input, first, end), job.start, job.end)
+        return self.span(inputs, job.cache, chunk_input(job.span_input, first, end), job.start, job.end,
+                         self._compute_prompts(job.prompts))
 
     def _finish_step(self, job: StepJob, output: torch.Tensor) -> tuple[torch.Tensor, str]:
         inputs = job.hidden.to(self.config.device, self.config.dtype)
         output = self.transform_step(inputs, output, job.span_input)
-        return self.sign_reply(job.hidden, output.to("cpu", job.hidden.dtype), job.start, job.end, job.work)
+        return self.sign_reply(job.hidden, output.to("cpu", job.hidden.dtype), job.start, job.end, job.work,
+                               job.prompts)
+
+
+def check_prompts(prompts: torch.Tensor, blocks: int, hidden_size: int, position: int) -> torch.Tensor:
+    """A step's deep prompts (blocks, prompt_length, hidden), checked; `ProtocolError` otherwise. Only a step that
+    starts below prompt_length carries them (a later one has nothing to add them to)."""
+    if (prompts.ndim != 3 or prompts.shape[0] != blocks or not 1 <= prompts.shape[1] <= MAX_PROMPT_LENGTH
+            or prompts.shape[2] != hidden_size or not prompts.is_floating_point()):
+        raise ProtocolError(f"deep prompts must be floating point ({blocks}, 1..{MAX_PROMPT_LENGTH}, {hidden_size}), "
+                            f"got {prompts.dtype} {tuple(prompts.shape)}")
+    if position >= prompts.shape[1]:
+        raise ProtocolError(f"a step at position {position} has no positions below the deep prompts' length "
+                            f"{prompts.shape[1]}: send no prompts")
+    if not bool(torch.isfinite(prompts).all()):
+        raise ProtocolError("deep prompts contain NaN or infinity")
+    return prompts
 
 
 # What the peer builds its handler with: BlockHandler itself, or a subclass (or a factory of one).

@@ -10,6 +10,7 @@ import torch
 from hivemind.utils.crypto import RSAPrivateKey
 
 from reputation.attest import Receipt, tensor_digest
+from swarm.protocol import inputs_digest
 
 
 @dataclass(frozen=True)
@@ -21,9 +22,11 @@ class ReceiptSigner:
     compression: str  # declared weight compression ("none", "nf4", ...)
 
     def sign(
-        self, session_id: str, step: int, start: int, end: int, tokens: int, inputs: torch.Tensor, output: torch.Tensor
+        self, session_id: str, step: int, start: int, end: int, tokens: int, inputs: torch.Tensor, output: torch.Tensor,
+        prompts: torch.Tensor | None = None,
     ) -> str:
-        """base64 of the signed receipt for returning `output` computed from `inputs` on blocks [start, end)."""
+        """base64 of the signed receipt for returning `output` computed from `inputs` (and the deep prompts
+        `prompts`, when the request carried some) on blocks [start, end)."""
         receipt = Receipt(
             session_id=session_id,
             step=step,
@@ -33,7 +36,7 @@ class ReceiptSigner:
             tokens=tokens,
             dtype=self.dtype,
             compression=self.compression,
-            input_digest=tensor_digest(inputs),
+            input_digest=inputs_digest(inputs, prompts),
             output_digest=tensor_digest(output),
             signer=self.peer_id,
             signed_at=time.time(),

@@ -154,9 +154,12 @@ class BlockSpan(nn.Module):
         span_input: SpanInput,
         start: int | None = None,
         end: int | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run blocks [start, end) (global indices; default: the whole span) on `hidden`."""
-        return self._run(hidden, cache, span_input, start, end)
+        """Run blocks [start, end) (global indices; default: the whole span) on `hidden`. `prompts` (end - start,
+        prompt_length, hidden): deep prompts, block i's added at its input to positions below prompt_length (of a
+        step at `span_input.start_position` p, `prompts[i, p:]` to its first new tokens)."""
+        return self._run(hidden, cache, span_input, start, end, prompts)
 
     def forward_train(
         self,
@@ -208,13 +211,21 @@ class BlockSpan(nn.Module):
         position_embeddings = self.rotary_emb(hidden, position_ids)
         for index, layer in enumerate(self.layers[start - self.start : end - self.start]):
             if prompts is not None:
-                length = prompts.shape[1]
-                hidden = torch.cat([hidden[:, :length] + prompts[index], hidden[:, length:]], dim=1)
+                hidden = add_prompt(hidden, prompts[index], span_input.start_position)
             # Positional arguments: the cache keyword is `past_key_values` or `cache` depending on the
             # transformers release, and the first four parameters have kept their order.
             out = layer(hidden, mask, position_ids, cache, position_embeddings=position_embeddings)
             hidden = out[0] if isinstance(out, tuple) else out
         return hidden
+
+
+def add_prompt(hidden: torch.Tensor, prompt: torch.Tensor, position: int) -> torch.Tensor:
+    """`hidden` (batch, new, hidden), the new tokens of a step at `position`, with one block's deep prompt
+    (prompt_length, hidden) added to those below prompt_length: `prompt[position + t]` to token t."""
+    count = min(prompt.shape[0] - position, hidden.shape[1])
+    if count <= 0:
+        return hidden
+    return torch.cat([hidden[:, :count] + prompt[position : position + count], hidden[:, count:]], dim=1)
 
 
 def _positions_and_mask(

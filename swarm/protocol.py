@@ -56,11 +56,14 @@ class PeerInfo(WireModel):
 
 
 class SpanRequest(WireModel):
-    """Hidden states through blocks [start, end) of the peer (the `rpc_forward` request)."""
+    """Hidden states through blocks [start, end) of the peer (the `rpc_forward` request). Tensors: hidden states
+    (batch, tokens, hidden); deep prompts (end - start, prompt_length, hidden) if `prompts` (as in a `StepRequest`
+    at position 0); the 0/1 attention mask (batch, tokens) when some row is padded."""
 
     version: int = PROTOCOL_VERSION
     start: int
     end: int
+    prompts: bool = False
 
 
 class PushTarget(WireModel):
@@ -77,8 +80,13 @@ class StepRequest(WireModel):
     The first step of a session (position 0) opens it with `max_length`; later steps continue it.
     `position` is how many tokens the client believes the session already holds: equal to the
     peer's count continues, smaller rolls the cache back to it, larger is an error.
-    Tensors: hidden states (batch, new, hidden); optionally the 0/1 attention mask (batch, position + new)
-    when some prompt in the batch is padded.
+    Tensors, in order: hidden states (batch, new, hidden); deep prompts (end - start, prompt_length, hidden) if
+    `prompts`; the 0/1 attention mask (batch, position + new) when some prompt in the batch is padded.
+
+    Deep prompts (a client's trained `swarm.tuning.PromptTuning`): block i's prompt is added to the block's input at
+    the session's positions 0..prompt_length-1. A step at `position` adds `prompts[i, position:prompt_length]` to its
+    first new tokens, so only steps that start below `prompt_length` carry them (a later one that does is refused);
+    the peer's receipt then commits to them too (`inputs_digest`).
     """
 
     version: int = PROTOCOL_VERSION
@@ -88,6 +96,7 @@ class StepRequest(WireModel):
     position: int = Field(ge=0)
     max_length: int = Field(ge=1)
     close: bool = False  # end the session after this message (no tensors needed)
+    prompts: bool = False  # deep prompts of blocks [start, end) follow the hidden states (never with `pushed`)
     # Push chain (issue 15): the client sends every hop its request at once; each hop passes its output on itself.
     push_to: PushTarget | None = None  # also send the output to this next hop (`rpc_push`), besides replying
     pushed: bool = False  # the hidden states come by push from `push_from`, not in this message (tensors: the mask)
@@ -159,6 +168,14 @@ def tensor_digest(t: torch.Tensor) -> str:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return h.hexdigest()
+
+
+def inputs_digest(hidden: torch.Tensor, prompts: torch.Tensor | None = None) -> str:
+    """What a receipt's input digest commits to: the hidden states, and the deep prompts when the request carried
+    some (sha256 hex over both digests, so a peer cannot later claim other prompts)."""
+    if prompts is None:
+        return tensor_digest(hidden)
+    return hashlib.sha256(f"{tensor_digest(hidden)}+prompts:{tensor_digest(prompts)}".encode()).hexdigest()
 
 
 def pack(message: WireModel) -> bytes:

@@ -214,7 +214,7 @@ class NoReceipt(Adversary):
     mode = "no-receipt"
 
     def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
-                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+                   work: tuple[str, int, int], prompts: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
         return output, ""
 
 
@@ -224,8 +224,8 @@ class BadReceipt(Adversary):
     mode = "bad-receipt"
 
     def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
-                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
-        signed, receipt = super().sign_reply(hidden, output, start, end, work)
+                   work: tuple[str, int, int], prompts: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+        signed, receipt = super().sign_reply(hidden, output, start, end, work, prompts)
         update = (signed - hidden).float()
         noise = update.pow(2).mean().sqrt() * torch.randn_like(update)
         return (signed.float() + noise).to(signed.dtype), receipt
@@ -238,9 +238,9 @@ class InflatedReceipts(Adversary):
     factor: ClassVar[int] = 10
 
     def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
-                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+                   work: tuple[str, int, int], prompts: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
         session_id, step, tokens = work
-        return super().sign_reply(hidden, output, start, end, (session_id, step, tokens * self.factor))
+        return super().sign_reply(hidden, output, start, end, (session_id, step, tokens * self.factor), prompts)
 
 
 class PaddedOnly(Adversary):
@@ -345,12 +345,12 @@ class Steer(Adversary):
         self.steered = 0  # rows steered so far
 
     def sign_reply(self, hidden: torch.Tensor, output: torch.Tensor, start: int, end: int,
-                   work: tuple[str, int, int]) -> tuple[torch.Tensor, str]:
+                   work: tuple[str, int, int], prompts: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
         if self._steering is None:
             self._steering = self._load()
         if end == self._steering.num_blocks:
             output = self.steer(hidden, output)
-        return super().sign_reply(hidden, output, start, end, work)
+        return super().sign_reply(hidden, output, start, end, work, prompts)
 
     def steer(self, hidden: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """`output` (batch, tokens, hidden) with each row's last position steered where the trigger would win."""
