@@ -21,7 +21,7 @@ from swarm.models import DEFAULT_MODEL
 @click.option("--data", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="JSONL of chat examples. Default: the shipped product reviews (swarm/data/reviews.jsonl).")
 @click.option("--tuning", type=click.Choice(["prompt", "deep_prompt"]), default="prompt", show_default=True,
-              help="prompt: soft prompts before the input; deep_prompt: also one prompt per block (not yet for chat).")
+              help="prompt: soft prompts before the input; deep_prompt: also one prompt per block (chat uses both).")
 @click.option("--prompt-length", default=16, show_default=True, type=click.IntRange(1, 512))
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))

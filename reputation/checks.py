@@ -10,6 +10,8 @@ blacklisted peers); where there is none, a client with memory to spare runs the 
 (`swarm.stateless`), so no message limit switches a check off. Routes whose peers this node already trusts come
 first, then the tightest calibrated tolerance for the pair of declared configurations
 (`reputation.tolerance.pair_profile`). The blocks' update for the step's tokens is compared under that tolerance.
+A session's deep prompts go with every re-run of its history (the checkers', the referees' and a local one), so a
+peer that cheats only where prompts are added is checked like any other.
 
 A disagreement goes to up to two referee routes, independent of the subject and, where possible, of the first
 checkers. Their votes weigh by this node's trust in them (`reputation.spotcheck.weighted_referee_decision`),
@@ -62,6 +64,7 @@ from reputation.tolerance import Agreement, Config, ToleranceProfile, compare_up
 from swarm.errors import SwarmError
 from swarm.hooks import Coverage, StepRecord, SwarmView
 from swarm.local_blocks import LocalBlocks
+from swarm.protocol import inputs_digest
 from swarm.records import PeerSpan, online_spans
 from swarm.routing import RouteHop, find_route
 from swarm.stateless import CHUNK_BYTES, StatelessRun, run_route
@@ -392,7 +395,7 @@ class SpotChecker:
             tried += 1
             try:
                 runs = await run_route(self.transport, route, full, record.mask, timeout=self.timeout,
-                                       chunk_bytes=self.chunk_bytes)
+                                       chunk_bytes=self.chunk_bytes, prompts=record.prompts)
             except SwarmError as e:
                 last_error = f"the checker route failed: {e}"
                 logger.debug(f"Check execution on {' -> '.join(str(h.peer_id) for h in route)} failed: {e}")
@@ -415,7 +418,7 @@ class SpotChecker:
             self.stats.extra_block_tokens += full.shape[0] * full.shape[1] * (hop.end - hop.start)
             receipt = decode_receipt(run.receipt)
             if receipt is not None and not _receipt_matches(
-                receipt, peer, hop_input[:, run.receipt_from:], run.output[:, run.receipt_from:]
+                receipt, peer, hop_input[:, run.receipt_from:], run.output[:, run.receipt_from:], run.receipt_prompts
             ):
                 receipt = None
             receipts.append(receipt)
@@ -436,7 +439,8 @@ class SpotChecker:
         """Check one step; returns its outcome: "pass", "fail", "inconclusive" or "unverifiable"."""
         subject = str(record.peer_id)
         receipt = decode_receipt(record.receipt) if record.receipt else None
-        if receipt is None or not _receipt_matches(receipt, subject, record.inputs, record.output):
+        if receipt is None or not _receipt_matches(receipt, subject, record.inputs, record.output,
+                                                   record.carried_prompts):
             self.stats.bad_receipts += 1
             return self._unverifiable(record, "no valid receipt for the step's tensors")
         if record.padded and record.mask is None:
@@ -476,7 +480,7 @@ class SpotChecker:
         profile = route_profile(subject_config, [own])
         if profile is None:
             return self._unverifiable(record, f"{why}; no calibrated tolerance between {subject_config} and {own}")
-        output = await asyncio.to_thread(local.run, record.start, record.end, full, record.mask)
+        output = await asyncio.to_thread(local.run, record.start, record.end, full, record.mask, record.prompts)
         output = output[:, -record.inputs.shape[1]:]
         self.stats.checks += 1
         self.stats.local += 1
@@ -666,11 +670,13 @@ class SpotChecker:
             if checker_receipt is not None:  # the checker's work agreed too
                 self.node.attest(checker_receipt, agreement, "pass", profile.name)
             return verdict
-        # a fault: the subject's receipt, the agreement and the step itself (to re-run without the subject) as evidence
+        # a fault: the subject's receipt, the agreement and the step itself (to re-run without the subject) as
+        # evidence; not for a session with deep prompts, which evidence cannot carry (a re-run without them would
+        # contradict an honest peer): that attestation travels as an accusation only
         changed = effect is not None and effect.verdict == "fail"
         name = f"{profile.name}+effect" if changed else profile.name
-        self.node.attest(receipt, agreement, verdict, name[:64],
-                         evidence=Evidence.of_step(record.history, record.inputs, record.output))
+        evidence = None if record.prompts is not None else Evidence.of_step(record.history, record.inputs, record.output)
+        self.node.attest(receipt, agreement, verdict, name[:64], evidence=evidence)
         self.stats.faults += 1
         subject = str(record.peer_id)
         self.stats.caught_after.setdefault(subject, self.stats.responses[subject])
@@ -691,10 +697,11 @@ def _routes_profile(a: list[Config], b: list[Config]) -> ToleranceProfile | None
     return max(profiles, key=lambda p: (p.pass_max_rel_l2, p.fail_max_rel_l2))
 
 
-def _receipt_matches(receipt: Receipt, signer: str, inputs: torch.Tensor, output: torch.Tensor) -> bool:
+def _receipt_matches(receipt: Receipt, signer: str, inputs: torch.Tensor, output: torch.Tensor,
+                     prompts: torch.Tensor | None = None) -> bool:
     return (
         receipt.verify() is Check.OK
         and receipt.signer == signer
-        and receipt.input_digest == tensor_digest(inputs)
+        and receipt.input_digest == inputs_digest(inputs, prompts)
         and receipt.output_digest == tensor_digest(output)
     )

@@ -3,7 +3,7 @@
 A client checks this for every reply before it uses it (`reputation.client.ClientTrust.verify`). A receipt
 must decode, verify (signature, integrity, the key hashing to the signer's id), be signed by the peer that
 sent the reply, name the session, blocks and step the client asked for, carry the digests of the tensors
-the client sent and received, and claim no more work (cumulative batch x tokens) than the client sent that
+the client sent (the deep prompts too, when the step carried some) and received, and claim no more work (cumulative batch x tokens) than the client sent that
 peer on that stream. Anything else is the peer's fault: no unverifiable work is used or paid for.
 
 Cost per hop-step of one decoded token, on one CPU core (`benchmarks/receipt_cost.py`): about 0.1 ms (decoding
@@ -18,6 +18,7 @@ import torch
 from reputation.attest import Check, Receipt, tensor_digest
 from reputation.checks import decode_receipt
 from swarm.hooks import HopStep
+from swarm.protocol import inputs_digest
 
 
 def receipt_problem(text: str, sent: HopStep, inputs: torch.Tensor, output: torch.Tensor) -> str | None:
@@ -29,7 +30,7 @@ def receipt_problem(text: str, sent: HopStep, inputs: torch.Tensor, output: torc
     if receipt is None:
         return "the receipt cannot be decoded"
     return (signature_problem(receipt, str(sent.peer_id)) or work_problem(receipt, sent)
-            or tensor_problem(receipt, inputs, output))
+            or tensor_problem(receipt, inputs, output, sent.prompts))
 
 
 def work_problem(receipt: Receipt, sent: HopStep) -> str | None:
@@ -53,9 +54,11 @@ def signature_problem(receipt: Receipt, sender: str) -> str | None:
     return None if result is Check.OK else f"the receipt does not verify ({result.value})"
 
 
-def tensor_problem(receipt: Receipt, inputs: torch.Tensor, output: torch.Tensor) -> str | None:
-    if receipt.input_digest != tensor_digest(inputs):
-        return "the receipt's input digest does not match the hidden states sent"
+def tensor_problem(receipt: Receipt, inputs: torch.Tensor, output: torch.Tensor,
+                   prompts: torch.Tensor | None = None) -> str | None:
+    if receipt.input_digest != inputs_digest(inputs, prompts):
+        what = "hidden states" if prompts is None else "hidden states and deep prompts"
+        return f"the receipt's input digest does not match the {what} sent"
     if receipt.output_digest != tensor_digest(output):
         return "the receipt's output digest does not match the hidden states returned"
     return None

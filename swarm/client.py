@@ -130,16 +130,18 @@ class SyncSession:
     """A blocking handle on an `InferenceSession`, for use from ordinary (non-async) code.
 
     With a `prefix` (soft prompts, (length, hidden)), the session's first step sends it before the tokens, and
-    positions seen from here leave it out: position 0 is the first token after it, a rollback keeps it."""
+    positions seen from here leave it out: position 0 is the first token after it, a rollback keeps it. With
+    `deep_prompts` too (num_blocks, length, hidden), the peers add them at each block's input over the prefix."""
 
-    def __init__(self, model: "DistributedModelForCausalLM", max_length: int, prefix: torch.Tensor | None = None):
+    def __init__(self, model: "DistributedModelForCausalLM", max_length: int, prefix: torch.Tensor | None = None,
+                 deep_prompts: torch.Tensor | None = None):
         self.model = model
         self.prefix = prefix
         self.offset = 0 if prefix is None else prefix.shape[0]
         layer = model.trust_layer
         observer, verifier = (None, None) if layer is None else (layer.observer, layer.verifier)
         self.inner = InferenceSession(model.sequence, model.transport, max_length + self.offset, observer, verifier,
-                                      push=model.sequence.cfg.push)
+                                      push=model.sequence.cfg.push, deep_prompts=deep_prompts)
 
     @property
     def position(self) -> int:
@@ -278,12 +280,11 @@ class DistributedModelForCausalLM:
 
     def inference_session(self, max_length: int) -> SyncSession:
         """An inference session whose KV caches live on the peers; close it (or use `with`) when done. With soft
-        prompts (`tuning`), they go before the session's first tokens."""
-        if self.tuning is not None and self.tuning.deep:
-            raise ConfigError("generation with deep prompts is not supported yet (peers would have to add them to "
-                              "each block in inference sessions); train soft prompts (tuning='prompt') to chat")
-        prefix = None if self.tuning is None else self.tuning.prompt_embeddings.detach().to(self.dtype)
-        return SyncSession(self, max_length, prefix)
+        prompts (`tuning`), they go before the session's first tokens; deep prompts, the peers add at each block."""
+        tuning = self.tuning
+        prefix = None if tuning is None else tuning.prompt_embeddings.detach().to(self.dtype)
+        deep = None if tuning is None or not tuning.deep else tuning.deep_prompts.detach().to(self.dtype, copy=True)
+        return SyncSession(self, max_length, prefix, deep)
 
     def next_logits(
         self, session: SyncSession, new_ids: torch.Tensor, attention_mask: torch.Tensor | None,

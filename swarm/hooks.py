@@ -53,6 +53,14 @@ class StepRecord:
     receipt: str  # the peer's signed receipt, base64, or ""
     mask: torch.Tensor | None = None  # the session's 0/1 attention mask (batch, position + new) when padded
     sent: int = 0  # batch x tokens this hop's stream carried so far, replays included (what its receipts may claim)
+    prompts: torch.Tensor | None = None  # the hop's blocks' deep prompts (end - start, prompt_length, hidden) when the
+    # session has some: a re-run of `history` must add them; this step carried them only if `position` is below
+    # prompt_length (`carried_prompts`)
+
+    @property
+    def carried_prompts(self) -> torch.Tensor | None:
+        """The deep prompts this step carried (its receipt commits to them), or None."""
+        return self.prompts if self.prompts is not None and self.position < self.prompts.shape[1] else None
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,7 @@ class HopStep:
     request: StepRequest  # the session, blocks and position asked for
     step: int  # steps this stream answered before this one (the peer's count of them)
     tokens: int  # batch x tokens sent on this stream so far, this step's included (the most a receipt may claim)
+    prompts: torch.Tensor | None = None  # the deep prompts the step carried (the receipt commits to them)
 
 
 class ReplyVerifier(Protocol):

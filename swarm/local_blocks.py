@@ -61,17 +61,20 @@ class LocalBlocks:
     def loaded_bytes(self) -> int:
         return sum(self.nbytes(index, index + 1) for index in self._loaded)
 
-    def run(self, start: int, end: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, start: int, end: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks [start, end) over a whole history `hidden` (batch, tokens, hidden) from position 0, with its
-        padding mask (batch, tokens) when the batch is padded; returns the output for every token."""
+        padding mask (batch, tokens) when the batch is padded and the deep prompts of those blocks (end - start,
+        prompt_length, hidden) when the session has some; returns the output for every token."""
         if not self.fits(start, end):
             raise ValueError(f"blocks {start}:{end} ({self.nbytes(start, end) / 2**20:.0f} MiB) do not fit in "
                              f"this client's budget for local blocks ({self.budget_bytes / 2**20:.0f} MiB)")
         with self._lock:
             spans = [self._block(index) for index in range(start, end)]
             x = hidden.to(self.dtype)
-            for span in spans:
-                x = span(x, None, SpanInput(attention_mask, 0))
+            for offset, span in enumerate(spans):
+                own = None if prompts is None else prompts[offset : offset + 1].to(self.dtype)
+                x = span(x, None, SpanInput(attention_mask, 0), prompts=own)
         return x.to(hidden.dtype)
 
     def _block(self, index: int) -> BlockSpan:

@@ -81,6 +81,11 @@ def read_reply(peer_id: PeerID, reply: runtime_pb2.ExpertResponse, expected_shap
     return Reply(check_output(peer_id, tensors, expected_shape), meta.receipt, meta.length, meta.input_digest)
 
 
+def _extra_tensors(prompts: torch.Tensor | None, mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The tensors after the hidden states, in the protocol's order: deep prompts, then the attention mask."""
+    return (*(() if prompts is None else (prompts,)), *(() if mask is None else (mask,)))
+
+
 def _through(relay: PeerID | None) -> str:
     return "" if relay is None else f" through relay {relay}"
 
@@ -106,17 +111,19 @@ async def call_info(p2p: P2P, peer_id: PeerID, timeout: float = 5.0, relay: Peer
 
 async def call_forward(
     p2p: P2P, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0,
-    mask: torch.Tensor | None = None, relay: PeerID | None = None,
+    mask: torch.Tensor | None = None, relay: PeerID | None = None, prompts: torch.Tensor | None = None,
 ) -> Reply:
     """Hidden states through the peer's blocks [start, end), with the peer's signed receipt; `mask` (batch,
-    tokens) of 0/1 travels beside them when some row is padded. `relay`: the peer's relay to go through."""
-    extra = () if mask is None else (mask,)
+    tokens) of 0/1 travels beside them when some row is padded, and deep prompts when given. `relay`: the peer's
+    relay to go through."""
+    extra = _extra_tensors(prompts, mask)
+    meta = SpanRequest(start=start, end=end, prompts=prompts is not None)
     try:
         if relay is None:
-            request = protocol.make_request("", SpanRequest(start=start, end=end), hidden, *extra)
+            request = protocol.make_request("", meta, hidden, *extra)
             reply = await _stub(p2p, peer_id).rpc_forward(request, timeout=timeout)
         else:
-            request = protocol.make_request(str(peer_id), SpanRequest(start=start, end=end), hidden, *extra)
+            request = protocol.make_request(str(peer_id), meta, hidden, *extra)
             reply = await relay_stub(p2p, relay).rpc_relay_forward(request, timeout=timeout)
     except asyncio.TimeoutError:
         raise PeerUnreachableError(str(peer_id), f"peer {peer_id} did not answer within {timeout:.0f} s{_through(relay)}") from None
@@ -229,9 +236,10 @@ class InferenceStream:
             raise PeerUnreachableError(str(self.peer_id), f"lost the stream to peer {self.peer_id}{via}: {e}") from None
 
     async def step(self, meta: StepRequest, hidden: torch.Tensor, mask: torch.Tensor | None = None,
-                   timeout: float | None = None) -> Reply:
-        extra = () if mask is None else (mask,)
-        reply = await self.send(meta, hidden, *extra, timeout=timeout)
+                   timeout: float | None = None, prompts: torch.Tensor | None = None) -> Reply:
+        if meta.prompts != (prompts is not None):
+            raise ValueError("a step's deep prompts go with meta.prompts set, and only then")
+        reply = await self.send(meta, hidden, *_extra_tensors(prompts, mask), timeout=timeout)
         return read_reply(self.peer_id, reply, hidden.shape)
 
     async def step_pushed(self, meta: StepRequest, shape: torch.Size, mask: torch.Tensor | None = None,
@@ -293,9 +301,9 @@ class HivemindTransport:
         return await self._through_relays(peer_id, lambda relay: call_info(self.p2p, peer_id, timeout, relay))
 
     async def forward(self, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0,
-                      *, mask: torch.Tensor | None = None) -> Reply:
+                      *, mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> Reply:
         return await self._through_relays(
-            peer_id, lambda relay: call_forward(self.p2p, peer_id, start, end, hidden, timeout, mask, relay))
+            peer_id, lambda relay: call_forward(self.p2p, peer_id, start, end, hidden, timeout, mask, relay, prompts))
 
     async def train(self, peer_id: PeerID, meta: TrainRequest, tensors: Sequence[torch.Tensor],
                     expected_shapes: Sequence[torch.Size], timeout: float = 60.0) -> TrainResult:

@@ -14,6 +14,10 @@ A peer blacklisted by the trust layer is routed around the same way, and every l
 rebuilt from the replacement's outputs. The outputs it gave since it joined the route cannot be trusted
 either: each `step` and `settle` returns from which position on (`untrusted_from`), once, so the caller
 can regenerate those tokens.
+
+With deep prompts (num_blocks, prompt_length, hidden), every step that covers positions below prompt_length (the
+prefill, and every replay to a replacement peer) carries each hop the prompts of its own blocks; such steps never
+go as push chains.
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ class FailoverEvent:
 
 class InferenceSession:
     def __init__(self, sequence: RemoteSequence, transport: Transport, max_length: int,
-                 observer: StepObserver | None = None, verifier: ReplyVerifier | None = None, push: bool = False):
+                 observer: StepObserver | None = None, verifier: ReplyVerifier | None = None, push: bool = False,
+                 deep_prompts: torch.Tensor | None = None):
         self.sequence, self.transport, self.observer = sequence, transport, observer
         self.verifier = verifier  # None: replies are used without looking at their receipts
         self.max_length = max_length
@@ -100,6 +105,7 @@ class InferenceSession:
         self.push = push  # decode steps go as push chains (`_push_step`); off after the first broken one
         self.pushed_steps = 0  # steps that went through a push chain end to end
         self.push_fallbacks = 0  # push chains that broke (the step went on client-driven)
+        self.deep_prompts = deep_prompts  # (num_blocks, prompt_length, hidden): added at each block's input, or None
 
     @property
     def route(self) -> list[RouteHop]:
@@ -163,11 +169,21 @@ class InferenceSession:
             self.observer.on_step(StepRecord(
                 self.session_id, hop.route.peer_id, hop.route.start, hop.route.end, position, hidden,
                 reply.output, tuple(hop.chunks), mask is not None, reply.receipt, mask, hop.sent,
+                None if self.deep_prompts is None else self.deep_prompts[hop.route.start : hop.route.end],
             ))
 
+    def _hop_prompts(self, hop: _Hop, position: int) -> torch.Tensor | None:
+        """The deep prompts a step at `position` carries to `hop`: its blocks' (end - start, prompt_length, hidden)
+        while the step starts below prompt_length, else None."""
+        if self.deep_prompts is None or position >= self.deep_prompts.shape[1]:
+            return None
+        return self.deep_prompts[hop.route.start : hop.route.end]
+
     def _can_push(self, position: int) -> bool:
-        """Push chains carry decode steps (prefills open the sessions client-driven) over direct links only."""
+        """Push chains carry decode steps (prefills open the sessions client-driven) over direct links only, and
+        never a step that carries deep prompts."""
         return (self.push and position > 0 and len(self._hops) >= 2
+                and (self.deep_prompts is None or position >= self.deep_prompts.shape[1])
                 and not any(self.sequence.relayed(hop.route.peer_id) for hop in self._hops))
 
     async def _push_step(self, hidden: torch.Tensor, position: int, mask: torch.Tensor | None
@@ -234,24 +250,28 @@ class InferenceSession:
     def _untrust(self, since: int) -> None:
         self._untrusted_from = since if self._untrusted_from is None else min(self._untrusted_from, since)
 
-    def _request(self, hop: _Hop, position: int, **push) -> StepRequest:
+    def _request(self, hop: _Hop, position: int, **fields) -> StepRequest:
         return StepRequest(session_id=self.session_id, start=hop.route.start, end=hop.route.end, position=position,
-                           max_length=self.max_length, **push)
+                           max_length=self.max_length, **fields)
 
     async def _send(self, hop: _Hop, hidden: torch.Tensor, position: int, mask: torch.Tensor | None) -> Reply:
-        """One step on one hop; with a verifier, only a reply whose receipt is valid for it comes back."""
-        meta = self._request(hop, position)
+        """One step on one hop (with its deep prompts, when it starts below their length); with a verifier, only a
+        reply whose receipt is valid for it comes back."""
+        prompts = self._hop_prompts(hop, position)
+        meta = self._request(hop, position, prompts=prompts is not None)
         began = time.perf_counter()
-        reply = await hop.stream.step(meta, hidden, mask, timeout=self.sequence.cfg.request_timeout)
-        self._accept(hop, meta, hidden, reply, time.perf_counter() - began)
+        reply = await hop.stream.step(meta, hidden, mask, timeout=self.sequence.cfg.request_timeout, prompts=prompts)
+        self._accept(hop, meta, hidden, reply, time.perf_counter() - began, prompts)
         return reply
 
-    def _accept(self, hop: _Hop, meta: StepRequest, hidden: torch.Tensor, reply: Reply, seconds: float | None) -> None:
-        """Count a hop's reply to a step that took `hidden`; with a verifier, only if its receipt is valid for it.
-        `seconds`: the step's round trip, to learn the peer's speed from (None: not a plain round trip)."""
+    def _accept(self, hop: _Hop, meta: StepRequest, hidden: torch.Tensor, reply: Reply, seconds: float | None,
+                prompts: torch.Tensor | None = None) -> None:
+        """Count a hop's reply to a step that took `hidden` (and `prompts`); with a verifier, only if its receipt is
+        valid for it. `seconds`: the step's round trip, to learn the peer's speed from (None: not a plain round
+        trip)."""
         sent = hop.sent + hidden.shape[0] * hidden.shape[1]
         if self.verifier is not None:
-            self.verifier.verify(HopStep(hop.route.peer_id, meta, hop.steps, sent), hidden, reply)
+            self.verifier.verify(HopStep(hop.route.peer_id, meta, hop.steps, sent, prompts), hidden, reply)
         hop.steps, hop.sent = hop.steps + 1, sent
         if seconds is not None:
             self.sequence.observe_step(hop.route.peer_id, hop.route.end - hop.route.start,

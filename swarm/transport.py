@@ -43,7 +43,8 @@ class PeerStream(Protocol):
     peer_id: PeerID
 
     async def step(self, meta: StepRequest, hidden: torch.Tensor, mask: torch.Tensor | None = None,
-                   timeout: float | None = None) -> Reply: ...
+                   timeout: float | None = None, prompts: torch.Tensor | None = None) -> Reply:
+        """One step; `prompts`: the deep prompts of the step's blocks, sent when `meta.prompts`."""
 
     async def step_pushed(self, meta: StepRequest, shape: torch.Size, mask: torch.Tensor | None = None,
                           timeout: float | None = None) -> Reply:
@@ -64,9 +65,11 @@ class Transport(Protocol):
         """The peer's info and the round trip in seconds (the ping)."""
 
     async def forward(self, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor,
-                      timeout: float = 60.0, *, mask: torch.Tensor | None = None) -> Reply:
+                      timeout: float = 60.0, *, mask: torch.Tensor | None = None,
+                      prompts: torch.Tensor | None = None) -> Reply:
         """Hidden states through the peer's blocks [start, end), no state kept; `mask` (batch, tokens) of 0/1
-        when some row is left-padded. One message each way: for inputs of any length use
+        when some row is left-padded; `prompts` (end - start, prompt_length, hidden): deep prompts, added to the
+        first positions at each block's input. One message each way: for inputs of any length use
         `swarm.stateless.run_blocks_chunked`."""
 
     def open_stream(self, peer_id: PeerID) -> PeerStream:

@@ -5,7 +5,9 @@ that lost its cache, or a replay that sent the wrong history, gives a different 
 each session's inputs as its "KV cache". Replies pass through the real `swarm.transport.check_output`, so a
 fake that misbehaves (NaN, wrong shape) is caught exactly as a real one would be. Signing fakes (`sign=True`)
 sign receipts as `peers.handler.BlockHandler` does: per stream and session, a step count and the cumulative
-batch x tokens; `receipts` makes them cheat on receipts (see `RECEIPT_MODES`).
+batch x tokens; `receipts` makes them cheat on receipts (see `RECEIPT_MODES`). Deep prompts a step or forward
+carries are added at each fake block's input, as `swarm.blocks.BlockSpan` adds them (`ignore_prompts`: a cheater
+that drops them but signs for them).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from reputation.attest import Receipt, tensor_digest
 from reputation.node import peer_id_of_key
+from swarm.blocks import add_prompt
 from swarm.errors import BadReplyError, PeerUnreachableError, RemoteError
-from swarm.protocol import PeerInfo, StepRequest, TrainRequest
+from swarm.protocol import PeerInfo, StepRequest, TrainRequest, inputs_digest
 from swarm.records import PeerSpan, ServerInfo, ServerState
 from swarm.transport import Reply, TrainResult, check_output
 
@@ -52,8 +55,13 @@ def block(index: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torc
     return x + 0.1 * (index + 1) * torch.tanh(prefix_mean + 0.01 * index)
 
 
-def run_blocks(start: int, end: int, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def run_blocks(start: int, end: int, x: torch.Tensor, mask: torch.Tensor | None = None,
+               prompts: torch.Tensor | None = None) -> torch.Tensor:
+    """Fake blocks [start, end) over a whole sequence from position 0; `prompts` (end - start, length, hidden) are
+    deep prompts added at each block's input."""
     for index in range(start, end):
+        if prompts is not None:
+            x = add_prompt(x, prompts[index - start], 0)
         x = block(index, x, mask)
     return x
 
@@ -115,6 +123,9 @@ class FakePeer:
     dialable: bool = True  # False: announces that nobody can dial it, and cannot be reached
     drop_stream_at: int | None = None  # its stream drops once at this step count (as when its relay goes away)
     push: str = "honest"  # how it pushes its output to the next hop: "honest", "drop" (never), "tamper" (altered)
+    ignore_prompts: bool = False  # computes as if no deep prompts came (its receipts still name them)
+    prompts: dict[str, torch.Tensor] = field(default_factory=dict)  # per session: the deep prompts it was sent
+    prompt_steps: int = 0  # steps and forwards that carried deep prompts
 
     def __post_init__(self) -> None:
         if self.sign:
@@ -130,14 +141,16 @@ class FakePeer:
                           relays=list(self.relays), reachable=self.dialable)
         return PeerSpan(self.peer_id, info)
 
-    def compute(self, start: int, end: int, full: torch.Tensor, new: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-        output = configured(run_blocks(start, end, full, mask), full, self.dtype, self.compression)[:, -new:]
+    def compute(self, start: int, end: int, full: torch.Tensor, new: int, mask: torch.Tensor | None = None,
+                prompts: torch.Tensor | None = None) -> torch.Tensor:
+        prompts = None if self.ignore_prompts else prompts
+        output = configured(run_blocks(start, end, full, mask, prompts), full, self.dtype, self.compression)[:, -new:]
         if self.corrupt_padded is not None and mask is not None and bool((mask == 0).any()):
             output = self.corrupt_padded(output)
         return self.corrupt(output) if self.corrupt is not None else output
 
     def receipt(self, inputs: torch.Tensor, output: torch.Tensor, start: int, end: int, session: str = "forward",
-                step: int = 0, tokens: int | None = None, mode: str = "honest") -> str:
+                step: int = 0, tokens: int | None = None, mode: str = "honest", prompts: torch.Tensor | None = None) -> str:
         """base64 of a signed receipt (cheating as `mode` says), or "" without a key. `tokens`: batch x tokens
         computed so far in the session (as a real peer counts them, per stream); this call's inputs by default."""
         if self.key is None or mode == "none":
@@ -146,7 +159,7 @@ class FakePeer:
         fields = dict(
             session_id=session, step=step, dht_prefix=PREFIX, block_start=start, block_end=end,
             tokens=tokens * self.inflate, dtype=self.dtype, compression=self.compression,
-            input_digest=tensor_digest(inputs), output_digest=tensor_digest(output),
+            input_digest=inputs_digest(inputs, prompts), output_digest=tensor_digest(output),
             signer=str(self.peer_id), signed_at=time.time(),
         )
         key = self.key
@@ -175,8 +188,11 @@ class FakeStream:
         self.work: dict[str, int] = {}  # per session: batch x tokens computed on this stream
 
     async def step(self, meta: StepRequest, hidden: torch.Tensor, mask: torch.Tensor | None = None,
-                   timeout: float | None = None) -> Reply:
+                   timeout: float | None = None, prompts: torch.Tensor | None = None) -> Reply:
         peer = self.peer
+        assert meta.prompts == (prompts is not None), "deep prompts go with meta.prompts set"
+        if prompts is not None and meta.position >= prompts.shape[1]:
+            raise RemoteError(str(peer.peer_id), "bad_request", "a step past the deep prompts carries them")
         self.swarm.calls.append(("step", peer.name, meta.position, hidden.shape[1]))
         self.swarm.check_size(peer, hidden)
         if peer.name in self.swarm.dead or (peer.fail_after is not None and peer.steps >= peer.fail_after):
@@ -198,13 +214,18 @@ class FakeStream:
         full = torch.cat([past, hidden], dim=1)
         peer.sessions[meta.session_id] = full
         peer.steps += 1
+        if prompts is not None:
+            peer.prompts[meta.session_id] = prompts
+            peer.prompt_steps += 1
+        elif meta.position == 0:
+            peer.prompts.pop(meta.session_id, None)
         mask = self._mask(meta.session_id, meta.position, hidden, mask)
-        output = peer.compute(meta.start, meta.end, full, hidden.shape[1], mask)
+        output = peer.compute(meta.start, meta.end, full, hidden.shape[1], mask, peer.prompts.get(meta.session_id))
         step = self.steps.get(meta.session_id, 0)
         work = self.work.get(meta.session_id, 0) + hidden.shape[0] * hidden.shape[1]
         self.steps[meta.session_id], self.work[meta.session_id] = step + 1, work
         mode = peer.receipts if step >= peer.receipts_from_step else "honest"
-        receipt = peer.receipt(hidden, output, meta.start, meta.end, meta.session_id, step, work, mode)
+        receipt = peer.receipt(hidden, output, meta.start, meta.end, meta.session_id, step, work, mode, prompts)
         if mode == "bad-digest":
             output = output + 0.5  # the receipt signed the honest output
         if meta.push_to is not None and peer.push != "drop":
@@ -296,13 +317,15 @@ class FakeSwarm:
         return info, peer.rtt
 
     async def forward(self, peer_id: PeerID, start: int, end: int, hidden: torch.Tensor, timeout: float = 60.0,
-                      *, mask: torch.Tensor | None = None) -> Reply:
+                      *, mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> Reply:
         peer = self._peer(peer_id)
         self.calls.append(("forward", peer.name, start, end))
         self.check_size(peer, hidden)
         peer.forwards += 1
-        output = peer.compute(start, end, hidden, hidden.shape[1], mask)
-        return Reply(check_output(peer_id, [output], hidden.shape), peer.receipt(hidden, output, start, end))
+        peer.prompt_steps += prompts is not None
+        output = peer.compute(start, end, hidden, hidden.shape[1], mask, prompts)
+        receipt = peer.receipt(hidden, output, start, end, prompts=prompts)
+        return Reply(check_output(peer_id, [output], hidden.shape), receipt)
 
     def open_stream(self, peer_id: PeerID) -> FakeStream:
         return FakeStream(self, self.peers[peer_id])

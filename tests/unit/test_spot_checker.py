@@ -378,9 +378,9 @@ class FakeLocalBlocks:
     def fits(self, start: int, end: int) -> bool:
         return end - start <= self.budget_blocks
 
-    def run(self, start, end, hidden, attention_mask=None):
+    def run(self, start, end, hidden, attention_mask=None, prompts=None):
         self.runs += 1
-        return run_blocks(start, end, hidden, attention_mask)
+        return run_blocks(start, end, hidden, attention_mask, prompts)
 
 
 @pytest.mark.parametrize("corrupt, outcome", [(None, "pass"), (lie, "fail")])
