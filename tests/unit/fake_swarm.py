@@ -124,7 +124,7 @@ class FakePeer:
     drop_stream_at: int | None = None  # its stream drops once at this step count (as when its relay goes away)
     push: str = "honest"  # how it pushes its output to the next hop: "honest", "drop" (never), "tamper" (altered)
     ignore_prompts: bool = False  # computes as if no deep prompts came (its receipts still name them)
-    prompts: dict[str, torch.Tensor] = field(default_factory=dict)  # per session: the deep prompts it was sent
+    prompts: dict[str, torch.Tensor] = field(default_factory=dict)  # per session: deep prompts as added, per position
     prompt_steps: int = 0  # steps and forwards that carried deep prompts
 
     def __post_init__(self) -> None:
@@ -214,13 +214,9 @@ class FakeStream:
         full = torch.cat([past, hidden], dim=1)
         peer.sessions[meta.session_id] = full
         peer.steps += 1
-        if prompts is not None:
-            peer.prompts[meta.session_id] = prompts
-            peer.prompt_steps += 1
-        elif meta.position == 0:
-            peer.prompts.pop(meta.session_id, None)
+        applied = self._prompts(meta, hidden, prompts)
         mask = self._mask(meta.session_id, meta.position, hidden, mask)
-        output = peer.compute(meta.start, meta.end, full, hidden.shape[1], mask, peer.prompts.get(meta.session_id))
+        output = peer.compute(meta.start, meta.end, full, hidden.shape[1], mask, applied)
         step = self.steps.get(meta.session_id, 0)
         work = self.work.get(meta.session_id, 0) + hidden.shape[0] * hidden.shape[1]
         self.steps[meta.session_id], self.work[meta.session_id] = step + 1, work
@@ -249,6 +245,25 @@ class FakeStream:
         assert sender == meta.push_from
         self.swarm.pushed_steps += 1
         return await self.step(meta, hidden, mask, timeout)
+
+    def _prompts(self, meta: StepRequest, hidden: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor | None:
+        """The deep prompts as added to each position of the session so far (blocks, length, hidden), zeros where a
+        step added none, like a real peer's KV cache holds them: a step that should have carried them and did not
+        is computed without them. None while the session never had any."""
+        peer, position, new = self.peer, meta.position, hidden.shape[1]
+        held = peer.prompts.get(meta.session_id) if position > 0 else None
+        if held is None and prompts is None:
+            peer.prompts.pop(meta.session_id, None)
+            return None
+        blocks = meta.end - meta.start
+        past = held[:, :position] if held is not None else hidden.new_zeros(blocks, position, hidden.shape[2])
+        added = hidden.new_zeros(blocks, new, hidden.shape[2])
+        if prompts is not None:
+            count = min(prompts.shape[1] - position, new)
+            added[:, :count] = prompts[:, position : position + count]
+            peer.prompt_steps += 1
+        applied = peer.prompts[meta.session_id] = torch.cat([past, added], dim=1)
+        return applied
 
     def _mask(self, session_id: str, position: int, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The session's whole mask after this step, kept like the real handler's (None while nothing is padded)."""
