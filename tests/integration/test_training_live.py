@@ -1,5 +1,6 @@
 """Training through the swarm, live: prompts' gradients through three real peers equal local autograd, and
-what a peer receives holds no token ids, labels or loss.
+what a peer receives holds no token ids, labels or loss; generation with trained prompts (soft, and deep too)
+equals the local model's with them.
 
 The swarm is the session's three float32 peers (0:10, 10:20, 20:30); the reference is the whole model in this
 process, with the same prompts (deep prompts added to each block's input by forward pre-hooks).
@@ -7,17 +8,20 @@ process, with the same prompts (deep prompts added to each block's input by forw
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from apps.chat import ChatSession
 from peers.local import LocalSwarm
 from swarm import DistributedModelForCausalLM
 from swarm.client import causal_lm_loss
 from swarm.finetune import DEFAULT_DATA
 from swarm.models import DEFAULT_MODEL
+from swarm.tuning import PromptTuning
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +178,57 @@ def test_generation_with_soft_prompts_equals_local_generation_with_them_after_a_
         with model.inference_session(max_length=64) as session:  # a chat: the prompts go first, once
             first = model.generate(chat_ids, max_new_tokens=3, session=session)
             assert session.inner.position == session.position + PROMPT_LENGTH == first.shape[1] - 1 + PROMPT_LENGTH
+    finally:
+        model.shutdown()
+
+
+def _greedy_with_deep_prompts(local_model, ids: torch.Tensor, prompts: torch.Tensor, deep: torch.Tensor,
+                              new_tokens: int) -> list[int]:
+    """Greedy tokens of the whole local model (transformers' generate) with `prompts` before `ids` and `deep`
+    added at each decoder layer's input to the first positions, by forward pre-hooks on the prefill (the one
+    forward of more than one token; each later one is a single token past the prompts)."""
+    length = prompts.shape[0]
+
+    def hook(index):
+        def add(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.shape[1] == 1:
+                return None
+            hidden = torch.cat([hidden[:, :length] + deep[index], hidden[:, length:]], dim=1)
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+        return add
+
+    hooks = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(local_model.model.layers)]
+    try:
+        with torch.no_grad():
+            embeds = torch.cat([prompts[None], local_model.model.embed_tokens(ids)], dim=1)
+            return local_model.generate(inputs_embeds=embeds, max_new_tokens=new_tokens, do_sample=False)[0].tolist()
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
+def test_generation_with_deep_prompts_through_three_peers_equals_the_local_model_with_them(
+        swarm3, local_model, chat_ids, tmp_path):
+    config = local_model.config
+    tuning = PromptTuning("deep_prompt", PROMPT_LENGTH, config.hidden_size, config.num_hidden_layers)
+    with torch.no_grad():  # fixed non-zero deep prompts, large enough to change the answer
+        tuning.deep_prompts.copy_(30 * torch.randn(tuning.deep_prompts.shape, generator=torch.Generator().manual_seed(0)))
+    saved = tuning.save(tmp_path / "deep", DEFAULT_MODEL)
+    prompts, deep = tuning.prompt_embeddings.detach(), tuning.deep_prompts.detach()
+    expected = _greedy_with_deep_prompts(local_model, chat_ids, prompts, deep, 6)
+    assert expected != _greedy_with_deep_prompts(local_model, chat_ids, prompts, 0 * deep, 6)  # they matter
+    # receipts are verified (their input digests cover the prompts); no spot checks: nobody else serves the blocks
+    model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm3.initial_peers], prompts=saved,
+                                                        check_rate=0.0)
+    try:
+        assert model.tuning.deep and torch.equal(model.tuning.deep_prompts.detach(), deep)
+        assert model.generate(chat_ids, max_new_tokens=6)[0, chat_ids.shape[1]:].tolist() == expected
+        chat = ChatSession(model, max_length=64, max_new_tokens=6, temperature=0.0, top_p=1.0)  # swarm-chat's
+        answer = chat.ask("What is the capital of France?", out=io.StringIO())  # the prompt of `chat_ids`
+        assert answer == model.tokenizer.decode(expected, skip_special_tokens=True).strip()
+        assert chat.session.inner.position == chat_ids.shape[1] + 5 + PROMPT_LENGTH
+        chat.session.close()
     finally:
         model.shutdown()
 
