@@ -248,7 +248,7 @@ PROMPT_LOOKUP_HELP = (
 @click.option("--no-spot-checks", is_flag=True, help="Do not re-run a sample of steps on other peers.")
 @click.option("--strict", is_flag=True, help="Check every step of every answer, and wait for the checks before answering.")
 @click.option("--self-verify-gb", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Memory (GiB) for blocks this client loads itself to check hops that no other peer serves (0: none).")
-@click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Trained soft prompts to put before every conversation (a directory written by swarm-tune).")
+@click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Trained prompts (soft, and deep ones if tuned with --tuning deep_prompt) for every conversation (a directory written by swarm-tune).")
 @click.option("--prompt-lookup", default=0, show_default=True, type=click.IntRange(min=0), help=PROMPT_LOOKUP_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.pass_context
@@ -305,7 +305,7 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
 @click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1), help="Requests generated at once.")
 @click.option("--strict", is_flag=True, help="Check every step of every answer, and wait for the checks (streamed answers too).")
 @click.option("--self-verify-gb", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Memory (GiB) for blocks this client loads itself to check hops that no other peer serves (0: none).")
-@click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Trained soft prompts to put before every conversation (a directory written by swarm-tune).")
+@click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Trained prompts (soft, and deep ones if tuned with --tuning deep_prompt) for every conversation (a directory written by swarm-tune).")
 @click.option("--prompt-lookup", default=0, show_default=True, type=click.IntRange(min=0), help=PROMPT_LOOKUP_HELP)
 def serve(model, initial_peers, host, port, max_length, default_max_tokens, workers, strict, self_verify_gb,
           prompts_dir, prompt_lookup) -> None:

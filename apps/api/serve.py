@@ -27,7 +27,7 @@ class ServeConfig:
     workers: int = 4  # requests generated at once (each in its own inference session)
     strict: bool = False  # check every step of every answer, and let every answer (streamed too) wait for its checks
     self_verify_bytes: int = 0  # memory for blocks the server loads to check hops no other peer serves (0: none)
-    prompts: Path | None = None  # trained soft prompts put before every request (swarm-tune's output)
+    prompts: Path | None = None  # trained prompts (soft, maybe deep) for every request (swarm-tune's output)
     prompt_lookup: int = 0  # draft tokens per step (speculative decoding, one-row requests); 0: off
 
 
