@@ -201,3 +201,36 @@ def test_malformed_training_requests_are_refused_and_the_peer_keeps_serving(clie
     except ConnectionError:
         pass
     assert_still_serving(client, first_hop, local_model, chat_ids)
+
+
+def test_malformed_deep_prompts_in_a_session_are_refused_and_the_stream_goes_on(client, first_hop, local_model,
+                                                                                 chat_ids):
+    blocks = first_hop.end - first_hop.start
+    good = 0.1 * torch.randn(blocks, 4, HIDDEN)
+    nan = good.clone()
+    nan[0, 1, 2] = float("nan")
+
+    def meta(position: int, prompts: bool = True) -> StepRequest:
+        return StepRequest(session_id="deep", start=first_hop.start, end=first_hop.end, position=position,
+                           max_length=64, prompts=prompts)
+
+    async def scenario():
+        stream = InferenceStream(client.p2p, first_hop.peer_id)
+        kinds = []
+        for prompts in (good[:-1], nan, good[:, :, :-1], good.to(torch.int32)):
+            try:
+                await stream.step(meta(0), torch.zeros(1, 6, HIDDEN), timeout=30, prompts=prompts)
+            except RemoteError as e:
+                kinds.append(e.kind)
+        opened = await stream.step(meta(0), torch.zeros(1, 6, HIDDEN), timeout=30, prompts=good)
+        try:  # position 6 is past the prompts' 4 positions: nothing to add them to
+            await stream.step(meta(6), torch.zeros(1, 1, HIDDEN), timeout=30, prompts=good)
+        except RemoteError as e:
+            kinds.append(e.kind)
+        decoded = await stream.step(meta(6, prompts=False), torch.zeros(1, 1, HIDDEN), timeout=30)
+        await stream.close()
+        return kinds, opened.length, decoded.length
+
+    kinds, opened, decoded = run(client, scenario())
+    assert kinds == ["bad_request"] * 5 and (opened, decoded) == (6, 7)
+    assert_still_serving(client, first_hop, local_model, chat_ids)

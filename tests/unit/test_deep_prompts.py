@@ -324,10 +324,12 @@ def test_spot_checks_rerun_deep_prompt_sessions_and_catch_a_peer_that_ignores_th
 
 def test_a_long_deep_prompt_history_is_rechecked_in_chunks_with_its_prompts():
     swarm = FakeSwarm(*(FakePeer(n, 0, 3, sign=True) for n in ("checker", "ref1", "ref2", "honest")))
-    checker, _ = checker_for(swarm)
+    checker, node = checker_for(swarm)
     checker.chunk_bytes = 3 * FAKE_HIDDEN * 4  # 3 tokens a message: the prompts' length straddles two of them
     assert check(checker, deep_session_step(swarm, swarm.by_name("honest"), (7, 1, 1))) == "pass"
     assert checker.stats.chunked == 1
+    # the checker's receipt (of its last message, which carried no prompts) matched too: both earn a pass
+    assert sorted(row.passes for row in node.standings() if row.passes) == [1, 1]
 
 
 @pytest.mark.parametrize("ignore, outcome", [(False, "pass"), (True, "fail")])
