@@ -254,6 +254,7 @@ class DistributedModelForCausalLM:
         trainable = None
         if prompts is not None:
             trainable = PromptTuning.load(prompts)
+            trainable.check_fits(checkpoint.load_config().hidden_size, checkpoint.num_blocks, f"the prompts in {prompts}")
         elif tuning is not None:
             config = checkpoint.load_config()
             trainable = PromptTuning(tuning, prompt_length, config.hidden_size, checkpoint.num_blocks,

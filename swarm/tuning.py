@@ -58,6 +58,16 @@ class PromptTuning(nn.Module):
             save_file({"deep_prompts": self.deep_prompts.detach().contiguous()}, str(directory / DEEP_FILE))
         return directory
 
+    def check_fits(self, hidden_size: int, num_blocks: int, source: str = "the prompts") -> None:
+        """`ConfigError` unless these prompts fit a model of `hidden_size` and `num_blocks` blocks (prompts saved
+        for another model would otherwise reach the peers, which refuse them)."""
+        width = self.prompt_embeddings.shape[1]
+        if width != hidden_size:
+            raise ConfigError(f"{source} are {width} wide, but the model's hidden size is {hidden_size}")
+        if self.deep_prompts is not None and self.deep_prompts.shape[0] != num_blocks:
+            raise ConfigError(f"{source} hold deep prompts for {self.deep_prompts.shape[0]} blocks, but the model "
+                              f"has {num_blocks}")
+
     @classmethod
     def load(cls, directory: str | pathlib.Path) -> PromptTuning:
         directory = pathlib.Path(directory)

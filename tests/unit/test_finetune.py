@@ -67,6 +67,15 @@ def test_saved_prompts_load_back_and_into_peft_on_a_local_model(tmp_path):
     assert torch.equal(peft_model.get_prompt_embedding_to_save("default"), tuning.prompt_embeddings.detach())
 
 
+def test_prompts_saved_for_another_model_are_refused_before_they_reach_a_peer():
+    tuning = PromptTuning("deep_prompt", 3, 32, 2)
+    tuning.check_fits(32, 2)
+    with pytest.raises(ConfigError, match="deep prompts for 2 blocks, but the model has 30"):
+        tuning.check_fits(32, 30)
+    with pytest.raises(ConfigError, match="32 wide, but the model's hidden size is 576"):
+        PromptTuning("prompt", 3, 32, 2).check_fits(576, 2)
+
+
 def test_unknown_tuning_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="unknown tuning 'lora'"):
         PromptTuning("lora", 4, 8, 2)
