@@ -35,9 +35,11 @@ lint: $(STAMP)
 # test's time is spent waiting on peers, so two at once fit 2 cores. TEST_WORKERS=0 runs in one process.
 # The NAT tests run in a pytest process of their own: a client they build inside a network namespace leaves the
 # process unable to start further DHT nodes ("Broken pipe"). Exit status 5 = those arguments selected no test.
+# Files go to the workers in collection order, longest first (tests/conftest.py), not ordered by how many tests
+# they hold (xdist's default), which left the long one-test files to the end.
 TEST_WORKERS ?= 2
 test: model lint
-	$(PY) -m pytest -m "not netns" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not netns" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 	$(PY) -m pytest -m netns $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: model

@@ -10,6 +10,37 @@ from swarm.models import DEFAULT_MODEL, open_model
 
 CHAT_PROMPT = "What is the capital of France?"
 
+# The longest test files, longest first (seconds of one worker, measured with `--durations` in a run with two
+# workers). `make test` gives each worker whole files in collection order, so these start first and no long file
+# is left to run alone at the end; the others follow in their usual order.
+LONGEST_FILES_FIRST = (
+    "test_examples.py",  # 420 s
+    "test_checks_live.py",  # 287
+    "test_trust_live.py",  # 236
+    "test_peer_lifecycle.py",  # 231
+    "test_failover.py",  # 217
+    "test_receipts_live.py",  # 160
+    "test_compressed_peers.py",  # 156
+    "test_training_live.py",  # 131
+    "test_training_trust_live.py",  # 90
+    "test_openai_api.py",  # 87
+    "test_swarm_generation.py",  # 81
+    "test_speculative_live.py",  # 81
+    "test_bad_replies.py",  # 74
+    "test_self_verify_live.py",  # 73
+    "test_cli_errors.py",  # 72
+    "test_steering_live.py",  # 66
+    "test_long_context_check.py",  # 64
+    "test_peer_health.py",  # 59
+    "test_routing_live.py",  # 55
+    "test_push_chain_live.py",  # 43
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort: the rest keep their order
+
 
 @pytest.fixture(scope="session")
 def checkpoint():

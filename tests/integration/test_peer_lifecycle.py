@@ -79,8 +79,7 @@ def test_a_peer_moves_to_blocks_nobody_serves(local_model, chat_ids):
     with LocalSwarm() as swarm:
         mover = swarm.add_peer(None, "--num-blocks", "10", "--rebalance-period", "3", name="mover")
         assert "blocks 0:10" in mover.log()
-        swarm.add_peer("0:10", name="pinned-0")
-        swarm.add_peer("20:30", name="pinned-20")
+        swarm.add_peers(("pinned-0", "0:10", ()), ("pinned-20", "20:30", ()))
         deadline = time.monotonic() + 120
         while "after moving" not in mover.log() and time.monotonic() < deadline:
             time.sleep(1)
