@@ -62,10 +62,17 @@ def missing_blocks(spans: Collection[PeerSpan], start: int, end: int) -> list[in
     return [start + i for i, ok in enumerate(covered) if not ok]
 
 
-def checkable(spans: Collection[PeerSpan], subject: PeerSpan, start: int, end: int) -> bool:
+def checkable(spans: Collection[PeerSpan], subject: PeerSpan, start: int, end: int, same_config: bool = False) -> bool:
     """Whether other online peers whose compression can be compared with the subject's (`tags.comparable`) cover
-    blocks [start, end), chained if need be, so that a spot check can re-run a hop the subject serves there."""
-    others = [s for s in spans if s.peer_id != subject.peer_id and comparable(s.info.compression, subject.info.compression)]
+    blocks [start, end), chained if need be, so that a spot check can re-run a hop the subject serves there.
+    `same_config`: only peers of the subject's dtype and compression count (training passes are compared within
+    one configuration: `reputation.training_checks`)."""
+    def comparable_with_subject(s: PeerSpan) -> bool:
+        if same_config:
+            return (s.info.dtype, s.info.compression) == (subject.info.dtype, subject.info.compression)
+        return comparable(s.info.compression, subject.info.compression)
+
+    others = [s for s in spans if s.peer_id != subject.peer_id and comparable_with_subject(s)]
     return start >= end or not missing_blocks(others, start, end)
 
 
@@ -105,12 +112,14 @@ def find_route(
     needed_tokens: int = 0,
     evidence: Mapping[PeerID, PeerEvidence] | None = None,
     prefer_checkable: bool = False,
+    same_config: bool = False,
 ) -> list[RouteHop] | None:
     """The cheapest chain of hops covering [start, end), or None if some block is not covered.
 
     Peers without a measured latency are treated as unreachable; peers that announced less KV-cache
     room than `needed_tokens` are used only when there is no other way; with `prefer_checkable`, so are hops
-    that no other peer could re-run (`checkable`). Ties break on peer id, so every client computes the same
+    that no other peer could re-run (`checkable`; with `same_config`, no other peer of the same configuration, as
+    training checks need). Ties break on peer id, so every client computes the same
     route from the same snapshot.
     """
     online = usable_spans(spans)
@@ -138,7 +147,7 @@ def find_route(
                     if prefer_checkable:
                         key = (span.peer_id, here, there)
                         if key not in checkable_hops:
-                            checkable_hops[key] = checkable(online, span, here, there)
+                            checkable_hops[key] = checkable(online, span, here, there, same_config)
                         new_cost += 0.0 if checkable_hops[key] else UNCHECKABLE_PENALTY
                     if new_cost < best.get(there, float("inf")) - 1e-12:
                         best[there] = new_cost

@@ -114,9 +114,11 @@ class RemoteSequence:
         return self._spans
 
     async def make_route(
-        self, start: int = 0, end: int | None = None, excluded: frozenset = frozenset(), needed_tokens: int = 0
+        self, start: int = 0, end: int | None = None, excluded: frozenset = frozenset(), needed_tokens: int = 0,
+        training: bool = False,
     ) -> list[RouteHop]:
-        """The cheapest route over [start, end); waits up to `missing_blocks_timeout` for missing blocks."""
+        """The cheapest route over [start, end); waits up to `missing_blocks_timeout` for missing blocks. With a
+        trust layer it prefers hops that can be checked: for `training` passes, by peers of the same configuration."""
         end = self.num_blocks if end is None else end
         deadline = time.monotonic() + self.cfg.missing_blocks_timeout
         force, warned = False, None
@@ -126,7 +128,8 @@ class RemoteSequence:
             spans = [s for s in spans if s.peer_id not in self.cooldowns]  # a ping may have found junk
             evidence = {s.peer_id: self.evidence(s.peer_id) for s in spans}
             route = routing.find_route(spans, latencies, start, end, needed_tokens=needed_tokens, evidence=evidence,
-                                       prefer_checkable=self.trust is not None and self.cfg.route_on_evidence)
+                                       prefer_checkable=self.trust is not None and self.cfg.route_on_evidence,
+                                       same_config=training)
             if route is not None:
                 return route
             reachable = [s for s in spans if s.peer_id in latencies]

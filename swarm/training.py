@@ -58,7 +58,7 @@ class RemoteBlocks:
         records: list[HopInput] = []
         position, failures = start, 0
         while position < end:
-            route = await self.sequence.make_route(position, end)
+            route = await self.sequence.make_route(position, end, training=True)
             for hop in route:
                 request_id = uuid.uuid4().hex
                 try:

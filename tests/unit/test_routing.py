@@ -245,3 +245,17 @@ def test_a_much_faster_relayed_peer_still_wins():
     # 10 blocks: 1 s at 10 block-steps/s against 0.01 s at 1000, far more than the relay's penalty
     spans = [span("slow", 0, 10, throughput=10.0), span("home", 0, 10, throughput=1000.0, relays=("QmRelay",))]
     assert hops(find_route(spans, latencies_of(spans, 0.002), 0, 10)) == [(peer("home"), 0, 10)]
+
+
+def test_training_routes_prefer_hops_a_peer_of_the_same_configuration_can_re_run():
+    # a fast bfloat16 peer is checkable for inference (float32 peers re-run it under a cross-dtype tolerance), but
+    # training passes are compared within one configuration only, and nobody else serves bfloat16
+    fast = PeerSpan(peer("bf16"), ServerInfo(state=ServerState.ONLINE, start=0, end=10, throughput=1000.0,
+                                             dtype="bfloat16"))
+    spans = [fast, span("a", 0, 10, 10.0), span("a2", 0, 10, 10.0)]
+    assert checkable(spans, fast, 0, 10) and not checkable(spans, fast, 0, 10, same_config=True)
+    assert checkable(spans, spans[1], 0, 10, same_config=True)
+    latencies = latencies_of(spans)
+    assert hops(find_route(spans, latencies, 0, 10, prefer_checkable=True)) == [(peer("bf16"), 0, 10)]
+    training = find_route(spans, latencies, 0, 10, prefer_checkable=True, same_config=True)
+    assert peer("bf16") not in [h.peer_id for h in training]
