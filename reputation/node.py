@@ -58,6 +58,7 @@ from reputation.trust import (
     compute_trust,
     is_blacklisted,
 )
+from swarm.errors import ConfigError
 from swarm.periodic import run_periodically
 from swarm.records import peer_id_of_public_key
 
@@ -67,8 +68,19 @@ Kind = Literal["attestation", "work"]  # what a stored or gossiped message is
 KINDS: tuple[str, ...] = get_args(Kind)
 
 
+PUZZLE_BITS_ENV = "SWARM_PUZZLE_BITS"  # a swarm-wide difficulty: every node of a swarm must use the same
+
+
 def _default_puzzle_bits() -> int:
-    return identity_puzzle.DEFAULT_BITS  # read when a config is made, so tests can lower it
+    """$SWARM_PUZZLE_BITS if set (a private or test swarm may choose cheaper identities), else the default; read
+    when a config is made."""
+    value = os.environ.get(PUZZLE_BITS_ENV, "").strip()
+    if not value:
+        return identity_puzzle.DEFAULT_BITS
+    if not value.isdigit() or not 0 <= int(value) <= identity_puzzle.MAX_BITS:
+        raise ConfigError(f"${PUZZLE_BITS_ENV} must be a whole number of bits from 0 to {identity_puzzle.MAX_BITS}, "
+                          f"not {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -144,13 +156,13 @@ class ReputationNode:
     def __init__(
         self,
         private_key: RSAPrivateKey,
-        cfg: ReputationConfig = ReputationConfig(),
+        cfg: ReputationConfig | None = None,
         clock=time.time,
         puzzle_nonce: bytes | Future | None = None,  # None: solved on first use (cached per key in this process)
     ):
         self.private_key = private_key
         self.peer_id = peer_id_of_key(private_key)
-        self.cfg = cfg
+        self.cfg = ReputationConfig() if cfg is None else cfg
         self.clock = clock
         self._puzzle = puzzle_nonce
         self._lock = threading.RLock()  # the store and everything below; never held by the token path

@@ -10,7 +10,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from handler_kit import HIDDEN, NUM_BLOCKS, handler_config
 from peers.handler import BlockHandler, HandlerFactory
-from reputation import identity_puzzle
 from swarm.blocks import BlockSpan
 
 
@@ -19,14 +18,6 @@ TINY_LLAMA = dict(
     num_key_value_heads=2, vocab_size=128, initializer_range=0.1, attn_implementation="sdpa",
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def cheap_identity_puzzles():
-    """Every node the unit tests make solves an 8-bit puzzle (the real cost is a benchmark's). Undone after them:
-    live tests in the same run must sign with the real default, which the peer processes they start require."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(identity_puzzle, "DEFAULT_BITS", 8)
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -62,3 +62,17 @@ def test_a_temporary_identity_solves_in_memory(tmp_path) -> None:
     finally:
         identity.path.unlink(missing_ok=True)
 
+
+
+def test_a_swarm_may_set_its_puzzle_difficulty_and_a_bad_value_is_one_clear_error(monkeypatch):
+    from reputation.node import ReputationConfig
+    from swarm.errors import ConfigError
+
+    monkeypatch.setenv("SWARM_PUZZLE_BITS", "14")
+    assert ReputationConfig().puzzle_bits == 14
+    monkeypatch.delenv("SWARM_PUZZLE_BITS")
+    assert ReputationConfig().puzzle_bits == identity_puzzle.DEFAULT_BITS
+    for bad in ("lots", "-3", "65"):
+        monkeypatch.setenv("SWARM_PUZZLE_BITS", bad)
+        with pytest.raises(ConfigError, match="SWARM_PUZZLE_BITS must be a whole number of bits from 0 to 64"):
+            ReputationConfig()
