@@ -363,7 +363,7 @@ def _signed(fields: dict, key: RSAPrivateKey) -> bytes:
 
 def _countersigned(receipt_bytes: bytes, client: RSAPrivateKey) -> bytes:
     digest = dict(msgpack.unpackb(receipt_bytes, raw=False))["digest"]
-    key, nonce = client.get_public_key().to_bytes(), identity_puzzle.solve_cached(client.get_public_key().to_bytes(), 8)
+    key, nonce = client.get_public_key().to_bytes(), identity_puzzle.solve_cached(client.get_public_key().to_bytes(), ReputationConfig().puzzle_bits)
     body = {"receipt": digest, "client": peer_id_of_key(client), "tokens": 10, "puzzle_nonce": nonce, "public_key": key}
     signature = client.sign(_pack([["version", WIRE_VERSION], *sorted([k, v] for k, v in body.items())]))
     return _pack([
