@@ -113,9 +113,9 @@ def train(model, examples: list[ChatExample], *, epochs: int = 2, batch_size: in
             loss = model(ids, attention_mask=mask, labels=labels).loss
             loss.backward()
             optimizer.step()
-            log.losses.append(float(loss))
+            log.losses.append(loss.item())
             if on_step is not None:
-                on_step(len(log.losses), float(loss))
+                on_step(len(log.losses), log.losses[-1])
     return log
 
 
