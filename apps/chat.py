@@ -9,7 +9,7 @@ the same answer in fewer round trips when it repeats what came before.
 
 from __future__ import annotations
 
-from swarm.runtime import prefer_passive_openmp
+from swarm.runtime import prefer_passive_openmp, quiet_libraries
 
 prefer_passive_openmp()  # before torch is imported
 
@@ -257,6 +257,7 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
     """Chat with a model whose blocks are served by the swarm (`swarm-chat serve`: an OpenAI-compatible API)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries(verbose)
     if ctx.invoked_subcommand is not None:
         return
     if strict and no_spot_checks:

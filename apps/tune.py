@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from apps.chat import progress
 from swarm.network import initial_peers_from
+from swarm.runtime import quiet_libraries
 from swarm.errors import SwarmError
 from swarm.models import DEFAULT_MODEL
 
@@ -43,6 +44,7 @@ def main(model, initial_peers, data, tuning, prompt_length, epochs, batch_size, 
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries(verbose)
     handle = None
     try:
         examples = load_examples(data or DEFAULT_DATA)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from swarm.runtime import prefer_passive_openmp
+from swarm.runtime import prefer_passive_openmp, quiet_libraries
 
 prefer_passive_openmp()  # before torch is imported
 
@@ -31,8 +31,7 @@ def setup_logging(verbose: bool) -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    for noisy in ("hivemind", "transformers", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    quiet_libraries(verbose)
 
 
 def fail(message: str) -> None:

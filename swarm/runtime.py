@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+
+# Libraries' own messages a user sees only from this level up (all of them with --verbose). bitsandbytes warns at
+# import, on CPUs with AVX512-BF16, that an optional kernel package (fetched from the Hub) is missing: noise here.
+LIBRARY_LOG_LEVELS = {"hivemind": logging.WARNING, "transformers": logging.WARNING, "urllib3": logging.WARNING,
+                      "filelock": logging.WARNING, "bitsandbytes": logging.ERROR}
+
+
+def quiet_libraries(verbose: bool) -> None:
+    for name, level in LIBRARY_LOG_LEVELS.items():
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else level)
 
 
 def prefer_passive_openmp() -> bool:
