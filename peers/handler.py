@@ -336,11 +336,15 @@ class BlockHandler(BlockService):
                 if padding is not None:
                     raise ProtocolError("a push carries the hidden states only")
                 self.inbox.deliver((meta.session_id, meta.start, meta.position), str(context.remote_id), hidden)
-                yield protocol.make_reply(BlocksReply())
+                reply = protocol.make_reply(BlocksReply())
             except ProtocolError as e:
-                yield protocol.error_reply("bad_request", str(e))
+                reply = protocol.error_reply("bad_request", str(e))
             except RequestRejected as e:
-                yield protocol.error_reply(e.kind, str(e))
+                reply = protocol.error_reply(e.kind, str(e))
+            except Exception as e:  # loop boundary: one bad push must not end the pusher's stream
+                logger.warning(f"push from {context.remote_id} failed", exc_info=True)
+                reply = protocol.error_reply("internal", f"{type(e).__name__}: {e}")
+            yield reply
 
     async def _read_train_request(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest]

@@ -240,3 +240,28 @@ def test_a_push_from_another_peer_than_named_is_not_used(make_handler):
         await stream.close()
 
     asyncio.run(scenario())
+
+
+def test_an_unexpected_failure_on_one_push_answers_it_and_keeps_the_pushers_stream(make_handler, monkeypatch):
+    # a fault no well-formed or malformed push causes today: the inbox raising (faked, as a future bug would)
+    receiver = make_handler()
+    real_deliver, calls = receiver.inbox.deliver, []
+
+    def deliver_once_broken(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise RuntimeError("inbox broke")
+        return real_deliver(*args)
+
+    monkeypatch.setattr(receiver.inbox, "deliver", deliver_once_broken)
+
+    async def scenario() -> list:
+        async def two():
+            for position in (2, 3):
+                yield protocol.make_request("", PushRequest(session_id="s", start=0, end=3, position=position),
+                                            hidden(tokens=1, seed=position))
+        return [read_reply(ack)[0] async for ack in receiver.rpc_push(two(), FakeContext(remote_id="QmAlice"))]
+
+    first, second = asyncio.run(scenario())
+    assert first.error is not None and first.error.kind == "internal" and "inbox broke" in first.error.message
+    assert second.error is None and len(calls) == 2
