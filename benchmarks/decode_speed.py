@@ -28,27 +28,11 @@ from dataclasses import asdict, dataclass  # noqa: E402
 import torch  # noqa: E402
 
 from peers.local import LocalSwarm
+from peers.testing.streamers import TokenTimes
 from swarm import DistributedModelForCausalLM
 from swarm.models import DEFAULT_MODEL, open_model
 
 LAYOUTS = {1: ["0:30"], 2: ["0:15", "15:30"], 3: ["0:10", "10:20", "20:30"]}
-
-
-class FirstTokenTimer:
-    """A transformers-style streamer that records when the first new token arrives."""
-
-    def __init__(self):
-        self.started = time.perf_counter()
-        self.first: float | None = None
-        self._calls = 0
-
-    def put(self, value) -> None:
-        self._calls += 1
-        if self._calls == 2 and self.first is None:  # the first call carries the prompt
-            self.first = time.perf_counter()
-
-    def end(self) -> None:
-        pass
 
 
 @dataclass
@@ -59,7 +43,7 @@ class Run:
 
 
 def timed(generate, prompt: torch.Tensor, tokens: int) -> Run:
-    timer = FirstTokenTimer()
+    timer = TokenTimes()
     output = generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, streamer=timer)
     done = time.perf_counter()
     assert output.shape[1] == prompt.shape[1] + tokens

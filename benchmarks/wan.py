@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 from peers.local import LocalSwarm  # noqa: E402
 from peers.testing.netem import RelayProcess, RelayStats, free_port  # noqa: E402
+from peers.testing.streamers import TokenTimes  # noqa: E402
 from swarm import DistributedModelForCausalLM  # noqa: E402
 from swarm.models import DEFAULT_MODEL, open_model  # noqa: E402
 
@@ -81,24 +82,9 @@ class DecodePath(Protocol):
     def close(self) -> None: ...
 
 
-class TokenTimes:
-    """A transformers-style streamer that records when each new token arrives."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, value) -> None:
-        if self._prompt_seen:
-            self.times.append(time.perf_counter())
-        self._prompt_seen = True  # the first call carries the prompt
-
-    def end(self) -> None:
-        pass
-
-    def timing(self) -> Timing:
-        gaps = [later - earlier for earlier, later in zip(self.times, self.times[1:])]
-        return Timing(sum(gaps) * 1000 / len(gaps), min(gaps) * 1000)
+def timing(times: TokenTimes) -> Timing:
+    gaps = times.gaps()
+    return Timing(sum(gaps) * 1000 / len(gaps), min(gaps) * 1000)
 
 
 class ClientDriven:
@@ -119,7 +105,7 @@ class ClientDriven:
         output = self.model.generate(self.prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
                                      streamer=times)
         assert output.shape[1] == self.prompt.shape[1] + tokens and len(times.times) == tokens
-        return times.timing()
+        return timing(times)
 
     def close(self) -> None:
         self.model.shutdown()
@@ -144,7 +130,7 @@ class PushChain(ClientDriven):
         assert output.shape[1] == self.prompt.shape[1] + tokens and len(times.times) == tokens
         if pushed != tokens - 1:  # each decode step went through the chain, none fell back to the client-driven path
             raise RuntimeError(f"only {pushed} of {tokens - 1} decode steps went through the push chain")
-        return times.timing()
+        return timing(times)
 
 
 class Speculative(PushChain):
@@ -168,7 +154,7 @@ class Speculative(PushChain):
         assert output.shape[1] == self.prompt.shape[1] + tokens and len(times.times) == tokens
         decoding = self.model.last_generation.decoding
         self.trips.append(decoding.tokens_per_round_trip)  # the prompt's step counted, as DecodeStats counts
-        return times.timing()
+        return timing(times)
 
 
 PATHS: list[Callable[[Bench], DecodePath]] = [ClientDriven, PushChain, Speculative]

@@ -3,32 +3,18 @@ reaches it only through the relay, and every token pays the link's round trip.""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
 from peers.local import LocalSwarm
 from peers.testing.netem import RelayProcess, free_port
+from peers.testing.streamers import TokenTimes
 from swarm import DistributedModelForCausalLM
 from swarm.models import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
 
 DELAY_MS = 50  # one way
-
-
-class TokenTimes:
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._prompt_seen = False
-
-    def put(self, value) -> None:
-        if self._prompt_seen:
-            self.times.append(time.perf_counter())
-        self._prompt_seen = True  # the first call carries the prompt
-
-    def end(self) -> None:
-        pass
 
 
 def test_a_client_reaches_a_peer_only_through_its_announced_relay(chat_ids):
@@ -52,5 +38,5 @@ def test_a_client_reaches_a_peer_only_through_its_announced_relay(chat_ids):
     hidden_state = chat_ids.shape[1] * 576 * 4  # the prompt's hidden states (576 features, float32) passed it
     assert after.bytes_to_target - before.bytes_to_target > hidden_state
     assert after.bytes_from_target - before.bytes_from_target > hidden_state
-    gaps = [later - earlier for earlier, later in zip(times.times, times.times[1:])]
+    gaps = times.gaps()
     assert min(gaps) >= 2 * DELAY_MS / 1000  # a round trip through the relay per token
