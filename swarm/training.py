@@ -49,7 +49,7 @@ class RemoteBlocks:
                  observer: TrainingObserver | None = None):
         self.sequence, self.transport, self.timeout, self.observer = sequence, transport, timeout, observer
         self.failovers = 0  # hops replaced, in forward or backward passes
-        self.last_records: list[HopInput] = []  # the hops of the latest forward over the whole model
+        self.last_records: list[HopInput] = []  # the hops of the latest `RemoteBlocksFunction` forward, all micro-batches
 
     async def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, prompts: torch.Tensor | None,
                       start: int = 0, end: int | None = None) -> tuple[torch.Tensor, list[HopInput]]:
@@ -69,8 +69,6 @@ class RemoteBlocks:
                     break
                 records.append(HopInput(hop, hidden, request_id))
                 hidden, position = result.tensors[0], hop.end
-        if start == 0 and end == self.sequence.num_blocks:
-            self.last_records = records
         return hidden, records
 
     async def backward(self, records: list[HopInput], grad: torch.Tensor, mask: torch.Tensor | None,
