@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--kill-period", type=float, default=8.0, help="mean seconds between kills")
     parser.add_argument("--downtime", type=float, default=4.0, help="seconds before a killed peer restarts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--push", action="store_true", help="decode steps travel as push chains (ClientConfig.push)")
     args = parser.parse_args()
 
     checkpoint = open_model(DEFAULT_MODEL)
@@ -88,7 +89,7 @@ def main() -> None:
         for group in peers.values():
             for peer in group:
                 swarm.wait_online(peer)
-        model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers])
+        model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers], push=args.push)
         chaos = Chaos(swarm, peers, args.kill_period, args.downtime, args.seed)
         chaos.start()
         try:
@@ -116,7 +117,8 @@ def main() -> None:
         return sorted(values)[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
     print(f"\nChurn: {args.generations} greedy generations of {args.tokens} tokens, {DEFAULT_MODEL}, 2 peers per span, "
-          f"a peer SIGKILLed every ~{args.kill_period:.0f} s and restarted {args.downtime:.0f} s later\n")
+          f"a peer SIGKILLed every ~{args.kill_period:.0f} s and restarted {args.downtime:.0f} s later"
+          f"{', push chains on' if args.push else ''}\n")
     rows = [
         ("peers killed", f"{chaos.kills}"),
         ("sessions completed", f"{completed}"),

@@ -18,6 +18,7 @@ from hivemind.proto import runtime_pb2
 
 from swarm.relays import REGISTRATION_TTL, RegisterReply, RelayLimits, RelayService, register_reply
 from swarm.remote import BlockService
+from swarm.streams import open_reply_stream
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ class Forwarder(RelayService):
 
         replies = None
         try:
-            replies = await BlockService.get_stub(self._p2p, target).rpc_inference(upstream())
+            replies = await open_reply_stream(self._p2p, target, BlockService, "rpc_inference", upstream())
             async for reply in replies:
                 budget.spend(reply.ByteSize(), self.clock())
                 yield reply

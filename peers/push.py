@@ -26,6 +26,7 @@ from hivemind.proto import runtime_pb2
 from swarm import protocol
 from swarm.protocol import BlocksReply, PushRequest
 from swarm.remote import BlockService
+from swarm.streams import open_reply_stream
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class PushLinks:
                 yield request
 
         try:
-            replies = await BlockService.get_stub(self._p2p, peer_id).rpc_push(requests())
+            replies = await open_reply_stream(self._p2p, peer_id, BlockService, "rpc_push", requests())
             async for ack in replies:
                 reply = protocol.unpack(ack.metadata, BlocksReply)
                 if reply.error is not None:

@@ -20,7 +20,8 @@ from swarm import protocol
 from swarm.errors import BadReplyError, PeerUnreachableError, ProtocolError, RemoteError
 from swarm.parts import PartsReader, to_messages
 from swarm.protocol import PeerInfo, SpanRequest, BlocksReply, StepRequest, TrainReply, TrainRequest
-from swarm.relays import relay_stub
+from swarm.relays import RelayService, relay_stub
+from swarm.streams import open_reply_stream
 from swarm.transport import Reply, TrainResult, check_output
 
 T = TypeVar("T")
@@ -205,9 +206,11 @@ class InferenceStream:
     async def open(self) -> None:
         try:
             if self.relay is None:
-                self._replies = await _stub(self._p2p, self.peer_id).rpc_inference(self._requests())
+                self._replies = await open_reply_stream(self._p2p, self.peer_id, BlockService, "rpc_inference",
+                                                        self._requests())
             else:
-                self._replies = await relay_stub(self._p2p, self.relay).rpc_relay_inference(self._requests())
+                self._replies = await open_reply_stream(self._p2p, self.relay, RelayService, "rpc_relay_inference",
+                                                        self._requests())
         except Exception as e:  # p2pd reports unreachable peers with several error types
             self._relay_failed()
             raise PeerUnreachableError(
