@@ -585,6 +585,8 @@ class BlockHandler(BlockService):
 
     def _run_steps(self, jobs: list[StepJob]) -> list[torch.Tensor]:
         inputs = [job.hidden.to(self.config.device, self.config.dtype) for job in jobs]
+        for job, cast in zip(jobs, inputs):
+            job.inputs = cast  # `_finish_step` uses it again (on a GPU, one host-to-device copy instead of two)
         if len(jobs) == 1:
             job = jobs[0]
             return [self.span(inputs[0], job.cache, job.span_input, job.start, job.end, self._compute_prompts(job.prompts))]
@@ -598,7 +600,7 @@ class BlockHandler(BlockService):
                          self._compute_prompts(job.prompts))
 
     def _finish_step(self, job: StepJob, output: torch.Tensor) -> tuple[torch.Tensor, str]:
-        inputs = job.hidden.to(self.config.device, self.config.dtype)
+        inputs = job.inputs if job.inputs is not None else job.hidden.to(self.config.device, self.config.dtype)
         output = self.transform_step(inputs, output, job.span_input)
         return self.sign_reply(job.hidden, output.to("cpu", job.hidden.dtype), job.start, job.end, job.work,
                                job.prompts)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from handler_kit import Stream, hidden
+from peers.handler import BlockHandler
 from peers.batching import StepJob, chunk_bounds, chunk_input, take_decode_batch
 from swarm.blocks import SpanInput
 
@@ -114,3 +115,32 @@ def test_a_long_prefill_runs_in_chunks_and_lets_a_decode_step_through(make_handl
         return tensors[0]
 
     torch.testing.assert_close(chunked, asyncio.run(reference()), atol=ATOL, rtol=0)
+
+
+class _SeesInputs(BlockHandler):
+    """Keeps the input each finished step's `transform_step` was given."""
+
+    seen: list[torch.Tensor]
+
+    def transform_step(self, inputs, output, span_input):
+        self.seen.append(inputs)
+        return output
+
+
+def test_a_decode_step_is_cast_to_the_compute_dtype_once(make_handler, monkeypatch):
+    handler = make_handler(_SeesInputs, dtype=torch.float64)  # float32 on the wire: the cast makes a new tensor
+    handler.span.double()
+    handler.seen, ran = [], []
+    run_span = handler.span.forward
+    monkeypatch.setattr(handler.span, "forward", lambda inputs, *rest: ran.append(inputs) or run_span(inputs, *rest))
+
+    async def run() -> None:
+        stream = Stream(handler)
+        for position, tokens in ((0, 3), (3, 1)):
+            reply, _ = await stream.step("s", position, hidden(1, tokens, seed=position))
+            assert reply.error is None, reply.error
+
+    asyncio.run(run())
+    assert len(ran) == len(handler.seen) == 2
+    assert all(seen is blocks_input for seen, blocks_input in zip(handler.seen, ran))  # the very tensor, no copy
+    assert all(seen.dtype == torch.float64 for seen in handler.seen)
