@@ -537,7 +537,7 @@ class BlockHandler(BlockService):
             raise RequestRejected("too_long", f"{batch * new} tokens in one request exceed {self.config.max_tokens_per_request}")
         if new > self.config.max_length:
             raise RequestRejected("too_long", f"{new} tokens exceed this peer's limit of {self.config.max_length}")
-        if not torch.isfinite(hidden).all():
+        if not protocol.all_finite(hidden):
             raise ProtocolError("hidden states contain NaN or infinity")
         padding = tensors[0] if tensors else None
         if padding is not None:

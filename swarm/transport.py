@@ -16,7 +16,7 @@ import torch
 from hivemind.p2p import PeerID
 
 from swarm.errors import BadReplyError
-from swarm.protocol import PeerInfo, StepRequest, TrainRequest
+from swarm.protocol import PeerInfo, StepRequest, TrainRequest, all_finite
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,6 @@ def check_output(peer_id: PeerID | str, tensors: list[torch.Tensor], expected_sh
         raise BadReplyError(str(peer_id), f"output shape {tuple(output.shape)} does not match the input's {tuple(expected_shape)}")
     if not output.is_floating_point():
         raise BadReplyError(str(peer_id), f"output is {output.dtype}, not floating point")
-    if not bool(torch.isfinite(output).all()):
+    if not all_finite(output):
         raise BadReplyError(str(peer_id), "output contains NaN or infinity")
     return output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 import torch
+from hivemind.compression import serialize_torch_tensor
 
 from swarm.protocol import (
     MAX_METADATA_BYTES,
@@ -16,6 +17,7 @@ from swarm.protocol import (
     BlocksReply,
     StepRequest,
     WireModel,
+    all_finite,
     deserialize_tensors,
     error_reply,
     make_reply,
@@ -194,3 +196,25 @@ def test_tensor_with_a_wrong_shape():
     proto.size.extend([5, 5])  # 25 values announced, 16 sent
     with pytest.raises(ProtocolError, match="cannot be decoded"):
         deserialize_tensors([proto])
+
+
+@pytest.mark.parametrize("tensor", [
+    torch.randn(1, 1, 576), torch.randn(2, 3, 8).half(), torch.randn(2, 5).double(), torch.arange(12).reshape(3, 4),
+    torch.ones(2, 7, dtype=torch.int32), torch.randn(4, 6).t(), torch.randn(2, 3).bfloat16(), torch.zeros(0, 4),
+    torch.randn(3, requires_grad=True),
+], ids=["decode", "float16", "float64", "int64", "int32", "transposed", "bfloat16", "empty", "requires-grad"])
+def test_tensors_serialise_to_the_message_hivemind_makes_and_back(tensor):
+    message = serialize_tensors(tensor)[0]
+    assert message == serialize_torch_tensor(tensor)
+    (back,) = deserialize_tensors([message])
+    assert back.dtype == tensor.dtype and torch.equal(back, tensor.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_all_finite_finds_nan_and_infinity(dtype):
+    clean = torch.randn(2, 3, 8).to(dtype)
+    assert all_finite(clean) and all_finite(clean[:, 1:].transpose(1, 2))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        broken = clean.clone()
+        broken[1, 2, 5] = bad
+        assert not all_finite(broken)
