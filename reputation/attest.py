@@ -92,6 +92,11 @@ def _public_key(public_key: bytes) -> RSAPublicKey:
     return RSAPublicKey.from_bytes(public_key)
 
 
+@functools.lru_cache(maxsize=64)  # a peer signs every reply with its one key: encode the public half once
+def _public_key_bytes(private_key: RSAPrivateKey) -> bytes:
+    return private_key.get_public_key().to_bytes()
+
+
 @functools.lru_cache(maxsize=4096)
 def _peer_id_of(public_key: bytes) -> str | None:
     try:
@@ -162,7 +167,7 @@ class _SignedMessage(_Message):
         raise NotImplementedError
 
     def sign(self, private_key: RSAPrivateKey) -> Self:
-        unsigned = self.model_copy(update={"public_key": private_key.get_public_key().to_bytes()})
+        unsigned = self.model_copy(update={"public_key": _public_key_bytes(private_key)})
         body = _canonical(unsigned._fields())
         return unsigned.model_copy(update={"digest": hashlib.sha256(body).hexdigest(), "signature": private_key.sign(body)})
 
