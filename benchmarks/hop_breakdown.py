@@ -4,8 +4,10 @@ with every stage of a step timed (`peers.testing.hop_timing` wraps the functions
 Each swarm size runs a client child process per code tree (this one, and with `--baseline DIR` another export of
 the project, e.g. `git archive main | tar -x -C DIR`; this script's timing module is copied into it), each with its
 own swarm; rounds alternate between the trees and the single-process local baseline (decode_speed.py's), so all
-see the same machine load. Stage figures are medians per call over every decode step of every round, times calls
-per hop-step; derived rows are differences of medians.
+see the same machine load. Stage figures are means per call over every step of every round (5% trimmed at each end:
+the prefills, the worst preemptions), times calls per hop-step; derived rows are differences of those. Beside the
+wall time, each plain function's stage shows the CPU time its thread spent in it: on a shared machine the wall
+time also holds waits for a core.
 
     python benchmarks/hop_breakdown.py [--tokens 64] [--rounds 3] [--peers 1,3] [--baseline DIR]
 """
@@ -31,6 +33,7 @@ import torch  # noqa: E402
 
 
 TIMING_MODULE = Path("peers/testing/hop_timing.py")
+CPU_SUFFIX = " cpu"  # peers.testing.hop_timing.CPU (not imported: this process runs no timed code)
 FLUSH_WAIT = 1.5  # seconds: the peers write their samples each second
 
 
@@ -121,71 +124,93 @@ class Samples:
                 self.peer.setdefault(stage, []).extend(values)
 
 
-def stage_rows(samples: Samples, peers: int) -> list[tuple[str, float | None]]:
-    """(row, microseconds per hop-step) for one tree: measured stages, then derived ones (indented)."""
+TRIM = 0.05  # share of samples left out at each end of a stage's durations (prefills, the worst preemptions)
+ROWS = (  # (label, stage or derivation); a derivation is (label of a row, minus the rows after it)
+    ("client: request serialise", "c:request serialise"),
+    ("client: round trip (send to reply)", ("c:send + wait", "c:request serialise")),
+    ("  stream: hivemind + p2pd, both ways", ("client: round trip (send to reply)", "p:peer step")),
+    ("  peer: whole step in the handler", "p:peer step"),
+    ("    unpack metadata", "p:unpack metadata"),
+    ("    read tensors (deserialise + checks)", "p:read tensors"),
+    ("      of which deserialise", "p:deserialise"),
+    ("    scheduler (queue + compute thread)", "p:scheduler"),
+    ("      run steps: input cast + blocks", "p:run steps"),
+    ("        blocks compute", "p:blocks"),
+    ("      finish step: cast, to CPU, receipt", "p:finish step"),
+    ("        receipt", "p:receipt"),
+    ("          digests (in + out)", "p:digest"),
+    ("          RSA sign", "p:RSA sign"),
+    ("      thread hand-off (derived)", ("p:scheduler", "p:run steps", "p:finish step")),
+    ("    reply serialise", "p:reply serialise"),
+    ("    other handler work (derived)", ("p:peer step", "p:unpack metadata", "p:read tensors", "p:scheduler",
+                                         "p:reply serialise")),
+    ("client: read reply (deserialise + checks)", "c:read reply"),
+    ("client: verify receipt", "c:verify receipt"),
+    ("client: spot-check observer", "c:spot-check observer"),
+    ("client: session loop, rest (derived)", ("c:client step / hops", "c:send + wait", "c:read reply",
+                                              "c:verify receipt", "c:spot-check observer")),
+    ("client step / hops", "c:client step / hops"),
+    ("  of which not blocks compute (derived)", ("c:client step / hops", "p:blocks")),
+    ("caller thread to client loop, per step", ("c:sync step", "c:client step")),
+)
 
-    def per_step(source: dict[str, list[float]], stage: str, steps: int) -> float | None:
-        values = source.get(stage, [])
-        return statistics.median(values) * len(values) / steps * 1e6 if values and steps else None
 
-    client, peer = samples.client, samples.peer
-    hop_steps = len(client.get("send + wait", []))
-    peer_steps = len(peer.get("peer step", []))
-    c = {stage: per_step(client, stage, hop_steps) for stage in client}
-    for stage in ("client step", "sync step"):  # once per step, not per hop-step
-        c[stage] = per_step(client, stage, len(client.get(stage, [])))
-    p = {stage: per_step(peer, stage, peer_steps) for stage in peer}
+def trimmed_mean(values: list[float]) -> float:
+    ordered = sorted(values)
+    cut = int(len(ordered) * TRIM)
+    return statistics.mean(ordered[cut:len(ordered) - cut] or ordered)
 
-    def diff(a: float | None, *others: float | None) -> float | None:
-        return None if a is None or any(o is None for o in others) else a - sum(others)
 
-    round_trip = diff(c.get("send + wait"), c.get("request serialise"))
-    step = c.get("client step")
-    hop_share = None if step is None else step / peers
-    client_parts = [c.get(s) for s in ("send + wait", "read reply", "verify receipt", "spot-check observer")]
-    rows = [
-        ("client: request serialise", c.get("request serialise")),
-        ("client: round trip (send to reply)", round_trip),
-        ("  stream: hivemind + p2pd, both ways", diff(round_trip, p.get("peer step"))),
-        ("  peer: whole step in the handler", p.get("peer step")),
-        ("    unpack metadata", p.get("unpack metadata")),
-        ("    read tensors (deserialise + checks)", p.get("read tensors")),
-        ("      of which deserialise", p.get("deserialise")),
-        ("    scheduler (queue + compute thread)", p.get("scheduler")),
-        ("      run steps: input cast + blocks", p.get("run steps")),
-        ("        blocks compute", p.get("blocks")),
-        ("      finish step: cast, to CPU, receipt", p.get("finish step")),
-        ("        receipt", p.get("receipt")),
-        ("          digests (in + out)", p.get("digest")),
-        ("          RSA sign", p.get("RSA sign")),
-        ("      thread hand-off (derived)", diff(p.get("scheduler"), p.get("run steps"), p.get("finish step"))),
-        ("    reply serialise", p.get("reply serialise")),
-        ("    other handler work (derived)", diff(p.get("peer step"), p.get("unpack metadata"), p.get("read tensors"),
-                                               p.get("scheduler"), p.get("reply serialise"))),
-        ("client: read reply (deserialise + checks)", c.get("read reply")),
-        ("client: verify receipt", c.get("verify receipt")),
-        ("client: spot-check observer", c.get("spot-check observer")),
-        ("client: session loop, rest (derived)", diff(hop_share, *client_parts)),
-        ("client step / hops", hop_share),
-        ("  of which not blocks compute", diff(hop_share, p.get("blocks"))),
-        ("caller thread to client loop, per step", diff(c.get("sync step"), step) if step else None),
-    ]
-    return rows
+def stage_values(samples: Samples, peers: int, cpu: bool) -> dict[str, float]:
+    """Microseconds per hop-step of each measured stage ("c:" client, "p:" peer): trimmed mean per call x calls per
+    hop-step (`client step` and `sync step`: per step); with `cpu`, the CPU time of the calling thread instead."""
+    suffix = CPU_SUFFIX if cpu else ""
+    hop_steps = len(samples.client.get("send + wait", []))
+    peer_steps = len(samples.peer.get("peer step", []))
+    values: dict[str, float] = {}
+    for prefix, source, steps in (("c:", samples.client, hop_steps), ("p:", samples.peer, peer_steps)):
+        for stage, durations in source.items():
+            if durations and steps and stage.endswith(suffix) and (cpu or not stage.endswith(CPU_SUFFIX)):
+                name = stage.removesuffix(suffix)
+                per_step = steps if name not in ("client step", "sync step") else len(durations)
+                values[prefix + name] = trimmed_mean(durations) * len(durations) / per_step * 1e6
+    if "c:client step" in values:
+        values["c:client step / hops"] = values["c:client step"] / peers
+    return values
+
+
+def stage_rows(samples: Samples, peers: int, cpu: bool = False) -> list[tuple[str, float | None]]:
+    """(row label, microseconds per hop-step) for one tree, in `ROWS` order; None where a stage is missing."""
+    values = stage_values(samples, peers, cpu)
+    rows: dict[str, float | None] = {}
+    for label, source in ROWS:
+        if isinstance(source, str):
+            rows[label] = values.get(source)
+        elif not cpu:
+            first, *others = (rows.get(s, values.get(s)) for s in source)
+            rows[label] = None if first is None or None in others else first - sum(others)
+        else:
+            rows[label] = None  # a difference of CPU times means nothing: the derived rows are waits
+    return list(rows.items())
 
 
 def render(peers: int, trees: dict[str, Samples], local_ms: float) -> list[str]:
     names = list(trees)
-    head = f"{peers} peer(s), microseconds per hop-step (median per call x calls per hop-step)"
-    lines = [head, f"{'stage':<44}" + "".join(f"{name:>12}" for name in names)]
-    if len(names) == 2:
-        lines[-1] += f"{'change':>12}"
+    lines = [f"{peers} peer(s): microseconds per hop-step (trimmed mean per call x calls per hop-step); "
+             f"wall time, then the CPU time of the calling thread"]
+    columns = [f"{n} wall" for n in names] + (["change"] if len(names) == 2 else [])
+    columns += [f"{n} CPU" for n in names] + (["change"] if len(names) == 2 else [])
+    lines.append(f"{'stage':<44}" + "".join(f"{c:>13}" for c in columns))
     lines.append("-" * len(lines[-1]))
-    table = {name: stage_rows(samples, peers) for name, samples in trees.items()}
-    for index, (label, _) in enumerate(table[names[0]]):
-        values = [table[name][index][1] for name in names]
-        row = f"{label:<44}" + "".join(f"{'-' if v is None else f'{v:.0f}':>12}" for v in values)
-        if len(values) == 2 and None not in values:
-            row += f"{values[1] - values[0]:>+12.0f}"
+    wall = {name: stage_rows(samples, peers) for name, samples in trees.items()}
+    cpu = {name: stage_rows(samples, peers, cpu=True) for name, samples in trees.items()}
+    for index, (label, _) in enumerate(wall[names[0]]):
+        row = f"{label:<44}"
+        for table in (wall, cpu):
+            values = [table[name][index][1] for name in names]
+            row += "".join(f"{'-' if v is None else f'{v:.0f}':>13}" for v in values)
+            if len(values) == 2:
+                row += f"{'-' if None in values else f'{values[1] - values[0]:+.0f}':>13}"
         lines.append(row)
     lines.append("")
     for name, samples in trees.items():
