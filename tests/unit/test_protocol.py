@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import msgpack
 import pytest
 import torch
-from hivemind.compression import serialize_torch_tensor
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 
 from swarm.protocol import (
     MAX_METADATA_BYTES,
@@ -24,6 +26,7 @@ from swarm.protocol import (
     make_request,
     pack,
     serialize_tensors,
+    tensor_digest,
     unpack,
 )
 
@@ -198,16 +201,40 @@ def test_tensor_with_a_wrong_shape():
         deserialize_tensors([proto])
 
 
-@pytest.mark.parametrize("tensor", [
+TENSORS = [
     torch.randn(1, 1, 576), torch.randn(2, 3, 8).half(), torch.randn(2, 5).double(), torch.arange(12).reshape(3, 4),
     torch.ones(2, 7, dtype=torch.int32), torch.randn(4, 6).t(), torch.randn(2, 3).bfloat16(), torch.zeros(0, 4),
-    torch.randn(3, requires_grad=True),
-], ids=["decode", "float16", "float64", "int64", "int32", "transposed", "bfloat16", "empty", "requires-grad"])
-def test_tensors_serialise_to_the_message_hivemind_makes_and_back(tensor):
+    torch.randn(3, requires_grad=True), torch.tensor(2.5),
+]
+TENSOR_IDS = ["decode", "float16", "float64", "int64", "int32", "transposed", "bfloat16", "empty", "requires-grad", "0-d"]
+
+
+@pytest.mark.parametrize("tensor", TENSORS, ids=TENSOR_IDS)
+def test_tensors_serialise_to_the_message_hivemind_makes_and_back_as_hivemind_reads_it(tensor):
     message = serialize_tensors(tensor)[0]
     assert message == serialize_torch_tensor(tensor)
     (back,) = deserialize_tensors([message])
-    assert back.dtype == tensor.dtype and torch.equal(back, tensor.detach())
+    reference = deserialize_torch_tensor(message)
+    assert back.dtype == reference.dtype == tensor.dtype and back.shape == reference.shape == tensor.shape
+    assert torch.equal(back, tensor.detach()) and back.requires_grad == reference.requires_grad
+    if back.numel():
+        back.detach().view(-1)[0] = 1  # writable, and not the message's memory
+        assert deserialize_tensors([message])[0].view(-1)[0] == reference.view(-1)[0]
+
+
+def _general_digest(t: torch.Tensor) -> str:
+    """tensor_digest's definition, spelled out: sha256 over dtype, shape and the C-order bytes."""
+    h = hashlib.sha256()
+    h.update(str(t.dtype).encode())
+    h.update(repr(tuple(t.shape)).encode())
+    h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("tensor", TENSORS, ids=TENSOR_IDS)
+def test_tensor_digests_are_the_same_for_every_layout_and_dtype(tensor):
+    assert tensor_digest(tensor) == _general_digest(tensor)
+    assert tensor_digest(tensor.detach().contiguous()) == tensor_digest(tensor)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
