@@ -250,10 +250,11 @@ PROMPT_LOOKUP_HELP = (
 @click.option("--self-verify-gb", default=0.0, show_default=True, type=click.FloatRange(min=0), help="Memory (GiB) for blocks this client loads itself to check hops that no other peer serves (0: none).")
 @click.option("--prompts", "prompts_dir", type=click.Path(file_okay=False, exists=True, path_type=Path), help="Trained prompts (soft, and deep ones if tuned with --tuning deep_prompt) for every conversation (a directory written by swarm-tune).")
 @click.option("--prompt-lookup", default=0, show_default=True, type=click.IntRange(min=0), help=PROMPT_LOOKUP_HELP)
+@click.option("--push/--no-push", default=True, show_default=True, help="Decode steps go to every peer of the route at once, and each peer passes its output on to the next (fewer round trips on slow links).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.pass_context
 def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, max_length, trusted_peers, identity,
-         no_spot_checks, strict, self_verify_gb, prompts_dir, prompt_lookup, verbose) -> None:
+         no_spot_checks, strict, self_verify_gb, prompts_dir, prompt_lookup, push, verbose) -> None:
     """Chat with a model whose blocks are served by the swarm (`swarm-chat serve`: an OpenAI-compatible API)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -274,7 +275,7 @@ def main(ctx, model, initial_peers, prompt, max_new_tokens, temperature, top_p, 
         model_handle = DistributedModelForCausalLM.from_pretrained(
             model, peers, spot_checks=not no_spot_checks, **(STRICT if strict else {}),
             trusted_peers=trusted_peers_from(trusted_peers), identity=identity, trust_layer=ClientTrust,
-            self_verify_bytes=int(self_verify_gb * 2**30), prompts=prompts_dir,
+            self_verify_bytes=int(self_verify_gb * 2**30), prompts=prompts_dir, push=push,
         )
         progress(f"Looking for peers serving its {model_handle.sequence.num_blocks} blocks...")
         progress(connect(model_handle))

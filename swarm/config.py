@@ -23,7 +23,7 @@ class ClientConfig:
     route_on_evidence: bool = True  # routes weigh measured step times and trust; False: announced throughput only
     self_verify_bytes: int = 0  # memory for blocks this client loads itself to check hops nobody else serves (0: none)
     train_micro_batches: int = 1  # a training batch goes through the peers in this many pipelined micro-batches
-    push: bool = False  # decode steps travel peer to peer (a push chain) on routes of 2+ directly reachable hops
+    push: bool = True  # decode steps travel peer to peer (a push chain) on routes of 2+ directly reachable hops
 
     @property
     def strict(self) -> bool:
