@@ -138,6 +138,11 @@ class WaitForChecksAtFirstToken(RecordRewinds):
             self.waiting = False
             self.model.loop.run(self.model.trust_layer.checker.drain())
 
+    def rewind(self, kept_new_tokens: int) -> None:
+        super().rewind(kept_new_tokens)
+        if kept_new_tokens == 0:  # written again from its first token (after another cheater was caught): wait there too
+            self.waiting = True
+
 
 def _answer_through_a_new_liar(swarm, checker_client, chat_ids, tokens: int, make_streamer,
                                **options) -> tuple[str, RecordRewinds]:
