@@ -68,6 +68,7 @@ class HandlerConfig:
     batch_sessions: bool = True  # decode steps of sessions that wait together run as one batched forward
     prefill_chunk_tokens: int = 512  # a longer prefill runs in chunks of this many batch x tokens
     push_timeout: float = 5.0  # seconds a pushed step waits for its input from the previous hop (`peers.push`)
+    inline_step_seconds: float = 0.05  # a lone session's decode steps this short run on the event loop (0: never)
 
 
 @dataclass
@@ -130,6 +131,7 @@ class BlockHandler(BlockService):
         self.scheduler = StepScheduler(
             self._executor, self._run_steps, self._run_chunk, self._finish_step, max_rows=config.max_batch,
             prefill_chunk=config.prefill_chunk_tokens, max_steps=config.max_sessions if config.batch_sessions else 1,
+            inline_seconds=config.inline_step_seconds,
         )
 
     # Extension points: the defaults serve honestly.
@@ -300,7 +302,7 @@ class BlockHandler(BlockService):
                                              received, outputs[0])
                 return outputs, receipt
 
-            outputs, receipt = await asyncio.get_running_loop().run_in_executor(self._executor, run)
+            outputs, receipt = await self.scheduler.call(run)
             self.stats.tokens_served += tokens
             messages = to_messages(outputs)
             yield runtime_pb2.ExpertResponse(metadata=protocol.pack(TrainReply(tensors=len(outputs), receipt=receipt)),
@@ -576,7 +578,7 @@ class BlockHandler(BlockService):
             output = self.transform_step(inputs, output, span_input)
             return self.sign_reply(hidden, output.to("cpu", wire_dtype), start, end, work, prompts)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        return await self.scheduler.call(run)
 
     # The scheduler's work, on the compute thread.
 

@@ -44,7 +44,7 @@ def test_prefill_chunks_cover_the_tokens_and_slice_the_mask():
 async def _hold_compute_thread(handler) -> threading.Event:
     """Occupy the handler's compute thread until the returned event is set, so steps queue up meanwhile."""
     release, started = threading.Event(), threading.Event()
-    handler._executor.submit(lambda: (started.set(), release.wait(10)))
+    asyncio.ensure_future(handler.scheduler.call(lambda: (started.set(), release.wait(10))))
     await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
     return release
 
@@ -115,6 +115,74 @@ def test_a_long_prefill_runs_in_chunks_and_lets_a_decode_step_through(make_handl
         return tensors[0]
 
     torch.testing.assert_close(chunked, asyncio.run(reference()), atol=ATOL, rtol=0)
+
+
+def _record_compute_threads(handler, monkeypatch) -> list[str]:
+    """The name of the thread each of the handler's span forwards ran on, in order."""
+    threads: list[str] = []
+    run_span = handler.span.forward
+    monkeypatch.setattr(handler.span, "forward",
+                        lambda *args: threads.append(threading.current_thread().name) or run_span(*args))
+    return threads
+
+
+async def _decode(stream: Stream, session: str, steps: int, seed: int = 0) -> list[torch.Tensor]:
+    """A prefill of 3 tokens, then `steps` decode steps; every reply's output."""
+    outputs = []
+    for position, tokens in [(0, 3)] + [(3 + i, 1) for i in range(steps)]:
+        reply, tensors = await stream.step(session, position, hidden(1, tokens, seed=seed + position))
+        assert reply.error is None, reply.error
+        outputs.append(tensors[0])
+    return outputs
+
+
+def test_a_lone_sessions_short_steps_run_on_the_event_loop_with_the_same_outputs(make_handler, monkeypatch):
+    inline, threaded = make_handler(), make_handler(inline_step_seconds=0)
+    inline_threads = _record_compute_threads(inline, monkeypatch)
+    threaded_threads = _record_compute_threads(threaded, monkeypatch)
+    fast = asyncio.run(_decode(Stream(inline), "s", steps=4))
+    slow = asyncio.run(_decode(Stream(threaded), "s", steps=4))
+    assert inline_threads == ["MainThread"] * 5 and inline.scheduler.stats.inline_runs == 5
+    assert all(name.startswith("compute") for name in threaded_threads) and threaded.scheduler.stats.inline_runs == 0
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_steps_go_to_the_compute_thread_when_another_session_is_stepping(make_handler, monkeypatch):
+    handler = make_handler(max_sessions=4, cache_tokens=4 * 16)
+    threads = _record_compute_threads(handler, monkeypatch)
+
+    async def run() -> None:
+        await _decode(Stream(handler), "first", steps=1)
+        threads.clear()  # the second session steps within a second of the first: neither is alone any more
+        await _decode(Stream(handler), "second", steps=2, seed=5)
+
+    asyncio.run(run())
+    assert len(threads) == 3 and all(name.startswith("compute") for name in threads)
+
+
+def test_steps_go_to_the_compute_thread_once_one_took_longer_than_the_limit(make_handler, monkeypatch):
+    handler = make_handler(inline_step_seconds=1e-9)  # any measured step is longer
+    threads = _record_compute_threads(handler, monkeypatch)
+    asyncio.run(_decode(Stream(handler), "s", steps=2))
+    assert threads[0] == "MainThread" and all(name.startswith("compute") for name in threads[1:])
+
+
+def test_a_lone_step_waits_for_other_work_on_the_compute_thread(make_handler, monkeypatch):
+    handler = make_handler()
+    threads = _record_compute_threads(handler, monkeypatch)
+
+    async def run() -> list[str]:
+        release = await _hold_compute_thread(handler)
+        step = asyncio.ensure_future(_decode(Stream(handler), "s", steps=0))
+        await asyncio.sleep(0.05)
+        ran_before_release = list(threads)
+        release.set()
+        await step
+        return ran_before_release
+
+    assert asyncio.run(run()) == []  # nothing ran beside the other work
+    assert len(threads) == 1 and threads[0].startswith("compute")
 
 
 class _SeesInputs(BlockHandler):
