@@ -46,6 +46,7 @@ class StepJob:
     work: tuple[str, int, int]  # (session id, step, cumulative batch x tokens) for the receipt
     future: asyncio.Future
     prompts: torch.Tensor | None = None  # deep prompts (end - start, prompt_length, hidden), wire dtype, CPU
+    sign: bool = True  # False: the result comes without its receipt (the caller signs it, after pushing it on)
     inputs: torch.Tensor | None = None  # `hidden` on the compute device and dtype, once a decode run cast it
     done_tokens: int = 0  # of a chunked prefill: tokens computed so far
     pieces: list[torch.Tensor] = field(default_factory=list)  # of a chunked prefill: outputs so far

@@ -400,14 +400,17 @@ class BlockHandler(BlockService):
             tokens = hidden.shape[0] * hidden.shape[1]
             work = (meta.session_id, session.steps, session.work + tokens)
             future = asyncio.get_running_loop().create_future()
-            job = StepJob(hidden, session.cache, span_input, session.start, session.end, work, future, prompts)
+            job = StepJob(hidden, session.cache, span_input, session.start, session.end, work, future, prompts,
+                          sign=meta.push_to is None)
             output, receipt = await self.scheduler.submit(job)
             session.batch, session.padding = hidden.shape[0], padding
             session.steps, session.work = session.steps + 1, session.work + tokens
             self.stats.tokens_served += tokens
             opening = None
-            if meta.push_to is not None:
+            if meta.push_to is not None:  # the next hop starts while this one signs its receipt
                 self._push(meta, output)
+                output, receipt = await self.scheduler.call(
+                    lambda pushed=output: self.sign_reply(hidden, pushed, session.start, session.end, work, prompts))
             digest = tensor_digest(hidden) if meta.pushed else ""
             return protocol.make_reply(BlocksReply(length=session.length, receipt=receipt, input_digest=digest), output)
         except ProtocolError as e:
@@ -603,9 +606,10 @@ class BlockHandler(BlockService):
 
     def _finish_step(self, job: StepJob, output: torch.Tensor) -> tuple[torch.Tensor, str]:
         inputs = job.inputs if job.inputs is not None else job.hidden.to(self.config.device, self.config.dtype)
-        output = self.transform_step(inputs, output, job.span_input)
-        return self.sign_reply(job.hidden, output.to("cpu", job.hidden.dtype), job.start, job.end, job.work,
-                               job.prompts)
+        output = self.transform_step(inputs, output, job.span_input).to("cpu", job.hidden.dtype)
+        if not job.sign:
+            return output, ""
+        return self.sign_reply(job.hidden, output, job.start, job.end, job.work, job.prompts)
 
 
 def check_prompts(prompts: torch.Tensor, blocks: int, hidden_size: int, position: int) -> torch.Tensor:

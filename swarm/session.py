@@ -208,21 +208,32 @@ class InferenceSession:
         calls = [first()]
         calls += [hop.stream.step_pushed(meta, hidden.shape, mask, timeout=timeout)
                   for hop, meta in zip(hops[1:], metas[1:])]
-        # every reply is awaited, failed or not: a stream's next step must not be answered by this one's reply
-        replies = await asyncio.gather(*calls, return_exceptions=True)
-        used = 0
-        for index, (hop, meta, reply) in enumerate(zip(hops, metas, replies)):
-            if isinstance(reply, BaseException) and not isinstance(reply, PeerError):
-                raise reply
-            if isinstance(reply, PeerError) or (index > 0 and reply.input_digest != tensor_digest(hidden)):
-                break  # a broken link, a failed hop, or a hop that computed on another input than the one shown
-            try:
-                self._accept(hop, meta, hidden, reply, first_reply if index == 0 else None)
-            except PeerError as refused:
-                self._fall_back(index, replies, hidden, refused)
-                return index, hidden, refused
-            self._record(hop, hidden, reply, position, mask)
-            hidden, used = reply.output, index + 1
+        tasks = [asyncio.ensure_future(call) for call in calls]
+        try:
+            # each reply is checked as it comes, while later hops still compute
+            used, unexpected = 0, None
+            for index, (hop, meta, task) in enumerate(zip(hops, metas, tasks)):
+                reply = await _settled(task)
+                if isinstance(reply, BaseException) and not isinstance(reply, PeerError):
+                    unexpected = reply
+                    break
+                if isinstance(reply, PeerError) or (index > 0 and reply.input_digest != tensor_digest(hidden)):
+                    break  # a broken link, a failed hop, or a hop that computed on another input than the one shown
+                try:
+                    self._accept(hop, meta, hidden, reply, first_reply if index == 0 else None)
+                except PeerError as refused:
+                    replies = [await _settled(task) for task in tasks]
+                    self._fall_back(index, replies, hidden, refused)
+                    return index, hidden, refused
+                self._record(hop, hidden, reply, position, mask)
+                hidden, used = reply.output, index + 1
+            # every reply is awaited, failed or not: a stream's next step must not be answered by this one's reply
+            replies = [await _settled(task) for task in tasks]
+        finally:
+            for task in tasks:
+                task.cancel()  # only those still running: the caller was cancelled
+        if unexpected is not None:
+            raise unexpected
         if used == len(hops):
             self.pushed_steps += 1
             return used, hidden, None
@@ -413,6 +424,12 @@ def _avoided(trust, peer: str) -> RemoteError:
     if trust.is_blacklisted(peer):
         return RemoteError(peer, "blacklisted", "blacklisted by spot checks")
     return RemoteError(peer, "disputed", "contradicted by every other execution of its blocks")
+
+
+async def _settled(task: asyncio.Future) -> object:
+    """A finished call's reply or the exception it raised."""
+    await asyncio.wait([task])
+    return task.exception() if task.exception() is not None else task.result()
 
 
 def _target(hop: _Hop) -> PushTarget:

@@ -14,6 +14,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from fake_swarm import HIDDEN, FakePeer, FakeSwarm, run_blocks
 from handler_kit import FakeContext, Stream, hidden, read_reply
+from peers.handler import BlockHandler
 from peers.push import PushInbox, PushTimeout
 from reputation.client import ClientTrust
 from swarm import protocol
@@ -265,3 +266,38 @@ def test_an_unexpected_failure_on_one_push_answers_it_and_keeps_the_pushers_stre
     first, second = asyncio.run(scenario())
     assert first.error is not None and first.error.kind == "internal" and "inbox broke" in first.error.message
     assert second.error is None and len(calls) == 2
+
+
+class _PushRecorder:
+    def __init__(self):
+        self.sent: list[torch.Tensor] = []
+
+    def send(self, peer_id: PeerID, meta: PushRequest, hidden_states: torch.Tensor) -> None:
+        self.sent.append(hidden_states)
+
+
+class _NotesPushesAtSigning(BlockHandler):
+    """Signs "receipt-N", N being how many pushes had left when it signed."""
+
+    def sign_reply(self, hidden, output, start, end, work, prompts=None):
+        return output, f"receipt-{len(self.pushes.sent)}"
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("inline_step_seconds", [0.05, 0.0], ids=["on the event loop", "on the compute thread"])
+def test_a_pushed_output_leaves_before_its_receipt_is_signed(make_handler, inline_step_seconds):
+    """The next hop starts computing while this one signs; the reply still carries the receipt of what was pushed."""
+    handler = make_handler(_NotesPushesAtSigning, inline_step_seconds=inline_step_seconds)
+    handler.pushes = _PushRecorder()
+    target = PushTarget(peer_id=str(PeerID(b"\x12\x20" + bytes(32)).to_base58()), start=1, end=3)
+
+    async def scenario():
+        stream = Stream(handler)
+        prefill, _ = await stream.step("s", 0, hidden(tokens=4, seed=1))
+        meta = StepRequest(session_id="s", start=0, end=3, position=4, max_length=16, push_to=target)
+        reply, (output,) = await stream.send(protocol.make_request("", meta, hidden(tokens=1, seed=2)))
+        return prefill, reply, output
+
+    prefill, reply, output = asyncio.run(scenario())
+    assert prefill.receipt == "receipt-0" and reply.error is None and reply.receipt == "receipt-1"
+    assert torch.equal(handler.pushes.sent[0], output)
