@@ -69,6 +69,7 @@ class HandlerConfig:
     prefill_chunk_tokens: int = 512  # a longer prefill runs in chunks of this many batch x tokens
     push_timeout: float = 5.0  # seconds a pushed step waits for its input from the previous hop (`peers.push`)
     inline_step_seconds: float = 0.05  # a lone session's decode steps this short run on the event loop (0: never)
+    batch_wait_fraction: float = 0.25  # a decode step waits this share of the last decode run for others' steps
 
 
 @dataclass
@@ -131,7 +132,7 @@ class BlockHandler(BlockService):
         self.scheduler = StepScheduler(
             self._executor, self._run_steps, self._run_chunk, self._finish_step, max_rows=config.max_batch,
             prefill_chunk=config.prefill_chunk_tokens, max_steps=config.max_sessions if config.batch_sessions else 1,
-            inline_seconds=config.inline_step_seconds,
+            inline_seconds=config.inline_step_seconds, wait_fraction=config.batch_wait_fraction,
         )
 
     # Extension points: the defaults serve honestly.
@@ -269,6 +270,8 @@ class BlockHandler(BlockService):
         finally:
             # The stream is the session's lifetime: closing or losing it frees every cache it opened.
             del self._live[stream_id]
+            for session_id in sessions:
+                self.scheduler.forget(session_id)
             if sessions:
                 sessions.clear()
                 release_free_memory()
@@ -378,6 +381,7 @@ class BlockHandler(BlockService):
             meta = protocol.unpack(request.metadata, StepRequest)
             if meta.close:
                 sessions.pop(meta.session_id, None)
+                self.scheduler.forget(meta.session_id)
                 return protocol.make_reply(BlocksReply())
             if meta.session_id not in sessions:
                 opening = meta.session_id

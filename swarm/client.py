@@ -179,6 +179,7 @@ class SyncSession:
         self.inner.rollback(min(position + self.offset, self.inner.position) if self.inner.position else position)
 
     def close(self) -> None:
+        self.model.batched_logits.forget(self)
         self.model.loop.run(self.inner.close())
 
     def __enter__(self) -> "SyncSession":
@@ -304,7 +305,7 @@ class DistributedModelForCausalLM:
         output = session.step(self.head.embed(new_ids), attention_mask)
         if prompt_length is not None:
             _rewind_if_untrusted(session, output.untrusted_from, start, prompt_length)
-        return self.batched_logits(output.hidden[:, -last:])
+        return self.batched_logits(output.hidden[:, -last:], member=session)
 
     def generate(
         self,

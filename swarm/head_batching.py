@@ -5,20 +5,32 @@ session's next-token logits on its own thread. The LM head is one large matrix (
 single token's logits read all of it, so eight sessions' tokens cost eight reads of it when one would do. Calls
 that arrive while another is computing wait and then run together (continuous batching, as the peers do with
 decode steps): a lone call never waits for company.
+
+Calls say which session they come from (`member`). While several sessions generate, a call waits a little (half of
+its session's time between calls, `MAX_WAIT` at most) for the calls of the other sessions that called recently and
+have not closed (`forget`). That keeps concurrent sessions in step: their next steps leave together, and each peer
+computes them in one batched run. Without it, sessions drift apart along a chain of peers, and each peer computes
+them one by one. This is the one place that waits that long: the peers wait only for steps that leave together.
 """
 
 from __future__ import annotations
 
 import threading
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+ACTIVE_WINDOW = 1.0  # seconds: a session that called within this long is expected to call again
+MAX_WAIT = 0.25  # seconds a call waits at most for other sessions' calls
+
 
 @dataclass
 class _Call:
     hidden: torch.Tensor
+    member: object = None
     result: torch.Tensor | None = None
     error: BaseException | None = None
     done: bool = False
@@ -32,16 +44,32 @@ class BatchedLogits:
         self._cond = threading.Condition()
         self._waiting: list[_Call] = []
         self._busy = False
+        self._last_call: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # member -> when it last called
         self.batched_calls = 0  # calls computed together with others
+        self.waits = 0  # calls that waited for other sessions' calls
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forget(self, member: object) -> None:
+        """`member` closed: calls no longer wait for its calls."""
+        with self._cond:
+            self._last_call.pop(member, None)
+            self._cond.notify_all()
+
+    def __call__(self, hidden: torch.Tensor, member: object = None) -> torch.Tensor:
         if hidden.shape[1] != 1:
             return self._logits(hidden)
-        call = _Call(hidden)
+        call = _Call(hidden, member)
         with self._cond:
+            now = time.monotonic()
+            previous = self._last_call.get(member) if member is not None else None
+            if member is not None:
+                self._last_call[member] = now
             self._waiting.append(call)
-            while self._busy and not call.done:
-                self._cond.wait()
+            self._cond.notify_all()  # calls waiting for company check again
+            deadline = now + (min((now - previous) / 2, MAX_WAIT) if previous is not None else 0.0)
+            if self._missing(now) and deadline > now:
+                self.waits += 1
+            while not call.done and (self._busy or (self._missing(now) and time.monotonic() < deadline)):
+                self._cond.wait(None if self._busy else max(deadline - time.monotonic(), 0.0))
             if call.done:
                 return self._result(call)
             # this thread computes every waiting call of its dtype (its own among them)
@@ -65,6 +93,11 @@ class BatchedLogits:
                 self._busy = False
                 self._cond.notify_all()
         return self._result(call)
+
+    def _missing(self, now: float) -> bool:
+        """Whether a session that called recently has no call waiting."""
+        waiting = {c.member for c in self._waiting}
+        return any(now - when <= ACTIVE_WINDOW and member not in waiting for member, when in self._last_call.items())
 
     @staticmethod
     def _result(call: _Call) -> torch.Tensor:
