@@ -54,3 +54,63 @@ def test_a_multi_token_call_is_computed_alone_and_errors_reach_every_caller():
 
     with pytest.raises(RuntimeError, match="no memory"):
         BatchedLogits(broken)(torch.randn(1, 1, 8))
+
+
+class _Session:
+    """Stands for a client session (the members BatchedLogits keeps track of, weakly)."""
+
+
+def _recording(passes: list[int]):
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        passes.append(hidden.shape[0])
+        return hidden @ WEIGHT
+    return logits
+
+
+def _call_later(batched: BatchedLogits, member, delay: float, results: dict) -> threading.Thread:
+    def run() -> None:
+        time.sleep(delay)
+        results[member] = batched(torch.ones(1, 1, 8), member=member)
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_session_waits_for_the_other_generating_sessions_calls_and_they_run_as_one_pass():
+    passes: list[int] = []
+    batched = BatchedLogits(_recording(passes))
+    a, b = _Session(), _Session()
+    batched(torch.ones(1, 1, 8), member=a)
+    batched(torch.ones(1, 1, 8), member=b)
+    time.sleep(0.3)  # the sessions' time between calls: a waits up to half of it
+    results: dict = {}
+    threads = [_call_later(batched, a, 0.0, results), _call_later(batched, b, 0.05, results)]
+    for thread in threads:
+        thread.join(10)
+    assert passes == [1, 1, 2] and batched.waits == 1
+    torch.testing.assert_close(results[a], torch.ones(1, 1, 8) @ WEIGHT)
+
+
+def test_a_lone_session_and_a_session_whose_company_closed_never_wait():
+    passes: list[int] = []
+    batched = BatchedLogits(_recording(passes))
+    a, b = _Session(), _Session()
+    for _ in range(3):
+        batched(torch.ones(1, 1, 8), member=a)
+    batched(torch.ones(1, 1, 8), member=b)
+    batched.forget(b)
+    began = time.monotonic()
+    batched(torch.ones(1, 1, 8), member=a)
+    assert batched.waits == 0 and time.monotonic() - began < 0.1
+
+
+def test_a_waiting_call_gives_up_after_half_its_sessions_time_between_calls():
+    batched = BatchedLogits(_recording([]))
+    a, b = _Session(), _Session()
+    batched(torch.ones(1, 1, 8), member=a)
+    batched(torch.ones(1, 1, 8), member=b)  # b called recently, and will not call again
+    time.sleep(0.2)
+    began = time.monotonic()
+    batched(torch.ones(1, 1, 8), member=a)
+    waited = time.monotonic() - began
+    assert batched.waits == 1 and 0.08 < waited < 0.2  # about half of the 0.2 s since a's last call

@@ -212,3 +212,32 @@ def test_a_decode_step_is_cast_to_the_compute_dtype_once(make_handler, monkeypat
     assert len(ran) == len(handler.seen) == 2
     assert all(seen is blocks_input for seen, blocks_input in zip(handler.seen, ran))  # the very tensor, no copy
     assert all(seen.dtype == torch.float64 for seen in handler.seen)
+
+
+def test_a_decode_step_waits_for_the_step_of_another_session_and_they_run_as_one_batch(make_handler):
+    """The peer's half of keeping concurrent sessions in step: a step waits (a share of the last decode run, capped)
+    for the next step of a session that stepped on the same blocks; a closed session is not waited for."""
+    handler = make_handler(max_sessions=4, cache_tokens=4 * 16, batch_wait_fraction=1e6)  # capped at MAX_WAIT
+
+    async def run() -> None:
+        a, b = Stream(handler), Stream(handler)
+        for stream, name, seed in ((a, "a", 0), (b, "b", 5)):
+            reply, _ = await stream.step(name, 0, hidden(1, 3, seed=seed))
+            assert reply.error is None, reply.error
+
+        async def later(stream, name, position, delay):
+            await asyncio.sleep(delay)
+            return await stream.step(name, position, hidden(1, 1, seed=position))
+
+        stats = handler.scheduler.stats
+        for position, delay in ((3, 0.0), (4, 0.01)):  # b's second step comes 10 ms after a's and joins its batch
+            batched_before = stats.batched_steps
+            replies = await asyncio.gather(later(a, "a", position, 0.0), later(b, "b", position, delay))
+            assert all(reply.error is None for reply, _ in replies)
+        assert stats.batched_steps == batched_before + 2 and stats.waits >= 1
+        waits = handler.scheduler.stats.waits
+        await b.step("b", 5, hidden(1, 1, seed=9), close=True)
+        reply, _ = await a.step("a", 5, hidden(1, 1, seed=9))
+        assert reply.error is None and handler.scheduler.stats.waits == waits  # b closed: a ran without waiting
+
+    asyncio.run(run())
