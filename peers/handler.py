@@ -334,6 +334,15 @@ class BlockHandler(BlockService):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Inputs pushed by the previous hop of some client's route (`peers.push`), one ack each."""
+        try:
+            async for reply in self._pushes(requests, context):
+                yield reply
+        finally:  # the pusher's link closed: steps still waiting for its pushes fail now, not after push_timeout
+            self.inbox.abandon(str(context.remote_id))
+
+    async def _pushes(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async for request in requests:
             try:
                 meta = protocol.unpack(request.metadata, PushRequest)

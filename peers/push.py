@@ -7,8 +7,9 @@ output as on the client-driven path (history, replay, spot checks, receipts), an
 the critical path: client -> p1 -> p2 -> p3 -> client, one link crossing per hop plus one.
 
 `PushInbox` holds pushes until the step that needs them (either may come first); `PushLinks` keeps one open
-`rpc_push` stream to each next hop. A push that never comes makes the step fail with `push_timeout`, and the
-client sends that hop its input itself: a lost push costs time, never a wrong token.
+`rpc_push` stream to each next hop. A push that never comes makes the step fail with `push_timeout` (at once when
+the pusher's link closes, as when it dies), and the client sends that hop its input itself: a lost push costs
+time, never a wrong token.
 """
 
 from __future__ import annotations
@@ -83,6 +84,17 @@ class PushInbox:
                 del self._waiting[key]
         self.received += 1
         return hidden
+
+    def abandon(self, sender: str) -> int:
+        """`sender`'s push link closed (the peer died, or its link broke): the steps waiting for its pushes fail
+        now with `PushTimeout` rather than after their timeout, and their clients go on client-driven at once.
+        Returns how many failed."""
+        failed = 0
+        for waiting_sender, future in self._waiting.values():
+            if waiting_sender == sender and not future.done():
+                future.set_exception(PushTimeout(f"{sender} closed its push link"))
+                failed += 1
+        return failed
 
     def _expire(self, now: float) -> None:
         for key in [k for k, held in self._held.items() if now - held.arrived > self.ttl]:

@@ -301,3 +301,36 @@ def test_a_pushed_output_leaves_before_its_receipt_is_signed(make_handler, inlin
     prefill, reply, output = asyncio.run(scenario())
     assert prefill.receipt == "receipt-0" and reply.error is None and reply.receipt == "receipt-1"
     assert torch.equal(handler.pushes.sent[0], output)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_step_waiting_for_a_push_fails_at_once_when_the_pushers_link_closes(make_handler):
+    """The pusher died (its link to this peer closed): the step waiting for its push is a push_timeout now, not after
+    the timeout, so the client goes on client-driven without a stall; pushes from other peers still wait."""
+    handler = make_handler(push_timeout=30.0)
+    pusher = "QmFirstHop"
+
+    async def scenario():
+        stream = Stream(handler)
+        reply, _ = await stream.step("s", 0, hidden(tokens=3, seed=1))
+        assert reply.error is None, reply.error
+        meta = StepRequest(session_id="s", start=0, end=3, position=3, max_length=16, pushed=True, push_from=pusher)
+        pending = asyncio.ensure_future(stream.send(protocol.make_request("", meta)))
+        other = asyncio.ensure_future(handler.inbox.take(("t", 0, 3), "QmSomeoneElse", 30.0))
+        await asyncio.sleep(0.05)
+        assert not pending.done()
+
+        async def link_that_closes():
+            return
+            yield
+
+        began = asyncio.get_running_loop().time()
+        async for _ in handler.rpc_push(link_that_closes(), FakeContext(remote_id=pusher)):
+            pass
+        reply, _ = await asyncio.wait_for(pending, 5.0)
+        assert reply.error is not None and reply.error.kind == "push_timeout"
+        assert asyncio.get_running_loop().time() - began < 5.0 and not other.done()
+        other.cancel()
+        await stream.close()
+
+    asyncio.run(scenario())
