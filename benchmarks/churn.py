@@ -128,6 +128,7 @@ def main() -> None:
         ("fail-over extra latency, median", f"{statistics.median(failovers) * 1000:.0f} ms" if failovers else "-"),
         ("fail-over extra latency, p95", f"{quantile(failovers, 0.95) * 1000:.0f} ms" if failovers else "-"),
         ("generation time, median", f"{statistics.median(durations):.2f} s" if durations else "-"),
+        ("generation time, longest", f"{max(durations):.2f} s" if durations else "-"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
