@@ -139,7 +139,7 @@ ROWS = (  # (label, stage or derivation); a derivation is (label of a row, minus
     ("      finish step: cast, to CPU, receipt", "p:finish step"),
     ("        receipt", "p:receipt"),
     ("          digests (in + out)", "p:digest"),
-    ("          RSA sign", "p:RSA sign"),
+    ("          sign (body, digest, signature)", "p:sign"),
     ("      thread hand-off (derived)", ("p:scheduler", "p:run steps", "p:finish step")),
     ("    reply serialise", "p:reply serialise"),
     ("    other handler work (derived)", ("p:peer step", "p:unpack metadata", "p:read tensors", "p:scheduler",

@@ -35,7 +35,7 @@ PEER_STAGES = (
     ("finish step", "peers.handler", "BlockHandler._finish_step"),  # cast, transform, to CPU, receipt
     ("receipt", "peers.receipts", "ReceiptSigner.sign"),
     ("digest", "peers.receipts", "tensor_digest"),
-    ("RSA sign", "hivemind.utils.crypto", "RSAPrivateKey.sign"),
+    ("sign", "reputation.attest", "Receipt.sign"),  # canonical body, its digest and the signature
     ("reply serialise", "swarm.protocol", "make_reply"),
 )
 

@@ -9,6 +9,8 @@ import msgpack
 import pytest
 import torch
 from hivemind.utils.crypto import RSAPrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from pydantic import ValidationError
 
 from reputation.attest import (
@@ -20,10 +22,13 @@ from reputation.attest import (
     Countersigned,
     Evidence,
     Receipt,
+    _canonical,
+    _receipt_key,
     tensor_digest,
     verify_attestation,
 )
 from reputation.errors import MalformedMessageError
+from signing_kit import sign_fields
 from swarm.records import peer_id_of_public_key
 
 NOW = 1_700_000_000.0
@@ -151,17 +156,35 @@ def test_unknown_version_or_fields_are_malformed(attestation) -> None:
             Attestation.decode(garbage)
 
 
-def sign_fields(fields: dict, key: RSAPrivateKey) -> bytes:
-    """Encode `fields` as a receipt or attestation, signed exactly as the real signer would: valid signature and
-    digest over whatever the fields hold, so only their types or sizes can be wrong."""
-    fields = {**fields, "public_key": key.get_public_key().to_bytes()}
-    body = _pack([["version", WIRE_VERSION], *sorted([k, v] for k, v in fields.items() if k not in ("digest", "signature"))])
-    fields.update(digest=hashlib.sha256(body).hexdigest(), signature=key.sign(body))
-    return _pack([["version", WIRE_VERSION], *sorted([k, v] for k, v in fields.items())])
+def _resigned(receipt: Receipt, signer: Ed25519PrivateKey, **fields) -> Receipt:
+    """`receipt` with `fields` changed, digested and signed anew by the Ed25519 key `signer`."""
+    changed = receipt.model_copy(update=fields)
+    body = _canonical(changed._fields())
+    return changed.model_copy(update={"digest": hashlib.sha256(body).hexdigest(), "signature": signer.sign(body)})
+
+
+def test_a_receipt_verifies_only_with_a_receipt_key_its_signers_identity_key_certified(keys, receipt) -> None:
+    assert receipt.verify() is Check.OK and len(receipt.receipt_key) == 32
+    assert receipt.model_copy().sign(keys["server"]).receipt_key == receipt.receipt_key  # one per identity key
+    # another identity's certified receipt key cannot sign for the server
+    other = _receipt_key(keys["checker"])
+    assert _resigned(receipt, other.private, receipt_key=other.public, key_certificate=other.certificate).verify() \
+        is Check.FORGED
+    # nor can a key nobody certified, with or without the server's certificate of its own key beside it
+    rogue = Ed25519PrivateKey.generate()
+    rogue_public = rogue.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert _resigned(receipt, rogue, receipt_key=rogue_public).verify() is Check.FORGED
+    # the server's own receipt key with a certificate of another key, or no key at all
+    assert _resigned(receipt, _receipt_key(keys["server"]).private, key_certificate=other.certificate).verify() \
+        is Check.FORGED
+    assert _resigned(receipt, rogue, receipt_key=b"").verify() is Check.FORGED
+    # the certificate is a signature over the domain and the key: the identity key's signature of the bare key is not
+    bare = keys["server"].sign(_receipt_key(keys["server"]).public)
+    assert _resigned(receipt, _receipt_key(keys["server"]).private, key_certificate=bare).verify() is Check.FORGED
 
 
 def test_signing_by_hand_matches_sign(keys, receipt) -> None:
-    """The test forger below signs exactly as Receipt.sign does (it is RSA-PSS, so compare decoded digests)."""
+    """The test forger below signs exactly as Receipt.sign does (compare decoded digests: RSA-PSS is randomised)."""
     forged = Receipt.decode(sign_fields(dict(receipt._fields()), keys["server"]))
     assert forged.verify() is Check.OK and forged.digest == receipt.digest
 

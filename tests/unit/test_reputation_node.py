@@ -6,7 +6,6 @@ is credited at most for what the client sent, weighted by the countersigner's tr
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import threading
 import time
@@ -21,6 +20,7 @@ from reputation import identity_puzzle
 from reputation.attest import WIRE_VERSION, Evidence, Receipt, tensor_digest
 from reputation.node import ReputationConfig, ReputationNode, message_id, peer_id_of_key
 from reputation.tolerance import Agreement
+from signing_kit import sign_fields
 
 GOOD, BAD = Agreement(1.0, 0.0), Agreement(0.0, 1.0)
 
@@ -353,14 +353,6 @@ def _pack(pairs: list) -> bytes:
     return msgpack.packb(pairs, use_bin_type=True)
 
 
-def _signed(fields: dict, key: RSAPrivateKey) -> bytes:
-    """A receipt or attestation carrying `fields`, with a genuine signature and digest by `key`."""
-    fields = {**fields, "public_key": key.get_public_key().to_bytes()}
-    body = _pack([["version", WIRE_VERSION], *sorted([k, v] for k, v in fields.items() if k not in ("digest", "signature"))])
-    fields.update(digest=hashlib.sha256(body).hexdigest(), signature=key.sign(body))
-    return _pack([["version", WIRE_VERSION], *sorted([k, v] for k, v in fields.items())])
-
-
 def _countersigned(receipt_bytes: bytes, client: RSAPrivateKey) -> bytes:
     digest = dict(msgpack.unpackb(receipt_bytes, raw=False))["digest"]
     key, nonce = client.get_public_key().to_bytes(), identity_puzzle.solve_cached(client.get_public_key().to_bytes(), ReputationConfig().puzzle_bits)
@@ -379,8 +371,8 @@ def test_work_with_a_wrong_typed_field_is_dropped_and_the_blacklist_keeps_workin
     me = node(keys[0], clock)
     server, client = keys[2], keys[1]
     fields = receipt(server)._fields()
-    good = _countersigned(_signed(fields, server), client)
-    bad = _countersigned(_signed({**fields, "tokens": "x"}, server), client)
+    good = _countersigned(sign_fields(fields, server), client)
+    bad = _countersigned(sign_fields({**fields, "tokens": "x"}, server), client)
     with caplog.at_level(logging.DEBUG, logger="reputation.node"):
         assert not me.ingest("work", bad)
     assert "tokens" in caplog.text
@@ -397,9 +389,9 @@ def test_an_attestation_with_a_wrong_typed_or_oversized_field_is_dropped(keys) -
     me, other = node(keys[0], clock), node(keys[1], clock)
     att = other.attest(receipt(keys[2]), GOOD, "pass", "fp32")
     fields = att._fields()
-    assert me.ingest("attestation", _signed(dict(fields), keys[1]))  # signed by hand, well-formed: accepted
+    assert me.ingest("attestation", sign_fields(dict(fields), keys[1]))  # signed by hand, well-formed: accepted
     for change in ({"cosine": "1.0"}, {"expires_at": 10**12}, {"verdict": "PASS"}, {"profile": "p" * 1000}, {"nonce": b"n" * 100}):
-        data = _signed({**fields, **change, "nonce": change.get("nonce", bytes(16))}, keys[1])
+        data = sign_fields({**fields, **change, "nonce": change.get("nonce", bytes(16))}, keys[1])
         assert not me.ingest("attestation", data), change
     assert len(me.inventory()) == 1
     assert not me.is_blacklisted(peer_id_of_key(keys[2]))
