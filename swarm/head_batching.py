@@ -44,7 +44,7 @@ class BatchedLogits:
         self._cond = threading.Condition()
         self._waiting: list[_Call] = []
         self._busy = False
-        self._last_call: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # member -> when it last called
+        self._last_call: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # member -> (when, thread) of its last call
         self.batched_calls = 0  # calls computed together with others
         self.waits = 0  # calls that waited for other sessions' calls
 
@@ -60,9 +60,9 @@ class BatchedLogits:
         call = _Call(hidden, member)
         with self._cond:
             now = time.monotonic()
-            previous = self._last_call.get(member) if member is not None else None
+            previous = self._last_call.get(member, (None, None))[0] if member is not None else None
             if member is not None:
-                self._last_call[member] = now
+                self._last_call[member] = (now, threading.get_ident())
             self._waiting.append(call)
             self._cond.notify_all()  # calls waiting for company check again
             deadline = now + (min((now - previous) / 2, MAX_WAIT) if previous is not None else 0.0)
@@ -95,9 +95,11 @@ class BatchedLogits:
         return self._result(call)
 
     def _missing(self, now: float) -> bool:
-        """Whether a session that called recently has no call waiting."""
-        waiting = {c.member for c in self._waiting}
-        return any(now - when <= ACTIVE_WINDOW and member not in waiting for member, when in self._last_call.items())
+        """Whether a session that called recently, from another thread than this one, has no call waiting (one
+        thread that steps several sessions in turn can never have their calls wait together)."""
+        waiting, me = {c.member for c in self._waiting}, threading.get_ident()
+        return any(now - when <= ACTIVE_WINDOW and thread != me and member not in waiting
+                   for member, (when, thread) in self._last_call.items())
 
     @staticmethod
     def _result(call: _Call) -> torch.Tensor:

@@ -67,12 +67,22 @@ def _recording(passes: list[int]):
     return logits
 
 
-def _call_later(batched: BatchedLogits, member, delay: float, results: dict) -> threading.Thread:
+def _call_later(batched: BatchedLogits, member, delay: float, results: dict,
+                hold: threading.Event | None = None) -> threading.Thread:
+    """Call for `member` after `delay` seconds on a new thread; with `hold`, the thread lives until it is set (so no
+    later thread gets its id: calls of one thread never wait for each other)."""
+    called = threading.Event()
+
     def run() -> None:
         time.sleep(delay)
         results[member] = batched(torch.ones(1, 1, 8), member=member)
+        called.set()
+        if hold is not None:
+            hold.wait(10)
     thread = threading.Thread(target=run)
     thread.start()
+    if hold is not None:
+        thread.called = called
     return thread
 
 
@@ -80,13 +90,15 @@ def test_a_session_waits_for_the_other_generating_sessions_calls_and_they_run_as
     passes: list[int] = []
     batched = BatchedLogits(_recording(passes))
     a, b = _Session(), _Session()
-    batched(torch.ones(1, 1, 8), member=a)
-    batched(torch.ones(1, 1, 8), member=b)
+    hold = threading.Event()
+    for member in (a, b):
+        _call_later(batched, member, 0.0, {}, hold).called.wait(10)
     time.sleep(0.3)  # the sessions' time between calls: a waits up to half of it
     results: dict = {}
-    threads = [_call_later(batched, a, 0.0, results), _call_later(batched, b, 0.05, results)]
+    threads = [_call_later(batched, a, 0.0, results, hold), _call_later(batched, b, 0.05, results, hold)]
     for thread in threads:
-        thread.join(10)
+        thread.called.wait(10)
+    hold.set()
     assert passes == [1, 1, 2] and batched.waits == 1
     torch.testing.assert_close(results[a], torch.ones(1, 1, 8) @ WEIGHT)
 
@@ -97,10 +109,12 @@ def test_a_lone_session_and_a_session_whose_company_closed_never_wait():
     a, b = _Session(), _Session()
     for _ in range(3):
         batched(torch.ones(1, 1, 8), member=a)
-    batched(torch.ones(1, 1, 8), member=b)
+    hold = threading.Event()
+    _call_later(batched, b, 0.0, {}, hold).called.wait(10)  # from another thread: a could wait for it
     batched.forget(b)
     began = time.monotonic()
     batched(torch.ones(1, 1, 8), member=a)
+    hold.set()
     assert batched.waits == 0 and time.monotonic() - began < 0.1
 
 
@@ -108,9 +122,23 @@ def test_a_waiting_call_gives_up_after_half_its_sessions_time_between_calls():
     batched = BatchedLogits(_recording([]))
     a, b = _Session(), _Session()
     batched(torch.ones(1, 1, 8), member=a)
-    batched(torch.ones(1, 1, 8), member=b)  # b called recently, and will not call again
+    hold = threading.Event()
+    _call_later(batched, b, 0.0, {}, hold).called.wait(10)  # b called recently from another thread, and will not again
     time.sleep(0.2)
     began = time.monotonic()
     batched(torch.ones(1, 1, 8), member=a)
     waited = time.monotonic() - began
+    hold.set()
     assert batched.waits == 1 and 0.08 < waited < 0.2  # about half of the 0.2 s since a's last call
+
+
+def test_sessions_stepped_in_turn_by_one_thread_never_wait_for_each_other():
+    """One thread cannot call for two sessions at once: waiting for the other would only add the wait to every call."""
+    batched = BatchedLogits(_recording([]))
+    a, b = _Session(), _Session()
+    began = time.monotonic()
+    for _ in range(4):
+        batched(torch.ones(1, 1, 8), member=a)
+        time.sleep(0.05)
+        batched(torch.ones(1, 1, 8), member=b)
+    assert batched.waits == 0 and time.monotonic() - began < 0.3 + 0.15
