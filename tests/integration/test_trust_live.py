@@ -70,6 +70,21 @@ def _honest_never_flagged(model, swarm) -> None:
         assert rows.get(peer.peer_id) is None or rows[peer.peer_id].fails == 0, f"{peer.name} was found at fault"
 
 
+def _route_through_until_avoided(model, peer, others) -> None:
+    """`model`'s routes leave `others` out until its trust layer avoids `peer`, so they go through `peer` whatever
+    the throughputs announced: a 10x boast over a throughput measured while the machine was busy need not win.
+    Spot checks still re-run `peer`'s work on `others` (they do not route through `make_route`)."""
+    excluded_first = frozenset(PeerID.from_base58(p.peer_id) for p in others)
+    make_route = model.sequence.make_route
+
+    async def through_peer(start=0, end=None, excluded=frozenset(), *args, **kwargs):
+        if not model.trust_layer.node.avoids(peer.peer_id):
+            excluded = excluded | excluded_first
+        return await make_route(start, end, excluded, *args, **kwargs)
+
+    model.sequence.make_route = through_peer
+
+
 def test_occasional_cheater_is_caught_as_the_formula_predicts(trust_swarm, chat_ids) -> None:
     # first in the module, so no other adversary is running yet
     p, q = 0.5, 0.1
@@ -95,7 +110,8 @@ def test_random_output_peer_is_blacklisted_and_avoided(trust_swarm, checker_clie
     liar = trust_swarm.add_peer("0:30", *GOSSIP, "--adversary", "random", name="random-output")
     stats = checker_client.trust_layer.checker.stats
     node = checker_client.trust_layer.node
-    for _ in range(20):  # it advertises 10x throughput, so routes pick it until it is caught
+    _route_through_until_avoided(checker_client, liar, trust_swarm.honest)
+    for _ in range(20):  # routes take it until it is caught
         _answer(checker_client, chat_ids)
         if node.is_blacklisted(liar.peer_id) or stats.responses[liar.peer_id] >= 100:
             break
@@ -194,21 +210,6 @@ def test_an_answer_is_verified_before_it_is_returned(trust_swarm, checker_client
     answer, streamer = _answer_through_a_new_liar(trust_swarm, checker_client, chat_ids, 1, lambda model: RecordRewinds())
     assert answer == ANSWER.split()[0]
     assert streamer.rewinds and set(streamer.rewinds) == {0}
-
-
-def _route_through_until_avoided(model, peer, others) -> None:
-    """`model`'s routes leave `others` out until its trust layer avoids `peer`, so they go through `peer` whatever
-    the throughputs announced: a 10x boast over a throughput measured while the machine was busy need not win.
-    Spot checks still re-run `peer`'s work on `others` (they do not route through `make_route`)."""
-    excluded_first = frozenset(PeerID.from_base58(p.peer_id) for p in others)
-    make_route = model.sequence.make_route
-
-    async def through_peer(start=0, end=None, excluded=frozenset(), *args, **kwargs):
-        if not model.trust_layer.node.avoids(peer.peer_id):
-            excluded = excluded | excluded_first
-        return await make_route(start, end, excluded, *args, **kwargs)
-
-    model.sequence.make_route = through_peer
 
 
 def test_a_verdict_spreads_by_gossip_as_an_accusation_that_the_receivers_own_checks_confirm(
