@@ -11,10 +11,11 @@ A lone session never waits for company: its step runs at once. While several ses
 decode step that finds the thread idle waits a little (`wait_fraction` of the last decode run, `MAX_WAIT` at most)
 for the steps of the others, which keeps their steps together: without it, sessions drift apart in a chain of
 peers, each peer computes them one by one, and on a busy CPU eight single-row runs cost about six times one run of
-eight rows. Steps that arrive while the thread is busy run together next (continuous batching). A lone session's short decode step (no other session
-stepped within `LONE_WINDOW` seconds, the compute thread idle, and such steps measured to take at most
-`inline_seconds`) runs on the event loop itself: the hand-off to the compute thread and back costs about 0.7 ms,
-a quarter of a loopback hop.
+eight rows. Steps that arrive while the thread is busy run together next (continuous batching).
+
+A lone session's short decode step (no other session stepped within `LONE_WINDOW` seconds, the compute thread idle,
+and such steps measured to take at most `inline_seconds`) runs on the event loop itself: the hand-off to the compute
+thread and back costs about 0.7 ms, a quarter of a loopback hop.
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ class StepScheduler:
 
     async def submit(self, job: StepJob) -> tuple[torch.Tensor, str]:
         """Queue a step; its (reply tensor, receipt) once computed."""
-        if self._runs_inline(job):
+        alone = self._note_step(job.work[0])
+        if alone and self._runs_inline(job):
             self.stats.inline_runs += 1
             (result,) = self._compute_batch([job])
             return result
@@ -194,14 +196,18 @@ class StepScheduler:
             except asyncio.TimeoutError:
                 return
 
-    def _runs_inline(self, job: StepJob) -> bool:
+    def _note_step(self, session: str) -> bool:
+        """Record that `session` stepped now; whether it is alone (no other session stepped within LONE_WINDOW)."""
         now = time.monotonic()
-        session = job.work[0]
         alone = all(now - when > LONE_WINDOW for other, when in self._last_step.items() if other != session)
         if len(self._last_step) > 4 * self.max_steps:  # forget sessions long gone
             self._last_step = {k: v for k, v in self._last_step.items() if now - v <= LONE_WINDOW}
         self._last_step[session] = now
-        return (alone and 0 < self.inline_seconds and self._lone_step_seconds <= self.inline_seconds and self._calls == 0
+        return alone
+
+    def _runs_inline(self, job: StepJob) -> bool:
+        """Whether a lone session's step runs on the event loop: short, and nothing else on the compute thread."""
+        return (0 < self.inline_seconds and self._lone_step_seconds <= self.inline_seconds and self._calls == 0
                 and (self._worker is None or self._worker.done()) and not self._decodes and not self._prefills
                 and job.new_tokens <= DECODE_TOKENS and job.rows <= self.max_rows and job.prompts is None)
 
