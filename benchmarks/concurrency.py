@@ -6,7 +6,9 @@ greedy, `--tokens` new tokens (EOS suppressed). The swarm is measured with cross
 (the default) and off (`--no-batch-sessions`); every session's tokens are compared with a local batch-1 run of
 its prompt. The local baseline runs in its own process with the environment as given.
 
-    python benchmarks/concurrency.py [--tokens 64] [--sessions 1 2 4 8] [--rounds 2]
+    python benchmarks/concurrency.py [--tokens 64] [--sessions 1 2 4 8] [--rounds 2] [--peer-threads N]
+
+`--peer-threads` starts every peer with `--num-threads N` (three peers share this machine's cores).
 """
 
 from __future__ import annotations
@@ -102,12 +104,13 @@ def run_sessions(model: DistributedModelForCausalLM, prompts: list[torch.Tensor]
 
 
 def measure_swarm(batching: bool, prompts: list[torch.Tensor], sizes: list[int], tokens: int, rounds: int,
-                  local: LocalBaseline, local_seconds: dict[int, list[float]]) -> tuple[dict[int, float], int]:
+                  local: LocalBaseline, local_seconds: dict[int, list[float]], peer_threads: int | None = None
+                  ) -> tuple[dict[int, float], int]:
     """Median wall seconds per session count, and how many sessions' tokens differed from the reference."""
     extra = () if batching else ("--no-batch-sessions",)
     seconds: dict[int, list[float]] = {n: [] for n in sizes}
     mismatches = 0
-    with LocalSwarm(model=DEFAULT_MODEL) as swarm:
+    with LocalSwarm(model=DEFAULT_MODEL, peer_threads=peer_threads) as swarm:
         swarm.add_peers(*[(f"peer{i}", blocks, extra) for i, blocks in enumerate(LAYOUT)])
         model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers])
         try:
@@ -128,6 +131,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--peer-threads", type=int, help="every peer's --num-threads (default: the peer's own)")
     parser.add_argument("--local-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.local_child:
@@ -139,15 +143,18 @@ def main() -> None:
     prompts = [encode(tokenizer, q) for q in QUESTIONS]
     local = LocalBaseline(args.tokens)
     local_seconds: dict[int, list[float]] = {n: [] for n in args.sessions}
-    batched, batched_wrong = measure_swarm(True, prompts, args.sessions, args.tokens, args.rounds, local, local_seconds)
+    batched, batched_wrong = measure_swarm(True, prompts, args.sessions, args.tokens, args.rounds, local, local_seconds,
+                                           args.peer_threads)
     print("measured the swarm with batching", flush=True)
     unbatched, unbatched_wrong = measure_swarm(False, prompts, args.sessions, args.tokens, args.rounds, local,
-                                               local_seconds)
+                                               local_seconds, args.peer_threads)
     print("measured the swarm without batching", flush=True)
     local.close()
 
+    threads = "torch's default" if args.peer_threads is None else args.peer_threads
     print(f"\nConcurrent sessions, {DEFAULT_MODEL} float32, greedy, {args.tokens} new tokens per session, 3 peers "
-          f"({', '.join(LAYOUT)}) on loopback, median of {args.rounds} rounds, {os.cpu_count()} cores\n")
+          f"({', '.join(LAYOUT)}) on loopback, median of {args.rounds} rounds, {os.cpu_count()} cores, "
+          f"peer threads: {threads}\n")
     header = (f"{'sessions':>8}{'local tok/s':>13}{'swarm tok/s':>13}{'swarm/local':>13}"
               f"{'unbatched tok/s':>17}{'unbatched/local':>17}{'batched/unbatched':>19}")
     print(header)

@@ -62,6 +62,8 @@ ANNOUNCE_HELP = ("Tell others to dial these multiaddrs instead of the listening 
                  "/ip4/203.0.113.5/tcp/31337: a forwarded port, or an emulated WAN link (benchmarks/wan.py).")
 RELAY_HELP = ("auto: through a relay only if nobody can dial this peer (checked as it joins); always; never "
               "($SWARM_RELAY).")
+NUM_THREADS_HELP = ("Torch threads for the blocks on a CPU ($SWARM_NUM_THREADS; default: one per core). Peers that share a "
+                    "machine compute in turn: give each its share of the cores (1 for three peers on 2 cores).")
 NO_RELAY_SERVICE_HELP = "Do not relay for peers that cannot be dialled (by default every reachable node does)."
 
 
@@ -93,6 +95,7 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--announce-maddrs", multiple=True, help=ANNOUNCE_HELP)
 @click.option("--identity", type=click.Path(dir_okay=False, path_type=Path), envvar="SWARM_IDENTITY", help="Identity file; keeps the peer id across restarts ($SWARM_IDENTITY).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--num-threads", type=click.IntRange(min=1), envvar="SWARM_NUM_THREADS", help=NUM_THREADS_HELP)
 @click.option("--dtype", type=click.Choice(["auto", *DTYPES]), default="auto", show_default=True, help="auto: the checkpoint's dtype (float32 for the default model, bfloat16/float16 for most 7B checkpoints); a float16 checkpoint on CPU computes in bfloat16.")
 @click.option("--max-length", default=4096, show_default=True, type=click.IntRange(min=1), help="Longest session accepted, in tokens.")
 @click.option("--max-sessions", default=64, show_default=True, type=click.IntRange(min=1), help="Open sessions served at once.")
@@ -123,8 +126,8 @@ def bootstrap(host: str, port: int, identity: Path | None, initial_peers: tuple[
 @click.option("--no-relay-service", is_flag=True, help=NO_RELAY_SERVICE_HELP)
 @click.option("--relay-renew-period", hidden=True, default=20.0, type=click.FloatRange(min=0.1),
               help="Seconds between renewals of relay registrations (a relay gone for two is replaced).")
-def join(model, blocks, num_blocks, initial_peers, host, port, announce_maddrs, identity, device, dtype, max_length,
-         max_sessions, max_train_tokens, batch_sessions, prefill_chunk_tokens, cache_tokens, max_cache_gb,
+def join(model, blocks, num_blocks, initial_peers, host, port, announce_maddrs, identity, device, num_threads, dtype,
+         max_length, max_sessions, max_train_tokens, batch_sessions, prefill_chunk_tokens, cache_tokens, max_cache_gb,
          session_idle_timeout, rebalance_period, public_name,
          svd_rank, svd_energy, svd_params, svd_method, quant, offload, trusted_peers, gossip_period,
          adversary, fellows, status_interval, relay, no_relay_service, relay_renew_period) -> None:
@@ -147,6 +150,7 @@ def join(model, blocks, num_blocks, initial_peers, host, port, announce_maddrs, 
         announce_maddrs=parse_announce_maddrs(announce_maddrs),
         identity=identity,
         device=device,
+        num_threads=num_threads,
         dtype=dtype,
         max_length=max_length,
         cache_tokens=cache_tokens,

@@ -29,6 +29,7 @@ class PeerConfig:
     announce_maddrs: tuple[str, ...] = ()  # addresses others dial instead of the listening ones (a forwarded port)
     identity: Path | None = None  # RSA identity file; keeps the peer id across restarts
     device: str = "cpu"
+    num_threads: int | None = None  # torch threads for the blocks on a CPU (None: torch's default, one per core)
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (the checkpoint's dtype, see auto_dtype)
     max_length: int = 4096  # longest session accepted, in tokens
     cache_tokens: int | None = None  # KV-cache budget in tokens, batch x max_length per session (None: from memory)

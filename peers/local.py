@@ -63,6 +63,7 @@ class LocalSwarm:
     initial_peers: str = ""
     host: str = "127.0.0.1"  # interface every node listens on
     launcher: tuple[str, ...] = ()  # prefix of every node's command, e.g. `ip netns exec NAME` (peers.natlab)
+    peer_threads: int | None = None  # every peer's --num-threads (None: the peer's default, one per core)
     processes: list[PeerProcess] = field(default_factory=list)
 
     def __enter__(self) -> "LocalSwarm":
@@ -115,6 +116,8 @@ class LocalSwarm:
     def add_peer(self, blocks: str | None = None, *extra_args: str, wait: bool = True, name: str | None = None,
                  launcher: Sequence[str] | None = None) -> PeerProcess:
         args = ["join", "--model", self.model, "--host", self.host, *extra_args]
+        if self.peer_threads is not None:
+            args += ["--num-threads", str(self.peer_threads)]
         if blocks is not None:
             args += ["--blocks", blocks]
         peer = self._spawn(name or f"peer{len(self.processes)}", args, launcher=launcher)

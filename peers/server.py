@@ -104,8 +104,17 @@ def measure_throughput(span: BlockSpan, hidden_size: int, cfg: PeerConfig, steps
     return span.num_blocks * steps / best
 
 
+def use_threads(count: int | None) -> None:
+    """Compute on `count` torch threads (None: torch's default). Every thread's torch work uses it, the compute
+    thread's too."""
+    if count is not None:
+        torch.set_num_threads(count)
+        logger.info(f"Computing on {count} torch thread(s)")
+
+
 class Peer:
     def __init__(self, cfg: PeerConfig, handler_factory: HandlerFactory = BlockHandler):
+        use_threads(cfg.num_threads)
         self.handler_factory = handler_factory  # BlockHandler, or a subclass that serves differently
         self.checkpoint = open_model(cfg.model, cache_dir=cfg.cache_dir)
         cfg = self.cfg = cfg.for_checkpoint(self.checkpoint.manifest.torch_dtype)  # --dtype auto: the stored one
