@@ -40,21 +40,34 @@ class PushTimeout(Exception):
 
 @dataclass
 class _Held:
-    sender: str
     hidden: torch.Tensor
     arrived: float
+
+    @property
+    def nbytes(self) -> int:
+        return self.hidden.numel() * self.hidden.element_size()
 
 
 @dataclass
 class PushInbox:
-    """Pushed inputs by the step they are for, and the steps waiting for theirs. Pushes nobody asked for yet wait
-    `ttl` seconds at most, `max_held` of them (the oldest go first), so strangers cannot fill the peer's memory."""
+    """Pushed inputs by the step they are for and their sender, and the steps waiting for theirs.
+
+    Pushes nobody asked for yet wait `ttl` seconds at most. Each sender holds at most `max_sender_bytes` of them
+    (its oldest go first), and all senders `max_bytes`: past that, the sender holding the most loses its oldest.
+    So a stranger that floods the inbox evicts its own pushes, not those of the hops a client named, and cannot
+    replace another sender's push for the same step."""
 
     ttl: float = 10.0
-    max_held: int = 64
+    max_bytes: int = 256 << 20
+    max_sender_bytes: int = 64 << 20
     received: int = 0  # pushes taken by a step
-    _held: dict[PushKey, _Held] = field(default_factory=dict)
+    _held: dict[tuple[PushKey, str], _Held] = field(default_factory=dict)  # in arrival order
+    _sender_bytes: dict[str, int] = field(default_factory=dict)
     _waiting: dict[PushKey, tuple[str, asyncio.Future]] = field(default_factory=dict)
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(self._sender_bytes.values())
 
     def deliver(self, key: PushKey, sender: str, hidden: torch.Tensor) -> None:
         waiter = self._waiting.get(key)
@@ -62,15 +75,19 @@ class PushInbox:
             waiter[1].set_result(hidden)
             return
         self._expire(time.monotonic())
-        while len(self._held) >= self.max_held:
-            del self._held[next(iter(self._held))]
-        self._held[key] = _Held(sender, hidden, time.monotonic())
+        self._drop(key, sender)  # a sender's second push for a step replaces its first
+        held = _Held(hidden, time.monotonic())
+        self._held[(key, sender)] = held
+        self._sender_bytes[sender] = self._sender_bytes.get(sender, 0) + held.nbytes
+        while self._sender_bytes.get(sender, 0) > self.max_sender_bytes:
+            self._drop_oldest(sender)
+        while self.held_bytes > self.max_bytes:
+            self._drop_oldest(max(self._sender_bytes, key=self._sender_bytes.__getitem__))
 
     async def take(self, key: PushKey, sender: str, timeout: float) -> torch.Tensor:
         """The input `sender` pushed for the step `key`, waiting `timeout` seconds at most (else `PushTimeout`)."""
-        held = self._held.get(key)
-        if held is not None and held.sender == sender:
-            del self._held[key]
+        held = self._drop(key, sender)
+        if held is not None:
             self.received += 1
             return held.hidden
         future: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -96,9 +113,21 @@ class PushInbox:
                 failed += 1
         return failed
 
+    def _drop(self, key: PushKey, sender: str) -> _Held | None:
+        held = self._held.pop((key, sender), None)
+        if held is not None:
+            self._sender_bytes[sender] -= held.nbytes
+            if self._sender_bytes[sender] <= 0:
+                del self._sender_bytes[sender]
+        return held
+
+    def _drop_oldest(self, sender: str) -> None:
+        oldest = next(key for key, who in self._held if who == sender)
+        self._drop(oldest, sender)
+
     def _expire(self, now: float) -> None:
-        for key in [k for k, held in self._held.items() if now - held.arrived > self.ttl]:
-            del self._held[key]
+        for key, sender in [k for k, held in self._held.items() if now - held.arrived > self.ttl]:
+            self._drop(key, sender)
 
 
 class PushLinks:

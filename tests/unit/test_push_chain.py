@@ -156,12 +156,36 @@ def test_inbox_hands_a_push_to_its_step_whichever_comes_first():
         assert torch.equal(await waiting, late)
         with pytest.raises(PushTimeout):
             await inbox.take(("s", 0, 5), "alice", 0.05)
-        for position in range(100):
-            inbox.deliver(("flood", 0, position), "mallory", late)
-        assert len(inbox._held) <= inbox.max_held  # strangers cannot fill the memory
         return inbox.received
 
     assert asyncio.run(scenario()) == 2
+
+
+def test_a_flooding_stranger_evicts_only_its_own_pushes():
+    async def scenario():
+        step = torch.ones(1, 1, 4)  # 16 bytes
+        inbox = PushInbox(max_bytes=40 * 16, max_sender_bytes=16 * 16)
+        inbox.deliver(("s", 0, 7), "alice", step)
+        inbox.deliver(("s", 0, 7), "mallory", step + 5)  # the same step: it does not replace alice's push
+        for position in range(100):
+            inbox.deliver(("flood", 0, position), "mallory", step)
+        assert inbox._sender_bytes["mallory"] <= inbox.max_sender_bytes  # its oldest went first
+        for sybil in range(10):  # many identities: the one holding the most loses its oldest
+            for position in range(16):
+                inbox.deliver(("flood", sybil, position), f"sybil{sybil}", step)
+        assert inbox.held_bytes <= inbox.max_bytes
+        assert torch.equal(await inbox.take(("s", 0, 7), "alice", 0.01), step)
+        with pytest.raises(PushTimeout):  # mallory's oldest pushes are gone
+            await inbox.take(("flood", 0, 0), "mallory", 0.01)
+
+    asyncio.run(scenario())
+
+
+def test_held_pushes_expire_and_free_their_bytes():
+    inbox = PushInbox(ttl=0.0)
+    inbox.deliver(("s", 0, 1), "alice", torch.ones(1, 1, 4))
+    inbox.deliver(("s", 0, 2), "bob", torch.ones(1, 1, 4))  # finds alice's push expired
+    assert list(inbox._sender_bytes) == ["bob"] and inbox.held_bytes == 16
 
 
 class Direct:
