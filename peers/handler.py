@@ -32,7 +32,7 @@ from swarm.blocks import BlockSpan, SpanCache, SpanInput
 from peers.training import (MAX_PROMPT_LENGTH, ForwardGraphs, TooManyTokens, read_train_tensors, request_byte_limit,
                             train_step)
 from swarm.parts import PartsReader, to_messages
-from swarm.protocol import (PeerInfo, ProtocolError, PushRequest, SpanRequest, BlocksReply, StepRequest, TrainReply,
+from swarm.protocol import (PeerInfo, ProtocolError, PushBatch, PushRequest, SpanRequest, BlocksReply, StepRequest, TrainReply,
                             TrainRequest, tensor_digest)
 from swarm.remote import BlockService
 
@@ -333,7 +333,7 @@ class BlockHandler(BlockService):
     async def rpc_push(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
-        """Inputs pushed by the previous hop of some client's route (`peers.push`), one ack each."""
+        """Inputs pushed by the previous hop of some client's route (`peers.push`), one ack per message."""
         try:
             async for reply in self._pushes(requests, context):
                 yield reply
@@ -345,11 +345,14 @@ class BlockHandler(BlockService):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         async for request in requests:
             try:
-                meta = protocol.unpack(request.metadata, PushRequest)
-                hidden, padding, _ = self._read_tensors(request, expected_length=None)
-                if padding is not None:
-                    raise ProtocolError("a push carries the hidden states only")
-                self.inbox.deliver((meta.session_id, meta.start, meta.position), str(context.remote_id), hidden)
+                pushes = read_pushes(request)
+                if len(request.tensors) != len(pushes):
+                    raise ProtocolError(f"{len(pushes)} pushes need one tensor each, got {len(request.tensors)}")
+                # every push is checked before any is delivered: a bad one refuses the whole message
+                checked = [(meta, self._read_tensors(runtime_pb2.ExpertRequest(tensors=[tensor]), None)[0])
+                           for meta, tensor in zip(pushes, request.tensors)]
+                for meta, hidden in checked:
+                    self.inbox.deliver((meta.session_id, meta.start, meta.position), str(context.remote_id), hidden)
                 reply = protocol.make_reply(BlocksReply())
             except ProtocolError as e:
                 reply = protocol.error_reply("bad_request", str(e))
@@ -623,6 +626,17 @@ class BlockHandler(BlockService):
         if not job.sign:
             return output, ""
         return self.sign_reply(job.hidden, output, job.start, job.end, job.work, job.prompts)
+
+
+def read_pushes(request: runtime_pb2.ExpertRequest) -> list[PushRequest]:
+    """The pushes an `rpc_push` message carries: a `PushBatch`, or one `PushRequest` alone."""
+    try:
+        return list(protocol.unpack(request.metadata, PushBatch).pushes)
+    except ProtocolError as batch_error:
+        try:
+            return [protocol.unpack(request.metadata, PushRequest)]
+        except ProtocolError:
+            raise batch_error from None
 
 
 def check_prompts(prompts: torch.Tensor, blocks: int, hidden_size: int, position: int) -> torch.Tensor:

@@ -25,13 +25,15 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from swarm import protocol
-from swarm.protocol import BlocksReply, PushRequest
+from swarm.protocol import MAX_PUSHES_PER_MESSAGE, BlocksReply, PushBatch, PushRequest
 from swarm.remote import BlockService
 from swarm.streams import open_reply_stream
 
 logger = logging.getLogger(__name__)
 
 PushKey = tuple[str, int, int]  # (session id, first block, position) of the step a push is the input of
+MAX_PUSH_MESSAGE_BYTES = 4 << 20  # pushes queued together go in one message up to this size (one at least)
+QueuedPush = tuple[PushRequest, torch.Tensor]
 
 
 class PushTimeout(Exception):
@@ -132,18 +134,20 @@ class PushInbox:
 
 class PushLinks:
     """One `rpc_push` stream from this peer to each next hop it pushes to, opened on the first push. `send` only
-    queues (the step's reply to its client never waits for the push); a link that breaks is opened anew on the
-    next push, and the pushes it lost time out at the receiver."""
+    queues (the step's reply to its client never waits for the push); the pushes queued when the link gets to them
+    (the outputs of one batched run, for one) leave in one message. A link that breaks is opened anew on the next
+    push, and the pushes it lost time out at the receiver."""
 
     def __init__(self, p2p: P2P):
         self._p2p = p2p
         self._outboxes: dict[PeerID, asyncio.Queue] = {}
         self._tasks: dict[PeerID, asyncio.Task] = {}
-        self.sent = 0
+        self.sent = 0  # pushes
+        self.messages = 0  # messages they went in
 
     def send(self, peer_id: PeerID, meta: PushRequest, hidden: torch.Tensor) -> None:
         outbox = self._outboxes.setdefault(peer_id, asyncio.Queue())
-        outbox.put_nowait(protocol.make_request("", meta, hidden))
+        outbox.put_nowait((meta, hidden))
         self.sent += 1
         task = self._tasks.get(peer_id)
         if task is None or task.done():
@@ -151,8 +155,14 @@ class PushLinks:
 
     async def _run(self, peer_id: PeerID, outbox: asyncio.Queue) -> None:
         async def requests() -> AsyncIterator[runtime_pb2.ExpertRequest]:
-            while (request := await outbox.get()) is not None:
-                yield request
+            carried = None  # a push that did not fit the previous message
+            while (first := carried if carried is not None else await outbox.get()) is not None:
+                batch, carried, closing = take_batch(first, outbox)
+                self.messages += 1
+                yield protocol.make_request("", PushBatch(pushes=[meta for meta, _ in batch]),
+                                            *[hidden for _, hidden in batch])
+                if closing:
+                    return
 
         try:
             replies = await open_reply_stream(self._p2p, peer_id, BlockService, "rpc_push", requests())
@@ -170,3 +180,23 @@ class PushLinks:
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         self._tasks.clear()
+
+
+def take_batch(first: QueuedPush, outbox: asyncio.Queue) -> tuple[list[QueuedPush], QueuedPush | None, bool]:
+    """`first` and the pushes queued behind it that fit one message (`MAX_PUSHES_PER_MESSAGE`,
+    `MAX_PUSH_MESSAGE_BYTES`), taken from `outbox`; the push taken that did not fit (or None); and whether the link
+    was asked to close (a None queued)."""
+    batch, size = [first], _nbytes(first[1])
+    while len(batch) < MAX_PUSHES_PER_MESSAGE and not outbox.empty():
+        item = outbox.get_nowait()
+        if item is None:
+            return batch, None, True
+        if size + _nbytes(item[1]) > MAX_PUSH_MESSAGE_BYTES:
+            return batch, item, False
+        batch.append(item)
+        size += _nbytes(item[1])
+    return batch, None, False
+
+
+def _nbytes(hidden: torch.Tensor) -> int:
+    return hidden.numel() * hidden.element_size()

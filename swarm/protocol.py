@@ -8,7 +8,8 @@ with msgpack into `metadata`. RPCs (handler `rpc_x` on the peer, caller `call_x`
 - `rpc_forward`    unary: hidden states through blocks [start, end), no state kept
 - `rpc_inference`  bidirectional stream: `StepRequest`s of one or more sessions, one reply each;
                    a session's KV cache lives as long as the stream that opened it
-- `rpc_push`       bidirectional stream between peers: `PushRequest`s, each a hop's output pushed to the next hop
+- `rpc_push`       bidirectional stream between peers: `PushBatch`es of `PushRequest`s, each a hop's output pushed to
+                   the next hop
                    of a push chain (a client's `StepRequest` with `push_to` / `pushed`), one `BlocksReply` ack each
 - `rpc_train`      bidirectional stream, stateless: a `TrainRequest` (a training forward, or a backward that
                    recomputes the forward under autograd) whose tensors travel in parts over as many messages
@@ -113,6 +114,17 @@ class PushRequest(WireModel):
     start: int
     end: int
     position: int = Field(ge=0)
+
+
+MAX_PUSHES_PER_MESSAGE = 64
+
+
+class PushBatch(WireModel):
+    """The pushes of one `rpc_push` message, one tensor each in order: the outputs of a batched run that go to the
+    same next hop travel together. (A message whose metadata is one `PushRequest` carries that push alone.)"""
+
+    version: int = PROTOCOL_VERSION
+    pushes: list[PushRequest] = Field(min_length=1, max_length=MAX_PUSHES_PER_MESSAGE)
 
 
 class ErrorInfo(WireModel):

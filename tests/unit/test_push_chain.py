@@ -15,13 +15,14 @@ from hivemind.utils.crypto import RSAPrivateKey
 from fake_swarm import HIDDEN, FakePeer, FakeSwarm, run_blocks
 from handler_kit import FakeContext, Stream, hidden, read_reply
 from peers.handler import BlockHandler
-from peers.push import PushInbox, PushTimeout
+import peers.push
+from peers.push import PushInbox, PushTimeout, take_batch
 from reputation.client import ClientTrust
 from swarm import protocol
 from swarm.config import ClientConfig
 from swarm.hooks import ClientContext
 from swarm.network import Identity
-from swarm.protocol import PushRequest, PushTarget, StepRequest, tensor_digest
+from swarm.protocol import MAX_PUSHES_PER_MESSAGE, PushBatch, PushRequest, PushTarget, StepRequest, tensor_digest
 from swarm.sequence import RemoteSequence
 from swarm.session import InferenceSession
 
@@ -358,3 +359,74 @@ def test_a_step_waiting_for_a_push_fails_at_once_when_the_pushers_link_closes(ma
         await stream.close()
 
     asyncio.run(scenario())
+
+
+# ---- pushes that leave together ----------------------------------------------------------------------------------
+
+
+def _queued(*sizes: int, close: bool = False) -> asyncio.Queue:
+    outbox: asyncio.Queue = asyncio.Queue()
+    for position, tokens in enumerate(sizes):
+        outbox.put_nowait((PushRequest(session_id=f"s{position}", start=0, end=3, position=4), hidden(tokens=tokens)))
+    if close:
+        outbox.put_nowait(None)
+    return outbox
+
+
+def test_pushes_queued_together_leave_in_one_message_within_its_limits(monkeypatch):
+    outbox = _queued(1, 1, 1)
+    batch, carried, closing = take_batch(outbox.get_nowait(), outbox)
+    assert [meta.session_id for meta, _ in batch] == ["s0", "s1", "s2"] and carried is None and not closing
+
+    monkeypatch.setattr(peers.push, "MAX_PUSH_MESSAGE_BYTES", 2 * hidden(tokens=1).numel() * 4)
+    outbox = _queued(1, 1, 1)
+    batch, carried, closing = take_batch(outbox.get_nowait(), outbox)
+    assert len(batch) == 2 and carried[0].session_id == "s2" and outbox.empty()  # the third goes next
+    outbox = _queued(3)  # a push larger than the limit still goes, alone
+    assert len(take_batch(outbox.get_nowait(), outbox)[0]) == 1
+
+    outbox = _queued(1, 1, close=True)
+    batch, carried, closing = take_batch(outbox.get_nowait(), outbox)
+    assert len(batch) == 2 and closing
+
+
+def _push_message(count: int, tensors: list[torch.Tensor] | None = None):
+    metas = [PushRequest(session_id="s", start=0, end=3, position=2 + i) for i in range(count)]
+    tensors = [hidden(tokens=1, seed=i) for i in range(count)] if tensors is None else tensors
+    return protocol.make_request("", PushBatch(pushes=metas), *tensors), tensors
+
+
+async def _push(receiver, request) -> list:
+    async def one():
+        yield request
+
+    return [read_reply(ack)[0] async for ack in receiver.rpc_push(one(), FakeContext(remote_id="QmAlice"))]
+
+
+def test_a_message_of_several_pushes_delivers_each_to_its_step(make_handler):
+    receiver = make_handler()
+    request, tensors = _push_message(3)
+
+    async def scenario():
+        (ack,) = await _push(receiver, request)
+        taken = [await receiver.inbox.take(("s", 0, 2 + i), "QmAlice", 0.01) for i in range(3)]
+        return ack, taken
+
+    ack, taken = asyncio.run(scenario())
+    assert ack.error is None and all(torch.equal(a, b) for a, b in zip(taken, tensors))
+
+
+@pytest.mark.parametrize("fault", ["a tensor missing", "one push not finite", "too many pushes"])
+def test_a_malformed_push_message_is_refused_whole_and_delivers_nothing(make_handler, fault):
+    receiver = make_handler()
+    if fault == "a tensor missing":
+        request, _ = _push_message(3, [hidden(tokens=1), hidden(tokens=1)])
+    elif fault == "one push not finite":
+        request, _ = _push_message(2, [hidden(tokens=1), torch.full((1, 1, HIDDEN), float("nan"))])
+    else:
+        metas = [PushRequest(session_id="s", start=0, end=3, position=i) for i in range(MAX_PUSHES_PER_MESSAGE + 1)]
+        request = protocol.make_request("", PushBatch.model_construct(pushes=metas),
+                                        *[hidden(tokens=1)] * len(metas))
+    (ack,) = asyncio.run(_push(receiver, request))
+    assert ack.error is not None and ack.error.kind == "bad_request"
+    assert receiver.inbox.held_bytes == 0
