@@ -37,13 +37,17 @@ lint: $(STAMP)
 # process unable to start further DHT nodes ("Broken pipe"). Exit status 5 = those arguments selected no test.
 # Files go to the workers in collection order, longest first (tests/conftest.py), not ordered by how many tests
 # they hold (xdist's default), which left the long one-test files to the end.
+# The tests start many peers on this one machine, and like any peers that share a machine each takes a share of
+# the cores: one torch thread (`swarm-peer join --num-threads`, read from $SWARM_NUM_THREADS).
 TEST_WORKERS ?= 2
+TEST_PEER_THREADS ?= 1
 test: model lint
-	$(PY) -m pytest -m "not netns" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
-	$(PY) -m pytest -m netns $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	SWARM_NUM_THREADS=$(TEST_PEER_THREADS) $(PY) -m pytest -m "not netns" -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder $(PYTEST_ARGS)
+	SWARM_NUM_THREADS=$(TEST_PEER_THREADS) $(PY) -m pytest -m netns $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-fast: model
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	SWARM_NUM_THREADS=$(TEST_PEER_THREADS) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: model
 	$(PY) benchmarks/decode_speed.py

@@ -22,13 +22,13 @@ def joined(monkeypatch) -> list[PeerConfig]:
 
 
 def test_num_threads_reaches_the_peers_config(joined) -> None:
-    result = CliRunner().invoke(main, ["join", "--blocks", "0:10", "--num-threads", "1"])
+    result = CliRunner().invoke(main, ["join", "--blocks", "0:10", "--num-threads", "1"], env={"SWARM_NUM_THREADS": "4"})
     assert result.exit_code == 0, result.output
-    assert joined[0].num_threads == 1
+    assert joined[0].num_threads == 1  # the option wins over the environment
 
 
 def test_num_threads_defaults_to_torchs_own_and_reads_the_environment(joined) -> None:
-    assert CliRunner().invoke(main, ["join", "--blocks", "0:10"]).exit_code == 0
+    assert CliRunner().invoke(main, ["join", "--blocks", "0:10"], env={"SWARM_NUM_THREADS": None}).exit_code == 0
     assert CliRunner().invoke(main, ["join", "--blocks", "0:10"], env={"SWARM_NUM_THREADS": "3"}).exit_code == 0
     assert [cfg.num_threads for cfg in joined] == [None, 3]
 
