@@ -159,8 +159,7 @@ class PushLinks:
             while (first := carried if carried is not None else await outbox.get()) is not None:
                 batch, carried, closing = take_batch(first, outbox)
                 self.messages += 1
-                yield protocol.make_request("", PushBatch(pushes=[meta for meta, _ in batch]),
-                                            *[hidden for _, hidden in batch])
+                yield push_message(batch)
                 if closing:
                     return
 
@@ -196,6 +195,14 @@ def take_batch(first: QueuedPush, outbox: asyncio.Queue) -> tuple[list[QueuedPus
         batch.append(item)
         size += _nbytes(item[1])
     return batch, None, False
+
+
+def push_message(batch: list[QueuedPush]) -> runtime_pb2.ExpertRequest:
+    """One `rpc_push` message: a lone push as a `PushRequest` (what peers before `PushBatch` read), several as a
+    `PushBatch`."""
+    if len(batch) == 1:
+        return protocol.make_request("", batch[0][0], batch[0][1])
+    return protocol.make_request("", PushBatch(pushes=[meta for meta, _ in batch]), *[hidden for _, hidden in batch])
 
 
 def _nbytes(hidden: torch.Tensor) -> int:

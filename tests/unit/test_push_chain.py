@@ -16,7 +16,7 @@ from fake_swarm import HIDDEN, FakePeer, FakeSwarm, run_blocks
 from handler_kit import FakeContext, Stream, hidden, read_reply
 from peers.handler import BlockHandler
 import peers.push
-from peers.push import PushInbox, PushTimeout, take_batch
+from peers.push import PushInbox, PushTimeout, push_message, take_batch
 from reputation.client import ClientTrust
 from swarm import protocol
 from swarm.config import ClientConfig
@@ -388,6 +388,17 @@ def test_pushes_queued_together_leave_in_one_message_within_its_limits(monkeypat
     outbox = _queued(1, 1, close=True)
     batch, carried, closing = take_batch(outbox.get_nowait(), outbox)
     assert len(batch) == 2 and closing
+
+
+def test_a_lone_push_goes_as_a_push_request_that_older_peers_read(make_handler):
+    lone, several = _queued(1), _queued(1, 1)
+    lone_message = push_message([lone.get_nowait()])
+    assert protocol.unpack(lone_message.metadata, PushRequest).session_id == "s0"
+    assert len(protocol.unpack(push_message([several.get_nowait(), several.get_nowait()]).metadata,
+                               PushBatch).pushes) == 2
+    receiver = make_handler()
+    (ack,) = asyncio.run(_push(receiver, lone_message))
+    assert ack.error is None and receiver.inbox.held_bytes > 0
 
 
 def _push_message(count: int, tensors: list[torch.Tensor] | None = None):
