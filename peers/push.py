@@ -47,7 +47,7 @@ class _Held:
 
     @property
     def nbytes(self) -> int:
-        return self.hidden.numel() * self.hidden.element_size()
+        return _nbytes(self.hidden)
 
 
 @dataclass
