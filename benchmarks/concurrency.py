@@ -3,8 +3,10 @@
 
 Each session is a user with their own prompt (8 chat prompts of different lengths) on its own thread of one client,
 greedy, `--tokens` new tokens (EOS suppressed). The swarm is measured with cross-session batching on the peers
-(the default) and off (`--no-batch-sessions`); every session's tokens are compared with a local batch-1 run of
-its prompt. The local baseline runs in its own process with the environment as given.
+(the default) and off (`--no-batch-sessions`), and, with batching, by two clients in turn: one that bundles its
+sessions' steps to a peer into one message (the default) and one that sends each alone (`bundle_steps=False`).
+Every session's tokens are compared with a local batch-1 run of its prompt. The local baseline runs in its own
+process with the environment as given.
 
     python benchmarks/concurrency.py [--tokens 64] [--sessions 1 2 4 8] [--rounds 2] [--peer-threads N]
 
@@ -103,27 +105,36 @@ def run_sessions(model: DistributedModelForCausalLM, prompts: list[torch.Tensor]
     return seconds, [out[0, ids.shape[1]:].tolist() for out, ids in zip(outputs, prompts)]
 
 
-def measure_swarm(batching: bool, prompts: list[torch.Tensor], sizes: list[int], tokens: int, rounds: int,
-                  local: LocalBaseline, local_seconds: dict[int, list[float]], peer_threads: int | None = None
-                  ) -> tuple[dict[int, float], int]:
-    """Median wall seconds per session count, and how many sessions' tokens differed from the reference."""
+CLIENTS = {"bundled": True, "separate": False}  # client name -> bundle_steps (one message per peer, or one per step)
+
+
+def measure_swarm(batching: bool, clients: dict[str, bool], prompts: list[torch.Tensor], sizes: list[int], tokens: int,
+                  rounds: int, local: LocalBaseline, local_seconds: dict[int, list[float]],
+                  peer_threads: int | None = None) -> tuple[dict[str, dict[int, float]], dict[str, int]]:
+    """Per client (name -> bundle_steps), median wall seconds per session count and how many sessions' tokens
+    differed from the reference. The clients share one swarm and take turns, in alternating order."""
     extra = () if batching else ("--no-batch-sessions",)
-    seconds: dict[int, list[float]] = {n: [] for n in sizes}
-    mismatches = 0
+    seconds: dict[str, dict[int, list[float]]] = {name: {n: [] for n in sizes} for name in clients}
+    mismatches = dict.fromkeys(clients, 0)
     with LocalSwarm(model=DEFAULT_MODEL, peer_threads=peer_threads) as swarm:
         swarm.add_peers(*[(f"peer{i}", blocks, extra) for i, blocks in enumerate(LAYOUT)])
-        model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers])
+        models = {name: DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [swarm.initial_peers],
+                                                                   bundle_steps=bundle)
+                  for name, bundle in clients.items()}
         try:
-            run_sessions(model, prompts[:2], 4)  # warm-up: route, pings, streams
-            for _ in range(rounds):
+            for model in models.values():
+                run_sessions(model, prompts[:2], 4)  # warm-up: route, pings, streams
+            for round_ in range(rounds):
                 for n in sizes:
                     local_seconds[n].append(local.seconds(n))
-                    wall, outputs = run_sessions(model, prompts[:n], tokens)
-                    seconds[n].append(wall)
-                    mismatches += sum(out != ref for out, ref in zip(outputs, local.references))
+                    for name in (list(models) if round_ % 2 == 0 else list(models)[::-1]):
+                        wall, outputs = run_sessions(models[name], prompts[:n], tokens)
+                        seconds[name][n].append(wall)
+                        mismatches[name] += sum(out != ref for out, ref in zip(outputs, local.references))
         finally:
-            model.shutdown()
-    return {n: statistics.median(s) for n, s in seconds.items()}, mismatches
+            for model in models.values():
+                model.shutdown()
+    return {name: {n: statistics.median(s) for n, s in per_n.items()} for name, per_n in seconds.items()}, mismatches
 
 
 def main() -> None:
@@ -143,31 +154,35 @@ def main() -> None:
     prompts = [encode(tokenizer, q) for q in QUESTIONS]
     local = LocalBaseline(args.tokens)
     local_seconds: dict[int, list[float]] = {n: [] for n in args.sessions}
-    batched, batched_wrong = measure_swarm(True, prompts, args.sessions, args.tokens, args.rounds, local, local_seconds,
-                                           args.peer_threads)
+    batched, batched_wrong = measure_swarm(True, CLIENTS, prompts, args.sessions, args.tokens, args.rounds, local,
+                                           local_seconds, args.peer_threads)
     print("measured the swarm with batching", flush=True)
-    unbatched, unbatched_wrong = measure_swarm(False, prompts, args.sessions, args.tokens, args.rounds, local,
-                                               local_seconds, args.peer_threads)
+    unbatched, unbatched_wrong = measure_swarm(False, {"bundled": True}, prompts, args.sessions, args.tokens,
+                                               args.rounds, local, local_seconds, args.peer_threads)
     print("measured the swarm without batching", flush=True)
     local.close()
 
     threads = "torch's default" if args.peer_threads is None else args.peer_threads
     print(f"\nConcurrent sessions, {DEFAULT_MODEL} float32, greedy, {args.tokens} new tokens per session, 3 peers "
           f"({', '.join(LAYOUT)}) on loopback, median of {args.rounds} rounds, {os.cpu_count()} cores, "
-          f"peer threads: {threads}\n")
-    header = (f"{'sessions':>8}{'local tok/s':>13}{'swarm tok/s':>13}{'swarm/local':>13}"
-              f"{'unbatched tok/s':>17}{'unbatched/local':>17}{'batched/unbatched':>19}")
+          f"peer threads: {threads}\n"
+          f"swarm: peers batch sessions, the client bundles their steps (one message per peer and token); "
+          f"separate: the same peers, a client sending each session's step alone; unbatched: peers that compute "
+          f"sessions one by one\n")
+    header = (f"{'sessions':>8}{'local tok/s':>13}{'swarm tok/s':>13}{'swarm/local':>13}{'separate tok/s':>16}"
+              f"{'separate/local':>16}{'unbatched tok/s':>17}{'unbatched/local':>17}")
     print(header)
     print("-" * len(header))
     for n in args.sessions:
         total = n * args.tokens
         local_rate = total / statistics.median(local_seconds[n])
-        swarm_rate, plain_rate = total / batched[n], total / unbatched[n]
-        print(f"{n:>8}{local_rate:>13.1f}{swarm_rate:>13.1f}{swarm_rate / local_rate:>12.3f}x{plain_rate:>17.1f}"
-              f"{plain_rate / local_rate:>16.3f}x{swarm_rate / plain_rate:>18.3f}x")
+        rates = [total / batched["bundled"][n], total / batched["separate"][n], total / unbatched["bundled"][n]]
+        print(f"{n:>8}{local_rate:>13.1f}{rates[0]:>13.1f}{rates[0] / local_rate:>12.3f}x{rates[1]:>16.1f}"
+              f"{rates[1] / local_rate:>15.3f}x{rates[2]:>17.1f}{rates[2] / local_rate:>16.3f}x")
     sessions_run = args.rounds * sum(args.sessions)
-    print(f"\nsessions whose tokens differ from local batch-1 greedy: batching {batched_wrong} of {sessions_run}, "
-          f"without {unbatched_wrong} of {sessions_run}")
+    print(f"\nsessions whose tokens differ from local batch-1 greedy: swarm {batched_wrong['bundled']} of {sessions_run}, "
+          f"separate {batched_wrong['separate']} of {sessions_run}, unbatched {unbatched_wrong['bundled']} of "
+          f"{sessions_run}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Coroutine, Protocol
+from typing import TYPE_CHECKING, AsyncIterator, Callable, Coroutine, Protocol, Sequence
 
 import torch
 from hivemind.p2p import P2P, P2PContext, PeerID
@@ -32,8 +32,8 @@ from swarm.blocks import BlockSpan, SpanCache, SpanInput
 from peers.training import (MAX_PROMPT_LENGTH, ForwardGraphs, TooManyTokens, read_train_tensors, request_byte_limit,
                             train_step)
 from swarm.parts import PartsReader, to_messages
-from swarm.protocol import (PeerInfo, ProtocolError, PushBatch, PushRequest, SpanRequest, BlocksReply, StepRequest, TrainReply,
-                            TrainRequest, tensor_digest)
+from swarm.protocol import (BlocksReply, BundledReply, BundleReply, PeerInfo, ProtocolError, PushBatch, PushRequest,
+                            SpanRequest, StepBundle, StepRequest, TrainReply, TrainRequest, tensor_digest)
 from swarm.remote import BlockService
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ class Session:
     padding: torch.Tensor | None = None  # (batch, length) 0/1, only when some row is padded
     last_used: float = field(default_factory=time.monotonic)
     steps: int = 0  # steps served so far
+    stepping: bool = False  # a step of it is being computed (a client's bundle may not start another meanwhile)
     work: int = 0  # batch x tokens computed so far (receipts carry it, cumulative)
 
     @property
@@ -101,6 +102,7 @@ class Session:
 class PeerStats:
     tokens_served: int = 0  # batch x tokens computed, over all requests
     pushed_steps: int = 0  # steps whose input came by push from the previous hop
+    bundled_steps: int = 0  # steps that came in a client's bundle of several sessions' steps
 
 
 class PushSender(Protocol):
@@ -124,6 +126,7 @@ class BlockHandler(BlockService):
         self.stats = PeerStats()
         self.draining = False  # while moving to other blocks: no new sessions
         self._live: dict[int, dict[str, Session]] = {}  # stream id -> its sessions
+        self._owners: dict[int, PeerID] = {}  # stream id -> the client that opened it
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compute")
         self.receipts: ReceiptSigner | None = None  # signs a receipt for every reply when set
         self.inbox = PushInbox()  # inputs pushed by other peers, until their steps take them
@@ -244,7 +247,7 @@ class BlockHandler(BlockService):
             if self.draining:
                 raise RequestRejected("busy", "this peer is moving to other blocks; try another peer")
             self._check_span(meta.start, meta.end)
-            hidden, padding, prompts = self._read_tensors(request, None, meta.end - meta.start if meta.prompts else 0)
+            hidden, padding, prompts = self._read_tensors(request.tensors, None, meta.end - meta.start if meta.prompts else 0)
             span_input = SpanInput(attention_mask=padding, start_position=0)
             tokens = hidden.shape[0] * hidden.shape[1]
             output, receipt = await self._compute(hidden, span_input, meta.start, meta.end, ("forward", 0, tokens),
@@ -264,18 +267,102 @@ class BlockHandler(BlockService):
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         stream_id = id(requests)
         sessions = self._live.setdefault(stream_id, {})
+        self._owners[stream_id] = context.remote_id
         try:
             async for request in requests:
                 yield await self._step(request, sessions, context)
         finally:
             # The stream is the session's lifetime: closing or losing it frees every cache it opened.
-            del self._live[stream_id]
+            del self._live[stream_id], self._owners[stream_id]
             for session_id in sessions:
                 self.scheduler.forget(session_id)
             if sessions:
                 sessions.clear()
                 release_free_memory()
                 logger.debug(f"Freed the sessions of {context.remote_id}")
+
+    async def rpc_bundle(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Steps of several of the caller's sessions per message (`swarm.protocol.StepBundle`). The steps of every
+        message run concurrently, so the scheduler batches them; their replies go back as they finish, those that
+        finish together in one `BundleReply`. The sessions live on the caller's `rpc_inference` streams."""
+        replies: asyncio.Queue[runtime_pb2.ExpertResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task] = set()
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    task = asyncio.create_task(self._serve_bundle(request, context, replies.put_nowait))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(list(running))
+            except Exception:  # the caller's side broke: the bundles being computed are dropped
+                logger.debug(f"The bundle stream of {context.remote_id} broke", exc_info=True)
+            finally:
+                replies.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    async def _serve_bundle(self, request: runtime_pb2.ExpertRequest, context: P2PContext,
+                            send: Callable[[runtime_pb2.ExpertResponse], None]) -> None:
+        """Serve one `StepBundle`: send a `BundleReply` each time some of its steps are done."""
+        bundle: StepBundle | None = None
+        try:
+            bundle = protocol.unpack(request.metadata, StepBundle)
+            if sum(item.tensors for item in bundle.steps) != len(request.tensors):
+                raise ProtocolError(f"the bundle's steps name {sum(item.tensors for item in bundle.steps)} tensors, "
+                                    f"the message holds {len(request.tensors)}")
+            tokens = bundle_tokens(bundle, request.tensors)
+            if tokens > self.config.max_tokens_per_request:
+                raise ProtocolError(f"{tokens} tokens in one bundle exceed {self.config.max_tokens_per_request}")
+        except ProtocolError as e:
+            error = protocol.ErrorInfo(kind="bad_request", message=str(e))
+            send(runtime_pb2.ExpertResponse(metadata=protocol.pack(
+                BundleReply(bundle=None if bundle is None else bundle.bundle, error=error))))
+            return
+        items: dict[asyncio.Future, int] = {}
+        offset = 0
+        for index, item in enumerate(bundle.steps):
+            protos = request.tensors[offset : offset + item.tensors]
+            offset += item.tensors
+            items[asyncio.ensure_future(self._bundled_step(item.step, protos, context))] = index
+        pending = set(items)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                replies, outputs = [], []
+                for task in sorted(done, key=items.__getitem__):
+                    reply, tensors = task.result()
+                    replies.append(BundledReply(item=items[task], reply=reply, tensors=len(tensors)))
+                    outputs.extend(tensors)
+                send(runtime_pb2.ExpertResponse(
+                    metadata=protocol.pack(BundleReply(bundle=bundle.bundle, replies=replies)),
+                    tensors=protocol.serialize_tensors(*outputs)))
+        finally:
+            for task in pending:
+                task.cancel()
+
+    async def _bundled_step(self, meta: StepRequest, tensors: Sequence[runtime_pb2.Tensor], context: P2PContext
+                            ) -> tuple[BlocksReply, tuple[torch.Tensor, ...]]:
+        """A bundle's step of a session the caller opened on one of its `rpc_inference` streams."""
+        if meta.close or meta.prompts:
+            return _error("bad_request", "a bundled step cannot close a session or carry deep prompts"), ()
+        sessions = next((sessions for stream_id, sessions in self._live.items()
+                         if meta.session_id in sessions and self._owners.get(stream_id) == context.remote_id), None)
+        if sessions is None:
+            return _error("unknown_session", f"no session {meta.session_id!r} of yours here: open it with a step at "
+                                             f"position 0 on an inference stream"), ()
+        self.stats.bundled_steps += 1
+        return await self._serve_step(meta, tensors, sessions, context)
 
     async def rpc_train(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -349,7 +436,7 @@ class BlockHandler(BlockService):
                 if len(request.tensors) != len(pushes):
                     raise ProtocolError(f"{len(pushes)} pushes need one tensor each, got {len(request.tensors)}")
                 # every push is checked before any is delivered: a bad one refuses the whole message
-                checked = [(meta, self._read_tensors(runtime_pb2.ExpertRequest(tensors=[tensor]), None)[0])
+                checked = [(meta, self._read_tensors([tensor], None)[0])
                            for meta, tensor in zip(pushes, request.tensors)]
                 for meta, hidden in checked:
                     self.inbox.deliver((meta.session_id, meta.start, meta.position), str(context.remote_id), hidden)
@@ -388,23 +475,39 @@ class BlockHandler(BlockService):
     async def _step(
         self, request: runtime_pb2.ExpertRequest, sessions: dict[str, Session], context: P2PContext
     ) -> runtime_pb2.ExpertResponse:
-        opening: str | None = None  # the id of the session this step opens, until the step succeeds
         try:
             meta = protocol.unpack(request.metadata, StepRequest)
-            if meta.close:
-                sessions.pop(meta.session_id, None)
-                self.scheduler.forget(meta.session_id)
-                return protocol.make_reply(BlocksReply())
+        except ProtocolError as e:
+            return protocol.error_reply("bad_request", str(e))
+        if meta.close:
+            sessions.pop(meta.session_id, None)
+            self.scheduler.forget(meta.session_id)
+            return protocol.make_reply(BlocksReply())
+        reply, output = await self._serve_step(meta, request.tensors, sessions, context)
+        return protocol.make_reply(reply, *output)
+
+    async def _serve_step(
+        self, meta: StepRequest, tensors: Sequence[runtime_pb2.Tensor], sessions: dict[str, Session],
+        context: P2PContext,
+    ) -> tuple[BlocksReply, tuple[torch.Tensor, ...]]:
+        """One step of a session of `sessions` (opened by it when new); the reply and its tensors (none on error)."""
+        opening: str | None = None  # the id of the session this step opens, until the step succeeds
+        session: Session | None = None
+        try:
             if meta.session_id not in sessions:
                 opening = meta.session_id
             session = self._session_for(meta, sessions)
+            if session.stepping:
+                session = None  # not this step's to release
+                raise RequestRejected("bad_request", f"session {meta.session_id!r} is still computing its previous step")
+            session.stepping = True
             if meta.pushed and meta.prompts:
                 raise ProtocolError("a pushed step cannot carry deep prompts (send the step itself)")
             if meta.pushed:
-                hidden, padding = await self._pushed_input(meta, request)
+                hidden, padding = await self._pushed_input(meta, tensors)
                 prompts = None
             else:
-                hidden, padding, prompts = self._read_tensors(request, meta.position,
+                hidden, padding, prompts = self._read_tensors(tensors, meta.position,
                                                               meta.end - meta.start if meta.prompts else 0)
             self._check_step(session, meta, hidden)
             self._reserve_cache(session, hidden.shape[0])
@@ -428,32 +531,34 @@ class BlockHandler(BlockService):
                 output, receipt = await self.scheduler.call(
                     lambda pushed=output: self.sign_reply(hidden, pushed, session.start, session.end, work, prompts))
             digest = tensor_digest(hidden) if meta.pushed else ""
-            return protocol.make_reply(BlocksReply(length=session.length, receipt=receipt, input_digest=digest), output)
+            return BlocksReply(length=session.length, receipt=receipt, input_digest=digest), (output,)
         except ProtocolError as e:
-            return protocol.error_reply("bad_request", str(e))
+            return _error("bad_request", str(e)), ()
         except RequestRejected as e:
-            return protocol.error_reply(e.kind, str(e))
+            return _error(e.kind, str(e)), ()
         except Exception as e:  # loop boundary: one bad step must not end the peer or the stream
             logger.warning(f"inference step from {context.remote_id} failed", exc_info=True)
-            return protocol.error_reply("internal", f"{type(e).__name__}: {e}")
+            return _error("internal", f"{type(e).__name__}: {e}"), ()
         finally:
+            if session is not None:
+                session.stepping = False
             if opening is not None:  # a refused first step opens nothing (nor holds a slot or cache room)
                 sessions.pop(opening, None)
 
     async def _pushed_input(
-        self, meta: StepRequest, request: runtime_pb2.ExpertRequest
+        self, meta: StepRequest, tensors: Sequence[runtime_pb2.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A pushed step's hidden states (from `push_from`'s push) and its optional mask (from the request)."""
         if not meta.push_from:
             raise ProtocolError("a pushed step must name the peer that pushes its input (push_from)")
-        if len(request.tensors) > 1:
-            raise ProtocolError(f"a pushed step carries at most the attention mask, got {len(request.tensors)} tensors")
+        if len(tensors) > 1:
+            raise ProtocolError(f"a pushed step carries at most the attention mask, got {len(tensors)} tensors")
         try:
             hidden = await self.inbox.take((meta.session_id, meta.start, meta.position), meta.push_from,
                                            self.config.push_timeout)
         except PushTimeout as e:
             raise RequestRejected("push_timeout", str(e)) from None
-        padding = protocol.deserialize_tensors(request.tensors)[0] if request.tensors else None
+        padding = protocol.deserialize_tensors(tensors)[0] if tensors else None
         past = meta.position
         if padding is not None and (tuple(padding.shape) != (hidden.shape[0], past + hidden.shape[1])
                                     or not ((padding == 0) | (padding == 1)).all()):
@@ -535,14 +640,14 @@ class BlockHandler(BlockService):
             raise RequestRejected("bad_request", f"batch size {hidden.shape[0]} differs from the session's {session.batch}")
 
     def _read_tensors(
-        self, request: runtime_pb2.ExpertRequest, expected_length: int | None, prompt_blocks: int = 0
+        self, protos: Sequence[runtime_pb2.Tensor], expected_length: int | None, prompt_blocks: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Hidden states (batch, new, hidden), an optional 0/1 mask (batch, past + new) and, when `prompt_blocks`,
         the deep prompts of that many blocks (they follow the hidden states), checked."""
         least = 1 + (prompt_blocks > 0)
-        if not least <= len(request.tensors) <= least + 1:
-            raise ProtocolError(f"expected {least} or {least + 1} tensors, got {len(request.tensors)}")
-        tensors = protocol.deserialize_tensors(request.tensors)
+        if not least <= len(protos) <= least + 1:
+            raise ProtocolError(f"expected {least} or {least + 1} tensors, got {len(protos)}")
+        tensors = protocol.deserialize_tensors(protos)
         hidden = tensors.pop(0)
         prompts = None
         if prompt_blocks:
@@ -626,6 +731,21 @@ class BlockHandler(BlockService):
         if not job.sign:
             return output, ""
         return self.sign_reply(job.hidden, output, job.start, job.end, job.work, job.prompts)
+
+
+def _error(kind: str, message: str) -> BlocksReply:
+    return BlocksReply(error=protocol.ErrorInfo(kind=kind, message=message))
+
+
+def bundle_tokens(bundle: StepBundle, protos: Sequence[runtime_pb2.Tensor]) -> int:
+    """Batch x new tokens of a bundle's hidden states, read from their declared shapes (before any is decoded)."""
+    tokens, offset = 0, 0
+    for item in bundle.steps:
+        if item.tensors and not item.step.pushed:
+            size = protos[offset].size
+            tokens += size[0] * size[1] if len(size) >= 2 else 0
+        offset += item.tensors
+    return tokens
 
 
 def read_pushes(request: runtime_pb2.ExpertRequest) -> list[PushRequest]:

@@ -209,7 +209,7 @@ class DistributedModelForCausalLM:
         self.identity = load_identity(cfg.identity)
         self.dht = create_client_dht(cfg.initial_peers, checkpoint.dht_prefix, checkpoint.num_blocks, self.identity)
         self.p2p = self.loop.run(self.dht.replicate_p2p())
-        self.transport = HivemindTransport(self.p2p)
+        self.transport = HivemindTransport(self.p2p, bundle_steps=cfg.bundle_steps)
         source = DhtSpanSource(self.dht, checkpoint.dht_prefix, checkpoint.num_blocks)
         self.sequence = RemoteSequence(source, self.transport, checkpoint.manifest.name, checkpoint.num_blocks, cfg)
         self.transport.relays_of = self.sequence.relays_of  # peers behind NAT are reached through their relays

@@ -24,6 +24,7 @@ class ClientConfig:
     self_verify_bytes: int = 0  # memory for blocks this client loads itself to check hops nobody else serves (0: none)
     train_micro_batches: int = 1  # a training batch goes through the peers in this many pipelined micro-batches
     push: bool = True  # decode steps travel peer to peer (a push chain) on routes of 2+ directly reachable hops
+    bundle_steps: bool = True  # concurrent sessions' steps to the same peer go in one message (`swarm.bundles`)
 
     @property
     def strict(self) -> bool:

@@ -11,6 +11,8 @@ with msgpack into `metadata`. RPCs (handler `rpc_x` on the peer, caller `call_x`
 - `rpc_push`       bidirectional stream between peers: `PushBatch`es of `PushRequest`s, each a hop's output pushed to
                    the next hop
                    of a push chain (a client's `StepRequest` with `push_to` / `pushed`), one `BlocksReply` ack each
+- `rpc_bundle`     bidirectional stream: `StepBundle`s, the decode steps of several of one client's sessions (opened on
+                   their own `rpc_inference` streams) in one message each way; `BundleReply`s, in any order
 - `rpc_train`      bidirectional stream, stateless: a `TrainRequest` (a training forward, or a backward that
                    recomputes the forward under autograd) whose tensors travel in parts over as many messages
                    as they need (`swarm.parts`), answered by a `TrainReply` the same way
@@ -127,6 +129,44 @@ class PushBatch(WireModel):
     pushes: list[PushRequest] = Field(min_length=1, max_length=MAX_PUSHES_PER_MESSAGE)
 
 
+MAX_STEPS_PER_BUNDLE = 64
+
+
+class BundledStep(WireModel):
+    """One step of a `StepBundle`, and how many of the message's tensors are its own (as a `StepRequest`'s, in order)."""
+
+    step: StepRequest
+    tensors: int = Field(ge=0, le=2)
+
+
+class StepBundle(WireModel):
+    """Steps of several sessions of one client in one `rpc_bundle` message: each session's step as on its own stream,
+    computed together (the sessions were opened on the client's `rpc_inference` streams to this peer). A bundle never
+    opens, closes or prompts a session. Tensors: each step's, in order."""
+
+    version: int = PROTOCOL_VERSION
+    bundle: int = Field(ge=0)  # the client's number for this message; replies name it
+    steps: list[BundledStep] = Field(min_length=1, max_length=MAX_STEPS_PER_BUNDLE)
+
+
+class BundledReply(WireModel):
+    """The reply to step `item` of a bundle, and how many of the message's tensors are its own."""
+
+    item: int = Field(ge=0, lt=MAX_STEPS_PER_BUNDLE)
+    reply: "BlocksReply"
+    tensors: int = Field(ge=0, le=1)
+
+
+class BundleReply(WireModel):
+    """Replies to some of a bundle's steps (those done together), in one `rpc_bundle` message; tensors: each reply's,
+    in order. `error`: the whole message was refused (`bundle` is None when it could not be read)."""
+
+    version: int = PROTOCOL_VERSION
+    bundle: int | None = None
+    replies: list[BundledReply] = Field(default_factory=list, max_length=MAX_STEPS_PER_BUNDLE)
+    error: "ErrorInfo | None" = None
+
+
 class ErrorInfo(WireModel):
     kind: Literal[
         "bad_request", "bad_span", "too_long", "unknown_session", "bad_position", "busy", "internal", "no_training",
@@ -143,6 +183,10 @@ class BlocksReply(WireModel):
     length: int = 0  # tokens the session holds after this step
     receipt: str = Field(default="", max_length=8192)  # base64 of the peer's signed reputation Receipt, or ""
     input_digest: str = Field(default="", max_length=64)  # of a pushed step: `tensor_digest` of the input it used
+
+
+BundledReply.model_rebuild()
+BundleReply.model_rebuild()
 
 
 class TrainRequest(WireModel):

@@ -17,6 +17,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 
 from swarm import protocol
+from swarm.bundles import MAX_BUNDLED_TOKENS, BundleUnavailable, StepBundler
 from swarm.errors import BadReplyError, PeerUnreachableError, ProtocolError, RemoteError
 from swarm.parts import PartsReader, to_messages
 from swarm.protocol import PeerInfo, SpanRequest, BlocksReply, StepRequest, TrainReply, TrainRequest
@@ -56,6 +57,12 @@ class BlockService(ServicerBase):
         raise NotImplementedError
         yield  # pragma: no cover
 
+    async def rpc_bundle(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        raise NotImplementedError
+        yield  # pragma: no cover
+
     async def rpc_push(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
@@ -73,10 +80,16 @@ def read_reply(peer_id: PeerID, reply: runtime_pb2.ExpertResponse, expected_shap
         meta = protocol.unpack(reply.metadata, BlocksReply)
     except ProtocolError as e:
         raise BadReplyError(str(peer_id), str(e)) from None
+    return check_reply(peer_id, meta, reply.tensors, expected_shape)
+
+
+def check_reply(peer_id: PeerID, meta: BlocksReply, protos: Sequence[runtime_pb2.Tensor], expected_shape: torch.Size
+                ) -> Reply:
+    """`read_reply` of a reply already unpacked (`meta`) with its tensors."""
     if meta.error is not None:
         raise RemoteError(str(peer_id), meta.error.kind, meta.error.message)
     try:
-        tensors = protocol.deserialize_tensors(reply.tensors)
+        tensors = protocol.deserialize_tensors(protos)
     except ProtocolError as e:
         raise BadReplyError(str(peer_id), str(e)) from None
     return Reply(check_output(peer_id, tensors, expected_shape), meta.receipt, meta.length, meta.input_digest)
@@ -184,12 +197,14 @@ async def call_train(p2p: P2P, peer_id: PeerID, meta: TrainRequest, tensors: Seq
 
 class InferenceStream:
     """One open `rpc_inference` stream to a peer (directly, or through `relay`): send a step, await its checked
-    reply, in order. `on_relay_failure(relay)` hears of a stream through a relay that could not open or broke."""
+    reply, in order. `on_relay_failure(relay)` hears of a stream through a relay that could not open or broke.
+    With a `bundler`, steps after the first may go in bundles with other sessions' steps to the same peer."""
 
     def __init__(self, p2p: P2P, peer_id: PeerID, relay: PeerID | None = None,
-                 on_relay_failure: Callable[[PeerID], None] = lambda relay: None):
+                 on_relay_failure: Callable[[PeerID], None] = lambda relay: None, bundler: StepBundler | None = None):
         self.peer_id = peer_id
         self.relay = relay
+        self.bundler = bundler
         self._p2p = p2p
         self._on_relay_failure = on_relay_failure
         self._uid = "" if relay is None else str(peer_id)  # a relay reads the target from each request's uid
@@ -242,15 +257,26 @@ class InferenceStream:
                    timeout: float | None = None, prompts: torch.Tensor | None = None) -> Reply:
         if meta.prompts != (prompts is not None):
             raise ValueError("a step's deep prompts go with meta.prompts set, and only then")
-        reply = await self.send(meta, hidden, *_extra_tensors(prompts, mask), timeout=timeout)
-        return read_reply(self.peer_id, reply, hidden.shape)
+        return await self._step(meta, (hidden, *_extra_tensors(prompts, mask)), hidden.shape, timeout)
 
     async def step_pushed(self, meta: StepRequest, shape: torch.Size, mask: torch.Tensor | None = None,
                           timeout: float | None = None) -> Reply:
-        reply = await self.send(meta, *(() if mask is None else (mask,)), timeout=timeout)
-        return read_reply(self.peer_id, reply, shape)
+        return await self._step(meta, () if mask is None else (mask,), shape, timeout)
+
+    async def _step(self, meta: StepRequest, tensors: tuple[torch.Tensor, ...], shape: torch.Size,
+                    timeout: float | None) -> Reply:
+        if (self.bundler is not None and self._replies is not None and not meta.close and not meta.prompts
+                and shape[0] * shape[1] <= MAX_BUNDLED_TOKENS and self.bundler.worth_it(self)):
+            try:
+                reply, protos = await self.bundler.step(self, meta, protocol.serialize_tensors(*tensors), timeout)
+                return check_reply(self.peer_id, reply, protos, shape)
+            except BundleUnavailable:
+                pass  # this peer takes no bundles: the session's own stream carries the step
+        return read_reply(self.peer_id, await self.send(meta, *tensors, timeout=timeout), shape)
 
     async def close(self) -> None:
+        if self.bundler is not None:
+            self.bundler.forget(self)
         self._outbox.put_nowait(None)
         if self._replies is not None:
             await self._replies.aclose()
@@ -269,14 +295,21 @@ class HivemindTransport:
     failed goes to the back of that peer's queue for a while, so a retry takes another.
     """
 
-    def __init__(self, p2p: P2P, relays_of: RelaysOf = lambda peer_id: ()):
+    def __init__(self, p2p: P2P, relays_of: RelaysOf = lambda peer_id: (), bundle_steps: bool = True):
         self.p2p = p2p
         self.relays_of = relays_of
+        self.bundle_steps = bundle_steps  # concurrent sessions' steps to a peer go in one message (`swarm.bundles`)
+        self._bundlers: dict[PeerID, StepBundler] = {}
         self._failed: dict[tuple[PeerID, PeerID], float] = {}  # (peer, relay) -> time.monotonic() of the failure
 
     @property
     def peer_id(self) -> PeerID:
         return self.p2p.peer_id
+
+    @property
+    def bundled_steps(self) -> int:
+        """Steps this client sent in bundles of several sessions' steps (`swarm.bundles`)."""
+        return sum(bundler.bundled_steps for bundler in self._bundlers.values())
 
     def relays(self, peer_id: PeerID) -> list[PeerID]:
         """The relays to try for `peer_id`, in order: those that did not fail lately first."""
@@ -318,5 +351,10 @@ class HivemindTransport:
     def open_stream(self, peer_id: PeerID) -> InferenceStream:
         relays = self.relays(peer_id)
         if not relays:
-            return InferenceStream(self.p2p, peer_id)
+            bundler = None
+            if self.bundle_steps:
+                bundler = self._bundlers.get(peer_id)
+                if bundler is None:
+                    bundler = self._bundlers[peer_id] = StepBundler(self.p2p, peer_id, BlockService)
+            return InferenceStream(self.p2p, peer_id, bundler=bundler)
         return InferenceStream(self.p2p, peer_id, relays[0], lambda relay: self.relay_failed(peer_id, relay))

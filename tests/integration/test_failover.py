@@ -81,6 +81,7 @@ def test_concurrent_sessions_match_solo_runs(client, tokenizer):
     def run(i: int) -> None:
         together[i] = client.generate(encoded[i], max_new_tokens=12).tolist()
 
+    bundled_before = client.transport.bundled_steps
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(encoded))]
     for thread in threads:
         thread.start()
@@ -88,6 +89,40 @@ def test_concurrent_sessions_match_solo_runs(client, tokenizer):
         thread.join(timeout=300)
     stuck.close()
     assert together == solo
+    assert client.transport.bundled_steps > bundled_before  # their steps went to the peers in bundles
+
+
+def test_concurrent_bundled_sessions_survive_a_sigkill_with_identical_tokens(redundant_swarm, local_model, tokenizer):
+    questions = ["What is the capital of France?", "Name three colours.", "What is 2 plus 2?"]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"] for q in questions]
+    expected = [local_model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False).tolist()
+                for ids in prompts]
+    redundant_swarm.add_peer("10:20", name="b3")  # a spare, whatever earlier tests killed
+    model = DistributedModelForCausalLM.from_pretrained(DEFAULT_MODEL, [redundant_swarm.initial_peers])
+    produced: list = [None] * len(prompts)
+    try:
+        sessions = [model.inference_session(max_length=ids.shape[1] + 32) for ids in prompts]
+        killer = KillAfter(redundant_swarm, sessions[0], block=15, tokens=12)
+
+        def run(i: int) -> None:
+            produced[i] = model.generate(prompts[i], max_new_tokens=32, min_new_tokens=32, session=sessions[i],
+                                         streamer=killer if i == 0 else None).tolist()
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        failovers = [event for session in sessions for event in session.inner.failovers]
+        bundled = model.transport.bundled_steps
+        for session in sessions:
+            session.close()
+    finally:
+        model.shutdown()
+    assert killer.killed is not None and bundled > 0
+    assert produced == expected  # no session lost, no token changed
+    assert {event.peer_id for event in failovers} == {killer.killed}
 
 
 @pytest.fixture(scope="module")
