@@ -131,6 +131,7 @@ class BlockHandler(BlockService):
         self.receipts: ReceiptSigner | None = None  # signs a receipt for every reply when set
         self.inbox = PushInbox()  # inputs pushed by other peers, until their steps take them
         self.pushes: PushSender | None = None  # set once the handler is on a P2P (`add_p2p_handlers`)
+        self._signing: list[tuple[Callable[[], tuple[torch.Tensor, str]], asyncio.Future]] = []  # `_sign_together`
         self.kept_forwards = ForwardGraphs(max_tokens=4 * max(config.max_train_tokens, 1))  # for their backward
         self.scheduler = StepScheduler(
             self._executor, self._run_steps, self._run_chunk, self._finish_step, max_rows=config.max_batch,
@@ -528,7 +529,7 @@ class BlockHandler(BlockService):
             opening = None
             if meta.push_to is not None:  # the next hop starts while this one signs its receipt
                 self._push(meta, output)
-                output, receipt = await self.scheduler.call(
+                output, receipt = await self._sign_together(
                     lambda pushed=output: self.sign_reply(hidden, pushed, session.start, session.end, work, prompts))
             digest = tensor_digest(hidden) if meta.pushed else ""
             return BlocksReply(length=session.length, receipt=receipt, input_digest=digest), (output,)
@@ -544,6 +545,40 @@ class BlockHandler(BlockService):
                 session.stepping = False
             if opening is not None:  # a refused first step opens nothing (nor holds a slot or cache room)
                 sessions.pop(opening, None)
+
+    async def _sign_together(self, sign: Callable[[], tuple[torch.Tensor, str]]) -> tuple[torch.Tensor, str]:
+        """`sign()` on the compute thread, in one hand-off with the other signatures asked for in this turn of the
+        event loop: the pushed steps of one batched run sign their receipts together, and are answered together."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._signing.append((sign, future))
+        if len(self._signing) == 1:
+            loop.call_soon(lambda: asyncio.ensure_future(self._sign_waiting()))
+        return await future
+
+    async def _sign_waiting(self) -> None:
+        waiting, self._signing = self._signing, []
+
+        def run() -> list[tuple[tuple[torch.Tensor, str] | None, Exception | None]]:
+            results = []
+            for sign, _ in waiting:
+                try:
+                    results.append((sign(), None))
+                except Exception as e:  # that step's error; the others are signed
+                    results.append((None, e))
+            return results
+
+        try:
+            results = await self.scheduler.call(run)
+        except Exception as e:  # the compute thread is gone (shutdown)
+            results = [(None, e)] * len(waiting)
+        for (_, future), (result, error) in zip(waiting, results):
+            if future.done():  # its step was cancelled
+                continue
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
 
     async def _pushed_input(
         self, meta: StepRequest, tensors: Sequence[runtime_pb2.Tensor]

@@ -7,13 +7,14 @@ import asyncio
 
 import pytest
 import torch
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
+from peers.handler import BlockHandler
 from handler_kit import NUM_BLOCKS, FakeContext, Stream, hidden
 from swarm import protocol
 from swarm.blocks import SpanInput
-from swarm.protocol import BlocksReply, BundledStep, BundleReply, StepBundle, StepRequest
+from swarm.protocol import BlocksReply, BundledStep, BundleReply, PushTarget, StepBundle, StepRequest
 from swarm.remote import HivemindTransport
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -133,6 +134,48 @@ def test_a_bundled_step_may_not_close_carry_prompts_or_race_its_sessions_other_s
     assert replies[1][0].error.kind == "bad_request" and "still computing" in replies[1][0].error.message
     assert replies[2][0].error.kind == "bad_request" and "cannot close" in replies[2][0].error.message
     assert lengths == {"a": 5}  # one step went in, and the session is still open
+
+
+class _PushRecorder(list):
+    """Where `_push` sends: a list of the pushed outputs."""
+
+    def send(self, peer_id, meta, hidden_states) -> None:
+        self.append(hidden_states)
+
+
+class _SignsAfterPushes(BlockHandler):
+    """Records pushes instead of sending them; signs "receipt-N", N being how many pushes had left at signing."""
+
+    def sign_reply(self, hidden, output, start, end, work, prompts=None):
+        return output, f"receipt-{len(self.pushes)}"
+
+
+def test_pushed_steps_of_one_run_push_then_sign_in_one_hand_off_and_are_answered_in_one_message(make_handler):
+    handler = make_handler(_SignsAfterPushes)
+    handler.pushes = _PushRecorder()
+    hand_offs = []  # work sent to the compute thread besides step runs
+    call = handler.scheduler.call
+
+    async def counted(fn):
+        hand_offs.append(fn)
+        return await call(fn)
+
+    handler.scheduler.call = counted
+    target = PushTarget(peer_id=str(PeerID(b"\x12\x20" + bytes(32)).to_base58()), start=1, end=3)
+    steps = [(step_meta(s, 4, push_to=target), (hidden(1, 1, seed=10 + i),)) for i, s in enumerate(("a", "b"))]
+
+    async def scenario():
+        stream = await open_sessions(handler, "a", "b")  # kept: a stream dropped frees its sessions
+        messages = await serve_bundle(handler, bundle_request(steps))
+        await stream.close()
+        return messages
+
+    messages = asyncio.run(scenario())
+    assert len(messages) == 1 and len(handler.pushes) == 2 and len(hand_offs) == 1  # both signed in one hand-off
+    replies = by_item(messages)
+    assert [replies[i][0].receipt for i in (0, 1)] == ["receipt-2", "receipt-2"]
+    for i in (0, 1):
+        assert torch.equal(replies[i][1][0], handler.pushes[i])
 
 
 @pytest.mark.parametrize("fault", ["unreadable", "tensors miscounted", "too many tokens"])
