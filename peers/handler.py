@@ -132,6 +132,7 @@ class BlockHandler(BlockService):
         self.inbox = PushInbox()  # inputs pushed by other peers, until their steps take them
         self.pushes: PushSender | None = None  # set once the handler is on a P2P (`add_p2p_handlers`)
         self._signing: list[tuple[Callable[[], tuple[torch.Tensor, str]], asyncio.Future]] = []  # `_sign_together`
+        self._background: set[asyncio.Task] = set()  # signing under way
         self.kept_forwards = ForwardGraphs(max_tokens=4 * max(config.max_train_tokens, 1))  # for their backward
         self.scheduler = StepScheduler(
             self._executor, self._run_steps, self._run_chunk, self._finish_step, max_rows=config.max_batch,
@@ -553,8 +554,13 @@ class BlockHandler(BlockService):
         future = loop.create_future()
         self._signing.append((sign, future))
         if len(self._signing) == 1:
-            loop.call_soon(lambda: asyncio.ensure_future(self._sign_waiting()))
+            loop.call_soon(self._start_signing)
         return await future
+
+    def _start_signing(self) -> None:
+        task = asyncio.ensure_future(self._sign_waiting())
+        self._background.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._background.discard)
 
     async def _sign_waiting(self) -> None:
         waiting, self._signing = self._signing, []

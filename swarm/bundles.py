@@ -40,12 +40,22 @@ class BundleUnavailable(Exception):
     """The peer takes no bundles now: send the step on the session's own stream."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Item:
     member: object
     step: StepRequest
     tensors: list[runtime_pb2.Tensor]
     reply: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+@dataclass
+class _Link:
+    """One open bundle stream: where bundles go, and the steps sent on it that await their replies."""
+
+    outbox: asyncio.Queue
+    sent: dict[tuple[int, int], _Item] = field(default_factory=dict)  # (bundle, item) -> the step
+    reader: asyncio.Task | None = None
+    closed: bool = False
 
 
 class StepBundler:
@@ -57,14 +67,14 @@ class StepBundler:
         self._p2p, self._service = p2p, service
         self._last_step: dict[object, float] = {}  # member -> time.monotonic() of its last step
         self._pending: list[_Item] = []  # waiting to be sent
-        self._sent: dict[tuple[int, int], _Item] = {}  # (bundle, item) -> the item awaiting its reply
+        self._sending: set[_Item] = set()  # flushed, on their way into a bundle
+        self._tasks: set[asyncio.Task] = set()  # sends under way
         self._timer: asyncio.TimerHandle | None = None
-        self._outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] | None = None
-        self._opening: asyncio.Future | None = None  # done once the stream is open (or could not open)
-        self._reader: asyncio.Task | None = None
+        self._link: _Link | None = None  # the open bundle stream
+        self._opening: asyncio.Future | None = None  # while the stream opens: its `_Link`, or None if it cannot
         self._unavailable_until = 0.0
         self._next_bundle = 0
-        self.bundled_steps = 0  # steps that went in a bundle of several
+        self.bundled_steps = 0  # steps sent in bundles
 
     def worth_it(self, member: object) -> bool:
         """Whether `member`'s next step should go in a bundle: another session stepped through this peer lately."""
@@ -76,8 +86,9 @@ class StepBundler:
     def forget(self, member: object) -> None:
         """`member`'s session closed: steps no longer wait for it; the stream closes with the last session."""
         self._last_step.pop(member, None)
-        if not self._last_step and self._outbox is not None and not self._sent and not self._pending:
-            self._close_stream()
+        link = self._link
+        if not self._last_step and link is not None and not link.sent and not self._pending and not self._sending:
+            self._close(link)
 
     async def step(self, member: object, step: StepRequest, tensors: Sequence[runtime_pb2.Tensor],
                    timeout: float | None) -> tuple[BlocksReply, list[runtime_pb2.Tensor]]:
@@ -100,9 +111,10 @@ class StepBundler:
                     self._pending.remove(item)
 
     def _everyone_waits(self) -> bool:
-        """Whether every session expected to step has: its step is pending, or still on its way (sent before)."""
+        """Whether every session expected to step has: its step is pending, or already on its way."""
         now = time.monotonic()
-        waiting = {item.member for item in self._pending} | {item.member for item in self._sent.values()}
+        on_the_way = [*self._pending, *self._sending, *(self._link.sent.values() if self._link else ())]
+        waiting = {item.member for item in on_the_way}
         return all(member in waiting for member, when in self._last_step.items() if now - when <= ACTIVE_WINDOW)
 
     def _flush(self) -> None:
@@ -112,57 +124,74 @@ class StepBundler:
         items = [item for item in self._pending if not item.reply.done()]
         self._pending = []
         for first in range(0, len(items), protocol.MAX_STEPS_PER_BUNDLE):
-            asyncio.ensure_future(self._send(items[first : first + protocol.MAX_STEPS_PER_BUNDLE]))
+            task = asyncio.ensure_future(self._send(items[first : first + protocol.MAX_STEPS_PER_BUNDLE]))
+            self._tasks.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._tasks.discard)
 
     async def _send(self, items: list[_Item]) -> None:
-        if not await self._open() or self._outbox is None:
+        try:
+            self._sending.update(items)
+            try:
+                link = await self._open()
+            finally:
+                self._sending.difference_update(items)
+            if link is None or link.closed:
+                raise BundleUnavailable()
+            bundle, self._next_bundle = self._next_bundle, self._next_bundle + 1
+            message = runtime_pb2.ExpertRequest(
+                metadata=protocol.pack(StepBundle(bundle=bundle, steps=[
+                    BundledStep(step=item.step, tensors=len(item.tensors)) for item in items])),
+                tensors=[t for item in items for t in item.tensors])
+        except Exception as e:  # no stream, or a bug here: the steps go on their own streams, none waits in vain
+            if not isinstance(e, BundleUnavailable):
+                logger.warning(f"Cannot bundle steps to {self.peer_id}", exc_info=True)
             for item in items:
                 _settle(item.reply, exception=BundleUnavailable())
             return
-        bundle, self._next_bundle = self._next_bundle, self._next_bundle + 1
-        message = StepBundle(bundle=bundle, steps=[BundledStep(step=item.step, tensors=len(item.tensors))
-                                                    for item in items])
         for index, item in enumerate(items):
-            self._sent[(bundle, index)] = item
+            link.sent[(bundle, index)] = item
         self.bundled_steps += len(items)
-        self._outbox.put_nowait(runtime_pb2.ExpertRequest(
-            metadata=protocol.pack(message), tensors=[t for item in items for t in item.tensors]))
+        link.outbox.put_nowait(message)
 
-    async def _open(self) -> bool:
-        """Whether the bundle stream is open (opening it if needed)."""
-        if self._opening is None:
-            self._opening = asyncio.get_running_loop().create_future()
-            outbox: asyncio.Queue[runtime_pb2.ExpertRequest | None] = asyncio.Queue()
-            try:
-                replies = await open_reply_stream(self._p2p, self.peer_id, self._service, "rpc_bundle",
-                                                  _drain(outbox))
-            except Exception as e:  # a peer without bundles, or one that went away: its sessions' own streams tell
-                logger.debug(f"No bundle stream to {self.peer_id}: {e}")
-                self._unavailable_until = time.monotonic() + RETRY_SECONDS
-                self._opening.set_result(False)
-                self._opening = None
-                return False
-            self._outbox = outbox
-            self._reader = asyncio.ensure_future(self._read(replies))
-            self._opening.set_result(True)
-        return await asyncio.shield(self._opening)
+    async def _open(self) -> _Link | None:
+        """The open bundle stream (opening it if needed); None if the peer takes no bundles now."""
+        if self._link is not None:
+            return self._link
+        if self._opening is not None:
+            return await asyncio.shield(self._opening)
+        opening = self._opening = asyncio.get_running_loop().create_future()
+        link: _Link | None = _Link(asyncio.Queue())
+        try:
+            replies = await open_reply_stream(self._p2p, self.peer_id, self._service, "rpc_bundle",
+                                              _drain(link.outbox))
+        except Exception as e:  # a peer without bundles, or one that went away: its sessions' own streams tell
+            logger.debug(f"No bundle stream to {self.peer_id}: {e}")
+            self._unavailable_until = time.monotonic() + RETRY_SECONDS
+            link = None
+        else:
+            link.reader = asyncio.ensure_future(self._read(link, replies))
+            self._link = link
+        finally:
+            self._opening = None
+            opening.set_result(link)
+        return link
 
-    async def _read(self, replies) -> None:
+    async def _read(self, link: _Link, replies) -> None:
         failure: Exception = PeerUnreachableError(str(self.peer_id), f"lost the bundle stream to peer {self.peer_id}")
         try:
             async for message in replies:
-                self._deliver(message)
+                self._deliver(link, message)
         except ProtocolError as e:
             failure = BadReplyError(str(self.peer_id), str(e))
         except Exception as e:  # the stream broke: the peer died, or the connection dropped
             failure = PeerUnreachableError(str(self.peer_id), f"lost the bundle stream to peer {self.peer_id}: {e}")
         finally:
-            self._close_stream()
-            sent, self._sent = self._sent, {}
+            self._close(link)
+            sent, link.sent = link.sent, {}
             for item in sent.values():
                 _settle(item.reply, exception=failure)
 
-    def _deliver(self, message: runtime_pb2.ExpertResponse) -> None:
+    def _deliver(self, link: _Link, message: runtime_pb2.ExpertResponse) -> None:
         """Hand each reply of a `BundleReply` to its step; a message that cannot be read ends the stream (every
         step still waiting on it is failed, blaming the peer)."""
         try:
@@ -170,9 +199,9 @@ class StepBundler:
         except ProtocolError as e:
             raise ProtocolError(f"unreadable bundle reply: {e}") from None
         if reply.error is not None:
-            stuck = [key for key in self._sent if reply.bundle is None or key[0] == reply.bundle]
-            for key in stuck:
-                _settle(self._sent.pop(key).reply,
+            refused = [key for key in link.sent if reply.bundle is None or key[0] == reply.bundle]
+            for key in refused:
+                _settle(link.sent.pop(key).reply,
                         exception=RemoteError(str(self.peer_id), reply.error.kind, reply.error.message))
             return
         if sum(r.tensors for r in reply.replies) != len(message.tensors):
@@ -181,22 +210,26 @@ class StepBundler:
         for item_reply in reply.replies:
             tensors = list(message.tensors[offset : offset + item_reply.tensors])
             offset += item_reply.tensors
-            item = self._sent.pop((reply.bundle, item_reply.item), None)
+            item = link.sent.pop((reply.bundle, item_reply.item), None)
             if item is None:  # a step we gave up on (timed out), or a reply the peer made up
                 continue
             _settle(item.reply, result=(item_reply.reply, tensors))
 
-    def _close_stream(self) -> None:
-        if self._outbox is not None:
-            self._outbox.put_nowait(None)
-        self._outbox, self._opening = None, None
-        if self._reader is not None and self._reader is not asyncio.current_task():
-            self._reader.cancel()
-        self._reader = None
+    def _close(self, link: _Link) -> None:
+        """End `link` (its reader fails the steps still waiting on it)."""
+        if link.closed:
+            return
+        link.closed = True
+        if self._link is link:
+            self._link = None
+        link.outbox.put_nowait(None)
+        if link.reader is not None and link.reader is not asyncio.current_task():
+            link.reader.cancel()
 
     async def close(self) -> None:
         self._last_step.clear()
-        self._close_stream()
+        if self._link is not None:
+            self._close(link=self._link)
 
 
 def _settle(future: asyncio.Future, result=None, exception: BaseException | None = None) -> None:

@@ -291,3 +291,23 @@ def test_a_lone_session_keeps_to_its_own_stream(make_handler):
             await server.shutdown()
 
     assert asyncio.run(scenario()) == 0 and handler.stats.bundled_steps == 0
+
+
+def test_sessions_that_follow_closed_ones_bundle_on_a_new_stream_without_waiting(make_handler):
+    """The bundle stream closes with the last session; sessions opened right after get a new one, and none of their
+    steps waits for a reply that the old stream's end swallowed."""
+    handler = make_handler()
+
+    async def scenario():
+        server = await _serve(handler)
+        client = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=await server.get_visible_maddrs())
+        transport = HivemindTransport(client)
+        try:
+            for _ in range(4):
+                await asyncio.wait_for(_sessions_step_together(server, transport, 2, 3), timeout=20)
+            return transport.bundled_steps
+        finally:
+            await client.shutdown()
+            await server.shutdown()
+
+    assert asyncio.run(scenario()) > 0
