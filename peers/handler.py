@@ -343,7 +343,11 @@ class BlockHandler(BlockService):
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 replies, outputs = [], []
                 for task in sorted(done, key=items.__getitem__):
-                    reply, tensors = task.result()
+                    try:
+                        reply, tensors = task.result()
+                    except Exception as e:  # loop boundary: one step's failure is its own reply
+                        logger.warning(f"bundled step from {context.remote_id} failed", exc_info=True)
+                        reply, tensors = _error("internal", f"{type(e).__name__}: {e}"), ()
                     replies.append(BundledReply(item=items[task], reply=reply, tensors=len(tensors)))
                     outputs.extend(tensors)
                 send(runtime_pb2.ExpertResponse(
