@@ -154,6 +154,32 @@ def test_session_errors_keep_the_stream_and_the_peer_alive(client, first_hop, lo
     assert_still_serving(client, first_hop, local_model, chat_ids)
 
 
+def test_malformed_bundles_are_refused_and_the_peer_keeps_serving(client, first_hop, local_model, chat_ids):
+    peer = first_hop.peer_id
+    step = StepRequest(session_id="never-opened", start=first_hop.start, end=first_hop.end, position=3, max_length=64)
+    bundle = protocol.StepBundle(bundle=5, steps=[protocol.BundledStep(step=step, tensors=1)])
+    messages = [
+        runtime_pb2.ExpertRequest(metadata=b"\xc1\xc1", tensors=protocol.serialize_tensors(torch.zeros(1, 1, HIDDEN))),
+        runtime_pb2.ExpertRequest(metadata=protocol.pack(bundle)),  # its step's tensor is missing
+        runtime_pb2.ExpertRequest(metadata=protocol.pack(bundle),
+                                  tensors=protocol.serialize_tensors(torch.zeros(1, 1, HIDDEN))),  # no such session
+    ]
+
+    async def call():
+        async def requests():
+            for message in messages:
+                yield message
+
+        replies = await BlockService.get_stub(client.p2p, peer).rpc_bundle(requests())
+        return [protocol.unpack(reply.metadata, protocol.BundleReply) async for reply in replies]
+
+    unreadable, miscounted, unknown = sorted(run(client, call()), key=lambda r: (r.bundle is not None, r.error is None))
+    assert unreadable.bundle is None and unreadable.error.kind == "bad_request"
+    assert miscounted.bundle == 5 and miscounted.error.kind == "bad_request"
+    assert unknown.bundle == 5 and unknown.replies[0].reply.error.kind == "unknown_session"
+    assert_still_serving(client, first_hop, local_model, chat_ids)
+
+
 def train_raw(client, peer_id, messages: list[runtime_pb2.ExpertRequest]) -> list[runtime_pb2.ExpertResponse]:
     async def call():
         async def requests():
