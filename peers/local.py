@@ -59,7 +59,7 @@ class LocalSwarm:
     model: str = "smollm2-135m"
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
-    startup_timeout: float = 120.0
+    startup_timeout: float = 300.0  # seconds for a peer to load its blocks and come ONLINE
     initial_peers: str = ""
     host: str = "127.0.0.1"  # interface every node listens on
     launcher: tuple[str, ...] = ()  # prefix of every node's command, e.g. `ip netns exec NAME` (peers.natlab)
