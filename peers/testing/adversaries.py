@@ -15,6 +15,7 @@ Each mode is a subclass of `peers.handler.BlockHandler` that overrides its exten
 - `bad-receipt`  signs the honest output, but returns a corrupted one (the receipt's output digest does not match)
 - `inflate`      computes honestly, but its receipts claim 10x the tokens it was sent
 - `padded-only`  corrupts only requests whose batch is padded (they carry an attention mask with zeros)
+- `bundled-only` corrupts only decode steps that arrive in a bundle (`rpc_bundle`, concurrent sessions of one client)
 - `sybil`        the honest output plus a fixed perturbation, the same for every peer of this mode: several of
                  them are one cheater's identities that agree with each other
 - `slow`         computes honestly, but takes SLOW_STEP_SECONDS longer over every request (a peer that overclaims)
@@ -37,7 +38,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Coroutine
+from typing import Callable, ClassVar, Coroutine, Sequence
 
 import msgpack
 import torch
@@ -45,12 +46,14 @@ from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from torch import nn
 
+from peers.batching import StepJob
 from peers.handler import BlockHandler, HandlerConfig, HandlerFactory
 from peers.reputation_service import PeerReputation
 from reputation.checks import decode_receipt
 from reputation.tolerance import Agreement
 from swarm.blocks import BlockSpan, SpanInput
 from swarm.errors import ConfigError, SwarmError
+from swarm.protocol import BlocksReply, StepRequest
 from swarm.head import ClientHead
 from swarm.models import DEFAULT_MODEL, open_model
 from swarm.periodic import run_periodically
@@ -256,6 +259,30 @@ class PaddedOnly(Adversary):
         return torch.randn_like(output) * output.float().std().to(output.dtype)
 
 
+class BundledOnly(Adversary):
+    """Honest on every step but those that arrive in a `StepBundle`, whose outputs are random before they are
+    pushed or signed (it bets that a client running many sessions at once checks less of their steps)."""
+
+    mode = "bundled-only"
+
+    def __init__(self, span: BlockSpan, config: HandlerConfig, throughput: float, cache_tokens: int, **kwargs):
+        super().__init__(span, config, throughput, cache_tokens, **kwargs)
+        self._bundled_sessions: set[str] = set()  # sessions with a bundled step being computed
+
+    async def _bundled_step(self, meta: StepRequest, tensors: Sequence[runtime_pb2.Tensor], context: P2PContext
+                            ) -> tuple[BlocksReply, tuple[torch.Tensor, ...]]:
+        self._bundled_sessions.add(meta.session_id)
+        try:
+            return await super()._bundled_step(meta, tensors, context)
+        finally:
+            self._bundled_sessions.discard(meta.session_id)
+
+    def _finish_step(self, job: StepJob, output: torch.Tensor) -> tuple[torch.Tensor, str]:
+        if job.work[0] in self._bundled_sessions:
+            output = torch.randn_like(output) * output.float().std().to(output.dtype)
+        return super()._finish_step(job, output)
+
+
 SYBIL_SEED = 20240612  # every sybil identity perturbs the same way, so they agree with each other
 
 
@@ -374,7 +401,7 @@ class Steer(Adversary):
 ADVERSARIES: dict[str, type[Adversary]] = {
     cls.mode: cls
     for cls in (RandomOutput, SkipBlocks, NoisyOutput, CheapQuant, Cheater, Colluder, JunkInfo, NaNOutput, WrongShape,
-                NoReceipt, BadReceipt, InflatedReceipts, PaddedOnly, Sybil, SlowBoaster, Steer, WrongGradients)
+                NoReceipt, BadReceipt, InflatedReceipts, PaddedOnly, BundledOnly, Sybil, SlowBoaster, Steer, WrongGradients)
 }
 MODES = tuple(ADVERSARIES)
 

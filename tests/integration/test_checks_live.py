@@ -1,5 +1,5 @@
 """Spot checks live, on loopback with the real model: hops nobody else serves exactly, configurations nobody else
-declares, padded batches, and a Sybil trio on an honest peer's span.
+declares, padded batches, bundled steps, and a Sybil trio on an honest peer's span.
 
 Six honest float32 peers serve blocks 0:10, 10:20 and 20:30, two each; a client that checks every step learns to
 trust them first. Adversaries join one test at a time (each advertises 10x its throughput, and the
@@ -7,6 +7,8 @@ client believes announcements, `route_on_evidence=False`, so routes pick it).
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hivemind.p2p import PeerID
@@ -109,6 +111,40 @@ def test_a_peer_cheating_only_on_padded_batches_is_caught_on_them(checks_swarm, 
     _caught(client, checks_swarm, cheater, batch["input_ids"], batch["attention_mask"],
             pad_token_id=tokenizer.pad_token_id)
     assert client.trust_layer.checker.stats.padded > padded
+
+
+def test_a_peer_cheating_only_on_bundled_steps_is_caught_and_its_wrong_answers_stop(checks_swarm, client, tokenizer):
+    questions = ["What is the capital of France?", "Name three colours.", "What is 2 plus 2?"]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"] for q in questions]
+    expected = [_answer(client, ids) for ids in prompts]  # honest peers only, one session at a time
+    settles = client.trust_layer.checker.stats.settles
+
+    def answer_together() -> list[list[list[int]]]:
+        """The prompts' sessions at once: the client bundles their decode steps to each peer of their routes."""
+        client.loop.run(client.sequence.refresh_spans(force=True))
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(lambda ids: client.generate(ids, max_new_tokens=TOKENS), prompts))
+        client.loop.run(client.trust_layer.checker.drain())
+        return [out[:, ids.shape[1]:].tolist() for out, ids in zip(answers, prompts)]
+
+    # First hop of its routes (they pick it: one hop fewer, 10x the throughput), so the client's steps reach it
+    # in bundles rather than pushed by another peer.
+    cheater = checks_swarm.add_peer("0:20", "--adversary", "bundled-only", name="bundled-only")
+    node, bundled, wrong = client.trust_layer.node, client.transport.bundled_steps, []
+    for _ in range(MAX_ANSWERS):
+        answers = answer_together()
+        wrong.append(sum(answer != right for answer, right in zip(answers, expected)))
+        if node.is_blacklisted(cheater.peer_id):
+            break
+    assert client.transport.bundled_steps > bundled
+    assert cheater.peer_id in client.trust_layer.checker.stats.caught_after  # confirmed at fault on bundled steps
+    assert node.is_blacklisted(cheater.peer_id), f"not caught in {len(wrong)} rounds"
+    assert wrong == [0] * len(wrong)  # this strict client redid what the cheater touched before answering
+    assert client.trust_layer.checker.stats.settles >= settles + len(prompts)
+    assert answer_together() == expected
+    _honest_never_blamed(client, checks_swarm)
+    cheater.signal(2)
 
 
 def test_three_sybils_on_an_honest_peers_span_never_get_it_blamed(checks_swarm, client, chat_ids):
