@@ -2,9 +2,10 @@
 
 Two peers serve each of the spans 0:10, 10:20 and 20:30. A chaos thread kills a random peer (never the
 last live one of its span), restarts it a few seconds later, and repeats. The client runs the
-generations one after another and compares each with the local model's output for the same prompt.
+generations, one after another or `--concurrent N` at a time (the peers then batch them and the client bundles their
+steps), and compares each with the local model's output for the same prompt.
 
-    python benchmarks/churn.py [--generations 100] [--tokens 16] [--seed 0]
+    python benchmarks/churn.py [--generations 100] [--tokens 16] [--concurrent 1] [--no-push] [--seed 0]
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import random  # noqa: E402
 import statistics  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
@@ -64,6 +67,36 @@ def prompts(tokenizer) -> list[torch.Tensor]:
     ]
 
 
+@dataclass
+class Tally:
+    completed: int = 0
+    failed: int = 0
+    differing: int = 0
+    bundled_steps: int = 0
+    durations: list[float] = field(default_factory=list)
+    failovers: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def generate_one(model: DistributedModelForCausalLM, i: int, ids: torch.Tensor, expected: list, tokens: int,
+                 tally: Tally) -> None:
+    began = time.perf_counter()
+    try:
+        with model.inference_session(max_length=ids.shape[1] + tokens) as session:
+            output = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, session=session)
+            failovers = [event.seconds for event in session.inner.failovers]
+    except SwarmError as error:
+        with tally.lock:
+            tally.failed += 1
+        tqdm.write(f"generation {i} failed: {error}")
+        return
+    with tally.lock:
+        tally.durations.append(time.perf_counter() - began)
+        tally.failovers.extend(failovers)
+        tally.completed += 1
+        tally.differing += output.tolist() != expected
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--generations", type=int, default=100)
@@ -71,7 +104,9 @@ def main() -> None:
     parser.add_argument("--kill-period", type=float, default=8.0, help="mean seconds between kills")
     parser.add_argument("--downtime", type=float, default=4.0, help="seconds before a killed peer restarts")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--push", action="store_true", help="decode steps travel as push chains (ClientConfig.push)")
+    parser.add_argument("--push", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode steps travel as push chains (ClientConfig.push, on by default)")
+    parser.add_argument("--concurrent", type=int, default=1, help="generations running at once")
     args = parser.parse_args()
 
     checkpoint = open_model(DEFAULT_MODEL)
@@ -82,7 +117,7 @@ def main() -> None:
                 for ids in tqdm(inputs, desc="no-churn reference")]
     del local
 
-    completed, failed, differing, durations, failovers = 0, 0, 0, [], []
+    tally = Tally()
     with LocalSwarm(model=DEFAULT_MODEL) as swarm:
         peers = {span: [swarm.add_peer(span, wait=False, name=f"{span.replace(':', '-')}-{i}") for i in range(2)]
                  for span in SPANS}
@@ -93,37 +128,33 @@ def main() -> None:
         chaos = Chaos(swarm, peers, args.kill_period, args.downtime, args.seed)
         chaos.start()
         try:
-            for i in tqdm(range(args.generations), desc="generations under churn"):
-                ids = inputs[i % len(inputs)]
-                began = time.perf_counter()
-                try:
-                    with model.inference_session(max_length=ids.shape[1] + args.tokens) as session:
-                        output = model.generate(ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
-                                                session=session)
-                        failovers.extend(event.seconds for event in session.inner.failovers)
-                except SwarmError as error:
-                    failed += 1
-                    tqdm.write(f"generation {i} failed: {error}")
-                    continue
-                durations.append(time.perf_counter() - began)
-                completed += 1
-                differing += output.tolist() != expected[i % len(inputs)]
+            with ThreadPoolExecutor(args.concurrent) as pool, tqdm(total=args.generations,
+                                                                   desc="generations under churn") as bar:
+                jobs = [pool.submit(generate_one, model, i, inputs[i % len(inputs)], expected[i % len(inputs)],
+                                    args.tokens, tally) for i in range(args.generations)]
+                for job in jobs:
+                    job.result()
+                    bar.update()
+            tally.bundled_steps = model.transport.bundled_steps
         finally:
             chaos.stop_event.set()
             chaos.join(timeout=60)
             model.shutdown()
+    completed, failed, differing, durations, failovers = (tally.completed, tally.failed, tally.differing,
+                                                          tally.durations, tally.failovers)
 
     def quantile(values: list[float], q: float) -> float:
         return sorted(values)[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
     print(f"\nChurn: {args.generations} greedy generations of {args.tokens} tokens, {DEFAULT_MODEL}, 2 peers per span, "
           f"a peer SIGKILLed every ~{args.kill_period:.0f} s and restarted {args.downtime:.0f} s later"
-          f"{', push chains on' if args.push else ''}\n")
+          f"{', push chains on' if args.push else ', push chains off'}, {args.concurrent} at a time\n")
     rows = [
         ("peers killed", f"{chaos.kills}"),
         ("sessions completed", f"{completed}"),
         ("sessions failed", f"{failed}"),
         ("outputs differing from the no-churn run", f"{differing}"),
+        ("steps sent in bundles", f"{tally.bundled_steps}"),
         ("fail-overs", f"{len(failovers)}"),
         ("fail-over extra latency, median", f"{statistics.median(failovers) * 1000:.0f} ms" if failovers else "-"),
         ("fail-over extra latency, p95", f"{quantile(failovers, 0.95) * 1000:.0f} ms" if failovers else "-"),
