@@ -1,9 +1,9 @@
 """Churn: greedy generations through a redundant loopback swarm while peers are SIGKILLed and restarted.
 
-Two peers serve each of the spans 0:10, 10:20 and 20:30. A chaos thread kills a random peer (never the
-last live one of its span), restarts it a few seconds later, and repeats. The client runs the
-generations, one after another or `--concurrent N` at a time (the peers then batch them and the client bundles their
-steps), and compares each with the local model's output for the same prompt.
+Two peers serve each of the spans 0:10, 10:20 and 20:30. A chaos thread kills a random peer (never the last
+online one of its span: a restarted peer still loading does not count), restarts it a few seconds later, and
+repeats. The client runs the generations, one after another or `--concurrent N` at a time (the peers then batch
+them and the client bundles their steps), and compares each with the local model's output for the same prompt.
 
     python benchmarks/churn.py [--generations 100] [--tokens 16] [--concurrent 1] [--no-push] [--seed 0]
 """
@@ -35,7 +35,7 @@ TOPICS = ["the sea", "a mountain", "bread", "a violin", "the moon", "rain", "a l
 
 
 class Chaos(threading.Thread):
-    """Kill a random peer every `period` seconds (keeping one per span alive) and restart it after `downtime`."""
+    """Kill a random peer every `period` seconds (keeping one per span online) and restart it after `downtime`."""
 
     def __init__(self, swarm: LocalSwarm, peers: dict[str, list[PeerProcess]], period: float, downtime: float, seed: int):
         super().__init__(daemon=True)
@@ -47,7 +47,7 @@ class Chaos(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.wait(self.random.uniform(0.5, 1.5) * self.period):
             span = self.random.choice(SPANS)
-            alive = [p for p in self.peers[span] if p.alive()]
+            alive = [p for p in self.peers[span] if p.online()]
             if len(alive) < 2:
                 continue
             victim = self.random.choice(alive)

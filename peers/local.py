@@ -38,6 +38,10 @@ class PeerProcess:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def online(self) -> bool:
+        """Alive, and it has announced its blocks (a restarted peer still loading is alive but not online)."""
+        return self.alive() and ONLINE_LINE.search(self.log()) is not None
+
     def signal(self, sig: int) -> None:
         """Signal the peer's main process only (as a terminal's Ctrl+C or `docker stop` would)."""
         if self.alive():
