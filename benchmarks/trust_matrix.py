@@ -12,6 +12,8 @@ row saying so):
 - padded-only         a peer on 10:30 that corrupts only padded batches; every answer is a batch of two
                       left-padded prompts of different lengths, with their attention mask
 - sybil-trio          an honest peer on 0:30 (joined for the scenario) and three `sybil` identities on its span
+- bundled-only        a peer on 0:20 that corrupts only the steps that reach it in bundles; the clients answer 3
+                      questions at once, so their sessions' decode steps go to it bundled
 - steer               within-tolerance steering that flips the answer (mode `steer`, when it exists)
 - inflate-sybil-cs    an `inflate` peer on 0:30 (its receipts claim 10x the tokens) and three Sybil clients of the
                       same owner that route through it, accept its inflated receipts, countersign the tokens they
@@ -52,6 +54,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +92,7 @@ class Scenario:
     honest: tuple[tuple[str, tuple[str, ...]], ...] = ()  # honest peers the scenario adds for itself
     padded: bool = False  # answers are batches of two left-padded prompts
     sybil_clients: int = 0  # clients of the cheater's owner that countersign what its receipts claim
+    concurrent: int = 1  # answers a client runs at once (its sessions' steps to a peer then travel in bundles)
 
 
 SCENARIOS = (
@@ -96,6 +100,7 @@ SCENARIOS = (
     Scenario("unique-compression", "random", (("10:30", ("--quant", "int8")),)),
     Scenario("no-receipt", "no-receipt", (("0:30", ()),)),
     Scenario("padded-only", "padded-only", (("10:30", ()),), padded=True),
+    Scenario("bundled-only", "bundled-only", (("0:20", ()),), concurrent=3),
     Scenario("sybil-trio", "sybil", (("0:30", ()),) * 3, honest=(("0:30", ()),)),
     Scenario("steer", "steer", (("0:30", ()),)),
     Scenario("inflate-sybil-cs", "inflate", (("0:30", ()),), sybil_clients=3),
@@ -259,28 +264,36 @@ class Measure:
         self.served_before = {peer: stats.served[peer] for peer in cheaters}
         self.work_before = _work(stats)
         self.bad_receipts = stats.bad_receipts
+        self.bundled_before = model.transport.bundled_steps
         self.credit_before = credits(model)
         self.coverages: list[float] = []
         self.requested = 0
 
-    def run(self, prompts: list[Prompt], answers: int) -> None:
+    def run(self, prompts: list[Prompt], answers: int, concurrent: int = 1) -> None:
         row, began, self.requested = self.row, time.perf_counter(), answers
         self.model.loop.run(self.model.sequence.refresh_spans(force=True))  # see the adversary at once
-        for i in range(answers):
-            prompt = prompts[i % len(prompts)]
-            try:
-                tokens, report = answer(self.model, prompt)
-            except Exception as e:  # an answer that never came is counted, not hidden
-                row.notes.append(f"answer {i + 1} raised {type(e).__name__}: {str(e)[:80]}")
-                continue
-            row.answers += 1
-            wrong = tokens != prompt.expected
-            row.wrong += wrong
-            row.flagged += report.flagged
-            row.wrong_unflagged += wrong and not report.flagged
-            self.coverages.append(report.coverage)
+        with ThreadPoolExecutor(concurrent) as pool:
+            for first in range(0, answers, concurrent):
+                group = [prompts[i % len(prompts)] for i in range(first, min(first + concurrent, answers))]
+                jobs = [pool.submit(answer, self.model, prompt) for prompt in group]
+                for i, (prompt, job) in enumerate(zip(group, jobs), start=first):
+                    self._count(i, prompt, job)
         row.seconds = time.perf_counter() - began
         row.coverage = sum(self.coverages) / len(self.coverages) if self.coverages else float("nan")
+
+    def _count(self, i: int, prompt: Prompt, job: Future) -> None:
+        row = self.row
+        try:
+            tokens, report = job.result()
+        except Exception as e:  # an answer that never came is counted, not hidden
+            row.notes.append(f"answer {i + 1} raised {type(e).__name__}: {str(e)[:80]}")
+            return
+        row.answers += 1
+        wrong = tokens != prompt.expected
+        row.wrong += wrong
+        row.flagged += report.flagged
+        row.wrong_unflagged += wrong and not report.flagged
+        self.coverages.append(report.coverage)
 
     def finish(self, strict: bool) -> tuple[int, ...]:
         """Fill in the row's trust columns; returns the checker's work counts over the measured answers (`_work`)."""
@@ -326,6 +339,8 @@ class Measure:
         work = tuple(now - before for now, before in zip(_work(stats), self.work_before))
         row.notes.append(f"checks: {work[3]} executions, re-ran {work[2] / max(work[0], 1):.3f} hop-blocks and "
                          f"{work[1] / max(work[0], 1):.2f} token-blocks per served token-block")
+        if model.transport.bundled_steps > self.bundled_before:
+            row.notes.append(f"{model.transport.bundled_steps - self.bundled_before} steps sent in bundles")
         if stats.bad_receipts > self.bad_receipts:
             row.notes.append(f"{stats.bad_receipts - self.bad_receipts} replies refused for their receipts")
         return work
@@ -382,7 +397,7 @@ def run_scenario(swarm: LocalSwarm, scenario: Scenario, prompts: list[Prompt], a
             model = clients[mode]
             row = Row(scenario.name, mode)
             measure = Measure(model, row, honest, cheater_ids)
-            measure.run(prompts, args.answers)
+            measure.run(prompts, args.answers, scenario.concurrent)
             if sybil_ids:
                 got = _wait_for_sybil_work(model, cheater_ids, sybil_ids, expected=minted)
                 row.notes.append(f"{got} of {minted} Sybil countersignatures of inflated receipts reached this client, "
