@@ -53,10 +53,10 @@ from reputation.checks import decode_receipt
 from reputation.tolerance import Agreement
 from swarm.blocks import BlockSpan, SpanInput
 from swarm.errors import ConfigError, SwarmError
-from swarm.protocol import BlocksReply, StepRequest
 from swarm.head import ClientHead
 from swarm.models import DEFAULT_MODEL, open_model
 from swarm.periodic import run_periodically
+from swarm.protocol import BlocksReply, StepRequest
 from swarm.remote import call_forward
 
 logger = logging.getLogger(__name__)

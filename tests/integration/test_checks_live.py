@@ -113,7 +113,7 @@ def test_a_peer_cheating_only_on_padded_batches_is_caught_on_them(checks_swarm, 
     assert client.trust_layer.checker.stats.padded > padded
 
 
-def test_a_peer_cheating_only_on_bundled_steps_is_caught_and_its_wrong_answers_stop(checks_swarm, client, tokenizer):
+def test_a_peer_cheating_only_on_bundled_steps_is_caught_on_them_and_no_wrong_answer_is_returned(checks_swarm, client, tokenizer):
     questions = ["What is the capital of France?", "Name three colours.", "What is 2 plus 2?"]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                              return_tensors="pt", return_dict=True)["input_ids"] for q in questions]
