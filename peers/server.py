@@ -21,6 +21,7 @@ from peers.compression.options import compression_tag
 from peers.handler import BlockHandler, HandlerConfig, HandlerFactory
 from peers.dialback import DialBackService
 from peers.loading import build_span
+from peers.memory import release_free_memory
 from peers.forwarder import Forwarder
 from peers.reachability import Reachability, RelayKeeper, join_network, public_peers
 from peers.selection import choose_num_blocks, choose_span_start, rebalance_target
@@ -101,6 +102,8 @@ def measure_throughput(span: BlockSpan, hidden_size: int, cfg: PeerConfig, steps
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - began)
+    del cache
+    release_free_memory()  # the measurement's caches and temporaries (an nf4 span's dequantised weights)
     return span.num_blocks * steps / best
 
 
