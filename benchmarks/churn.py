@@ -108,6 +108,8 @@ def main() -> None:
                         help="decode steps travel as push chains (ClientConfig.push, on by default)")
     parser.add_argument("--concurrent", type=int, default=1, help="generations running at once")
     args = parser.parse_args()
+    if args.concurrent < 1 or args.generations < 1 or args.tokens < 1:
+        parser.error("--concurrent, --generations and --tokens must be at least 1")
 
     checkpoint = open_model(DEFAULT_MODEL)
     tokenizer = checkpoint.load_tokenizer()

@@ -138,7 +138,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="round trips per gap")
     parser.add_argument("--gaps", default="0,12,35", help="compute gaps in ms, comma-separated")
     args = parser.parse_args()
-    gaps = [int(float(gap) * 1000) for gap in args.gaps.split(",")]
+    try:
+        gaps = [int(float(gap) * 1000) for gap in args.gaps.split(",")]
+    except ValueError:
+        parser.error(f"--gaps: expected milliseconds separated by commas, e.g. 0,12,35, not {args.gaps!r}")
+    if args.steps < 1 or min(gaps) < 0:
+        parser.error("--steps must be at least 1 and every gap at least 0")
     kinds = {"tcp-loop": "raw TCP, compute on the loop", "tcp-thread": "raw TCP, compute on a thread",
              "hivemind": "hivemind stream, compute on a thread"}
     print(f"Round trip minus compute, [1, 1, 576] float32 each way, {args.steps} round trips per gap, "

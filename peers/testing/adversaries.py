@@ -62,6 +62,11 @@ from swarm.remote import call_forward
 logger = logging.getLogger(__name__)
 
 
+def random_like(output: torch.Tensor) -> torch.Tensor:
+    """Random hidden states of `output`'s shape, dtype and scale."""
+    return torch.randn_like(output) * output.float().std().to(output.dtype)
+
+
 class Adversary(BlockHandler):
     """Base of the misbehaving handlers: advertises `boast` times its measured throughput."""
 
@@ -76,7 +81,7 @@ class RandomOutput(Adversary):
     mode = "random"
 
     def transform_output(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        return torch.randn_like(output) * output.float().std().to(output.dtype)
+        return random_like(output)
 
 
 class SkipBlocks(Adversary):
@@ -256,7 +261,7 @@ class PaddedOnly(Adversary):
         mask = span_input.attention_mask
         if mask is None or not bool((mask == 0).any()):
             return output
-        return torch.randn_like(output) * output.float().std().to(output.dtype)
+        return random_like(output)
 
 
 class BundledOnly(Adversary):
@@ -279,7 +284,7 @@ class BundledOnly(Adversary):
 
     def _finish_step(self, job: StepJob, output: torch.Tensor) -> tuple[torch.Tensor, str]:
         if job.work[0] in self._bundled_sessions:
-            output = torch.randn_like(output) * output.float().std().to(output.dtype)
+            output = random_like(output)
         return super()._finish_step(job, output)
 
 
